@@ -1,0 +1,101 @@
+"""Input checks shared by every stage: fail early, name the argument, say what was expected."""
+import numpy as np
+
+
+def as_float_array(x, name, ndim=None, last_dim=None, allow_empty=True):
+    """Return `x` as a float32 array; raise a ValueError naming `name` on a bad shape or NaN/Inf."""
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected an array of numbers, got {type(x).__name__} ({e})") from None
+    if ndim is not None and arr.ndim != ndim:
+        want = _shape_text(ndim, last_dim)
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
+    if last_dim is not None and arr.shape[-1] != last_dim:
+        want = _shape_text(ndim if ndim is not None else arr.ndim, last_dim)
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name}: expected a non-empty array, got shape {tuple(arr.shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return arr
+
+
+def _shape_text(ndim, last_dim):
+    dims = ["N"] + ["_"] * (ndim - 2) if ndim >= 2 else []
+    if ndim == 1:
+        return "(N,)"
+    return "(" + ", ".join(dims + [str(last_dim) if last_dim is not None else "_"]) + ")"
+
+
+def as_boxes(x, name, check_order=True):
+    """(N, 4) float32 boxes (x1, y1, x2, y2), finite, and with x2 >= x1, y2 >= y1 unless told not to check."""
+    b = as_float_array(x, name, ndim=2, last_dim=4)
+    if check_order and b.size:
+        bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{name}: box {i} has x2 < x1 or y2 < y1: {b[i].tolist()}")
+    return b
+
+
+def as_rois(x, name="rois", num_images=None):
+    """(K, 5) float32 RoIs (batch index, x1, y1, x2, y2); the batch index must name an image."""
+    r = as_float_array(x, name, ndim=2, last_dim=5)
+    if r.size:
+        idx = r[:, 0]
+        if np.any(idx != np.round(idx)) or np.any(idx < 0):
+            raise ValueError(f"{name}: column 0 must hold whole, non-negative batch indices")
+        if num_images is not None and np.any(idx >= num_images):
+            raise ValueError(f"{name}: batch index {int(idx.max())} >= number of images {num_images}")
+    return r
+
+
+def as_features(x, name="features"):
+    """(N, C, H, W) float32 feature map."""
+    return as_float_array(x, name, ndim=4)
+
+
+def as_shape4(shape, name="input_shape"):
+    """A 4-tuple (N, C, H, W) of non-negative ints."""
+    try:
+        s = tuple(int(v) for v in shape)
+    except TypeError:
+        raise ValueError(f"{name}: expected (N, C, H, W), got {shape!r}") from None
+    if len(s) != 4 or any(v < 0 for v in s):
+        raise ValueError(f"{name}: expected (N, C, H, W) of non-negative ints, got {shape!r}")
+    return s
+
+
+def pair(size, name="output_size"):
+    """An int or (h, w) of positive ints -> (h, w)."""
+    if np.isscalar(size):
+        size = (size, size)
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected an int or (h, w), got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name}: expected positive sizes, got {(h, w)}")
+    return h, w
+
+
+def positive_number(x, name):
+    x = float(x)
+    if not np.isfinite(x) or x <= 0:
+        raise ValueError(f"{name}: expected a positive finite number, got {x}")
+    return x
+
+
+def unit_interval(x, name):
+    x = float(x)
+    if not (0.0 <= x <= 1.0):
+        raise ValueError(f"{name}: expected a number in [0, 1], got {x}")
+    return x
+
+
+def sampling_ratio(x, name="sampling_ratio"):
+    """RoI Align's samples per bin side: a positive int, or <= 0 for adaptive (ceil(roi / bins))."""
+    if int(x) != x:
+        raise ValueError(f"{name}: expected an int, got {x!r}")
+    return int(x)

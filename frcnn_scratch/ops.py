@@ -1,0 +1,147 @@
+"""The backend switch: the one place that chooses the NumPy reference or the Triton kernels.
+
+Every op below takes NumPy arrays and returns NumPy arrays.  `backend=None` means "the current
+backend": set by `set_backend`, `use_backend`, or the environment variable FRCNN_BACKEND
+(default "numpy").  With "triton" the arrays become torch tensors (on CUDA when a GPU is
+present), `kernels` runs them, and the results come back as NumPy.
+"""
+import contextlib
+import functools
+import os
+
+import numpy as np
+
+from . import _checks, nms as _nms, roi_align as _roi_align, roi_pool as _roi_pool
+from . import boxes as _boxes
+
+BACKENDS = ("numpy", "triton")
+_current = None  # set lazily from FRCNN_BACKEND so that importing never fails
+
+
+def _check_name(name):
+    if name not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend():
+    """The backend ops use when called without `backend=`."""
+    global _current
+    if _current is None:
+        _current = _check_name(os.environ.get("FRCNN_BACKEND", "numpy"))
+    return _current
+
+
+def set_backend(name):
+    """Make `name` ("numpy" or "triton") the default backend; checks triton can be imported."""
+    global _current
+    _impl(name)
+    _current = name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """`with use_backend("triton"): ...` runs the block with another default backend."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+class _NumpyImpl:
+    """The readable reference: functions of frcnn_scratch, unchanged."""
+    box_iou = staticmethod(_boxes.box_iou)
+    nms = staticmethod(_nms.nms)
+    roi_pool = staticmethod(_roi_pool.roi_pool_forward)
+    roi_pool_backward = staticmethod(_roi_pool.roi_pool_backward)
+    roi_align = staticmethod(_roi_align.roi_align_forward)
+    roi_align_backward = staticmethod(_roi_align.roi_align_backward)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_impl():
+    try:
+        import torch  # noqa: F401
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            f"backend 'triton' needs torch and triton ({e}). Install them with "
+            "`pip install torch==2.13.0` (CPU build; or a CUDA build on a GPU machine) and then "
+            "`pip install 'frcnn-scratch[triton]'`; the numpy backend works without them."
+        ) from None
+    from . import _triton_bridge
+    return _triton_bridge
+
+
+def _impl(backend):
+    name = get_backend() if backend is None else _check_name(backend)
+    return _NumpyImpl if name == "numpy" else _triton_impl()
+
+
+# ---- the public ops -------------------------------------------------------------------------
+
+def box_iou(boxes1, boxes2, backend=None):
+    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes -> (N, M) float32; zero union gives 0."""
+    a = _checks.as_boxes(boxes1, "boxes1")
+    b = _checks.as_boxes(boxes2, "boxes2")
+    return _impl(backend).box_iou(a, b)
+
+
+def nms(boxes, scores, iou_threshold, backend=None):
+    """Greedy NMS (section 3.3): int64 indices kept, highest score first, ties by lower index."""
+    boxes, scores, iou_threshold = _nms.check_nms_inputs(boxes, scores, iou_threshold)
+    return _impl(backend).nms(boxes, scores, iou_threshold)
+
+
+def batched_nms(boxes, scores, classes, iou_threshold, backend=None):
+    """NMS within each class separately; indices kept, by score over all classes."""
+    impl = _impl(backend)
+    return _nms.batched_nms(boxes, scores, classes, iou_threshold, nms_fn=impl.nms)
+
+
+def roi_pool(features, rois, output_size, spatial_scale, backend=None):
+    """RoI max pooling (Fast R-CNN 2.1) -> (out (K, C, ph, pw) float32, argmax (K, C, ph, pw) int64).
+
+    argmax holds the flat index into `features` of each bin's maximum (-1 for an empty bin).
+    """
+    features = _checks.as_features(features)
+    rois = _checks.as_rois(rois, num_images=features.shape[0])
+    output_size = _checks.pair(output_size)
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    return _impl(backend).roi_pool(features, rois, output_size, spatial_scale)
+
+
+def roi_pool_backward(grad_out, argmax, input_shape, backend=None):
+    """Gradient of features: each grad_out value goes to the feature its argmax names."""
+    grad_out, argmax, input_shape = _roi_pool.check_backward_inputs(grad_out, argmax, input_shape)
+    return _impl(backend).roi_pool_backward(grad_out, argmax, input_shape)
+
+
+def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, aligned=False,
+              backend=None):
+    """RoI Align (Mask R-CNN 3): mean of bilinear samples per bin -> (K, C, ph, pw) float32."""
+    features = _checks.as_features(features)
+    rois = _checks.as_rois(rois, num_images=features.shape[0])
+    output_size = _checks.pair(output_size)
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
+    return _impl(backend).roi_align(features, rois, output_size, spatial_scale,
+                                    sampling_ratio, bool(aligned))
+
+
+def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
+                       sampling_ratio=-1, aligned=False, backend=None):
+    """Gradient of features: grad_out spread back by the same bilinear weights."""
+    input_shape = _checks.as_shape4(input_shape)
+    rois = _checks.as_rois(rois, num_images=input_shape[0])
+    output_size = _checks.pair(output_size)
+    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
+    expected = (rois.shape[0], input_shape[1]) + output_size
+    if grad_out.shape != expected:
+        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
+    return _impl(backend).roi_align_backward(grad_out, rois, input_shape, output_size,
+                                             spatial_scale, sampling_ratio, bool(aligned))
