@@ -1,0 +1,83 @@
+"""Pairwise IoU of two box sets as a Triton kernel, one 2-D block of the (N, M) matrix per program.
+
+IoU(a, b) = area(a ∩ b) / area(a ∪ b), with area(a ∪ b) = area(a) + area(b) - area(a ∩ b).
+Boxes are (x1, y1, x2, y2) with width = x2 - x1 (no +1).  A zero union gives 0, never NaN.
+
+The arithmetic is done in the same float32 order as the NumPy reference (frcnn_scratch.boxes.box_iou):
+areas, then the intersection's width and height clamped at 0, then inter / (area_a + area_b - inter).
+Division is IEEE round-to-nearest (`div_rn`) and FMA fusion is switched off at launch, so a GPU gives
+the same bits as NumPy, not just close ones.
+"""
+from . import device  # noqa: F401  (imports the package first: sets TRITON_INTERPRET=1 without CUDA)
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def box_iou_kernel(a_ptr, b_ptr, out_ptr, N, M,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[i, j] = IoU(a[i], b[j]) for the BLOCK_N x BLOCK_M block at program id (pid_n, pid_m)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) indices into a
+    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) indices into b
+    row_ok = rows < N
+    col_ok = cols < M
+
+    ax1 = tl.load(a_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
+    ay1 = tl.load(a_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
+    ax2 = tl.load(a_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
+    ay2 = tl.load(a_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
+    bx1 = tl.load(b_ptr + cols * 4 + 0, mask=col_ok, other=0.0)
+    by1 = tl.load(b_ptr + cols * 4 + 1, mask=col_ok, other=0.0)
+    bx2 = tl.load(b_ptr + cols * 4 + 2, mask=col_ok, other=0.0)
+    by2 = tl.load(b_ptr + cols * 4 + 3, mask=col_ok, other=0.0)
+
+    area_a = (ax2 - ax1) * (ay2 - ay1)  # (BLOCK_N,)
+    area_b = (bx2 - bx1) * (by2 - by1)  # (BLOCK_M,)
+
+    # intersection rectangle, (BLOCK_N, BLOCK_M); empty overlaps clamp to width/height 0
+    iw = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
+    ih = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
+    inter = tl.maximum(iw, 0.0) * tl.maximum(ih, 0.0)
+
+    union = area_a[:, None] + area_b[None, :] - inter
+    safe_union = tl.where(union > 0.0, union, 1.0)
+    iou = tl.where(union > 0.0, tl.math.div_rn(inter, safe_union), 0.0)
+
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptr + rows[:, None] * M + cols[None, :], iou, mask=out_mask)
+
+
+def _check_boxes(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != 4:
+        raise ValueError(f"{name}: expected shape (N, 4), got {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{name}: expected float32, got {x.dtype}")
+    return x.contiguous()
+
+
+def box_iou(boxes1, boxes2, block_n=32, block_m=32):
+    """Pairwise IoU on the device.
+
+    Args:
+        boxes1: (N, 4) float32 tensor, xyxy.
+        boxes2: (M, 4) float32 tensor, xyxy, on the same device.
+        block_n, block_m: block of the output matrix each program computes (powers of two).
+    Returns:
+        (N, M) float32 tensor; entries with zero union are 0.
+    """
+    a = _check_boxes(boxes1, "boxes1")
+    b = _check_boxes(boxes2, "boxes2")
+    if a.device != b.device:
+        raise ValueError(f"boxes2: expected device {a.device}, got {b.device}")
+    n, m = a.shape[0], b.shape[0]
+    out = torch.empty((n, m), dtype=torch.float32, device=a.device)
+    if n == 0 or m == 0:
+        return out
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    box_iou_kernel[grid](a, b, out, n, m, BLOCK_N=block_n, BLOCK_M=block_m,
+                         enable_fp_fusion=False)
+    return out
