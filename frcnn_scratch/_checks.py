@@ -99,3 +99,14 @@ def sampling_ratio(x, name="sampling_ratio"):
     if int(x) != x:
         raise ValueError(f"{name}: expected an int, got {x!r}")
     return int(x)
+
+
+def whole_number(x, name):
+    """An int >= 0 (a count, a feature-map side, a batch size); a ValueError naming it otherwise."""
+    try:
+        ok = not isinstance(x, bool) and int(x) == x and x >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}: expected a whole number >= 0, got {x!r}")
+    return int(x)
