@@ -34,7 +34,7 @@ array([[-56., -56.,  72.,  72.]], dtype=float32)
 """
 import numpy as np
 
-from ._checks import as_boxes, as_float_array, positive_number
+from ._checks import as_boxes, as_float_array, positive_number, whole_number
 from .boxes import check_image_shape
 
 __all__ = ["generate_anchors", "shift_anchors", "anchors_inside"]
@@ -141,8 +141,8 @@ def shift_anchors(base_anchors, feat_height, feat_width, stride):
            [32., 16.]], dtype=float32)
     """
     base = as_boxes(base_anchors, "base_anchors")        # (k, 4)
-    H = _count(feat_height, "feat_height")
-    W = _count(feat_width, "feat_width")
+    H = whole_number(feat_height, "feat_height")
+    W = whole_number(feat_width, "feat_width")
     stride = positive_number(stride, "stride")
     ys, xs = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")       # (H, W) each
     sx = xs.reshape(-1) * stride                                          # (H * W,)
@@ -150,17 +150,6 @@ def shift_anchors(base_anchors, feat_height, feat_width, stride):
     shifts = np.stack([sx, sy, sx, sy], axis=1)                           # (H * W, 4)
     anchors = shifts[:, None, :] + base[None, :, :].astype(np.float64)    # (H * W, k, 4)
     return anchors.reshape(-1, 4).astype(np.float32)
-
-
-def _count(value, name):
-    """A whole number >= 0 (a feature-map side), or a ValueError naming it."""
-    try:
-        ok = not isinstance(value, bool) and int(value) == value and value >= 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}: expected a whole number >= 0, got {value!r}")
-    return int(value)
 
 
 def anchors_inside(anchors, image_shape, allowed_border=0):
