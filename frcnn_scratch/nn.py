@@ -1,0 +1,492 @@
+"""The layers of the backbone and heads, each with its backward written right beside its forward.
+
+Faster R-CNN's network is ordinary: 3x3 convolutions with ReLU, 2x2 max pooling, fully connected
+layers.  Here each layer is a small class in the style of micrograd:
+
+    y = layer.forward(x)      # caches what backward needs
+    dx = layer.backward(dy)   # dy = dL/dy; returns dL/dx and fills layer.grads (same keys as params)
+
+`layer.params` maps a name ("weight", "bias") to a NumPy array; SGD updates those arrays in place,
+so the layer sees the new values on its next forward.  Arrays are float32.  A layer computes in
+the dtype of its parameters, so `layer.astype(np.float64)` switches it to float64 for gradient
+checks; layers without parameters keep float64 inputs as float64 and make everything else float32.
+
+    net = Sequential(Conv2d(3, 16, 3, padding=1, rng=rng), ReLU(), MaxPool2d(2),
+                     Flatten(), Linear(16 * 16 * 16, 10, rng=rng))
+    opt = SGD(net.params, lr=0.01)
+    y = net.forward(x)                    # (N, 3, 32, 32) -> (N, 10)
+    net.backward(dL_dy)
+    opt.step(net.grads)
+
+backward overwrites `grads` (it does not accumulate): call each layer once per step, and
+backward after the forward whose cache it uses.
+"""
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def he_normal(shape, fan_in, rng=None):
+    """He et al. 2015 ("Delving Deep into Rectifiers", eq. 10): w ~ N(0, 2 / fan_in).
+
+    Args:
+        shape: shape of the weight array, e.g. (out, in, kh, kw).
+        fan_in: inputs feeding one output unit (in * kh * kw for a conv, in for a linear layer).
+        rng: np.random.Generator (or an int seed, or None for fresh entropy).
+    Returns:
+        float32 array of `shape`.
+    """
+    fan_in = int(fan_in)
+    if fan_in <= 0:
+        raise ValueError(f"fan_in: expected a positive int, got {fan_in}")
+    rng = np.random.default_rng(rng)
+    std = np.sqrt(2.0 / fan_in)
+    return (rng.standard_normal(shape) * std).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _int_pair(value, name, minimum):
+    """An int or (h, w) of ints >= minimum -> (h, w)."""
+    if np.isscalar(value):
+        value = (value, value)
+    try:
+        h, w = (int(v) for v in value)
+        whole = all(int(v) == v for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected an int or (h, w), got {value!r}") from None
+    if not whole or h < minimum or w < minimum:
+        raise ValueError(f"{name}: expected ints >= {minimum}, got {value!r}")
+    return h, w
+
+
+def _float_dtype(x):
+    """The dtype a layer without parameters computes in: float64 stays float64, all else float32."""
+    return np.float64 if x.dtype == np.float64 else np.float32
+
+
+def _as_input(x, name, dtype, ndim=None, channels=None, layer=""):
+    """`x` as a `dtype` array of `ndim` dims (and `channels` at axis 1), finite; else ValueError."""
+    where = f"{layer} {name}" if layer else name
+    try:
+        x = np.asarray(x)
+        x = x.astype(dtype, copy=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: expected an array of numbers ({e})") from None
+    if ndim is not None and x.ndim != ndim:
+        want = {4: f"(N, {channels if channels is not None else 'C'}, H, W)",
+                2: f"(N, {channels if channels is not None else 'F'})"}.get(ndim, f"{ndim}-D")
+        raise ValueError(f"{where}: expected shape {want}, got {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        want = f"(N, {channels}, H, W)" if x.ndim == 4 else f"(N, {channels})"
+        raise ValueError(f"{where}: expected shape {want}, got {tuple(x.shape)}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{where}: contains NaN or Inf")
+    return x
+
+
+def _as_grad(dy, cache_shape, dtype, layer):
+    """Check the incoming gradient dL/dy against the shape of the cached forward output."""
+    if cache_shape is None:
+        raise RuntimeError(f"{layer}.backward called before forward")
+    dy = _as_input(dy, "dy", dtype, layer=layer + ".backward")
+    if dy.shape != cache_shape:
+        raise ValueError(f"{layer}.backward dy: expected the forward output's shape {cache_shape}, "
+                         f"got {tuple(dy.shape)}")
+    return dy
+
+
+# ----------------------------------------------------------------------------- base class
+
+class Module:
+    """A layer: forward(x) -> y, backward(dy) -> dx; params / grads dicts of arrays."""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def astype(self, dtype):
+        """Cast the parameters (e.g. to float64 for gradient checks); returns self.
+
+        Makes new arrays: build the optimizer after calling this, not before.
+        """
+        for k in self.params:
+            self.params[k] = self.params[k].astype(dtype)
+        self.grads = {}
+        return self
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
+        return f"{type(self).__name__}({shapes})"
+
+
+# ----------------------------------------------------------------------------- Conv2d
+
+class Conv2d(Module):
+    """2-D convolution (cross-correlation, as every framework computes it) by im2col.
+
+    y[n, o, i, j] = b[o] + sum_{c, u, v} W[o, c, u, v] * xp[n, c, i*s + u, j*s + v]
+    where xp is x zero-padded by `padding`.  Output size: Ho = (H + 2p - kh) // s + 1.
+
+    im2col gathers every (c, u, v) window value into one column per output pixel, so the sum is
+    one matrix product:  y = W2 @ cols,  W2 (out, C*kh*kw), cols (C*kh*kw, Ho*Wo) per image.
+
+    Args:
+        in_ch, out_ch: channels in and out.
+        kernel_size, stride, padding: an int or (h, w).
+        rng: np.random.Generator (or int seed) for the He-normal init of `weight`; bias starts at 0.
+    Params:
+        weight (out_ch, in_ch, kh, kw), bias (out_ch,).
+    """
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, rng=None):
+        super().__init__()
+        self.in_ch = _int_pair(in_ch, "in_ch", 1)[0]
+        self.out_ch = _int_pair(out_ch, "out_ch", 1)[0]
+        self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
+        self.stride = _int_pair(stride, "stride", 1)
+        self.padding = _int_pair(padding, "padding", 0)
+        kh, kw = self.kernel_size
+        fan_in = self.in_ch * kh * kw
+        self.params["weight"] = he_normal((self.out_ch, self.in_ch, kh, kw), fan_in, rng)
+        self.params["bias"] = np.zeros(self.out_ch, dtype=np.float32)
+        self._cache = None
+
+    def forward(self, x):
+        """x (N, in_ch, H, W) -> y (N, out_ch, Ho, Wo)."""
+        w, b = self.params["weight"], self.params["bias"]  # (O, C, kh, kw), (O,)
+        x = _as_input(x, "x", w.dtype, ndim=4, channels=self.in_ch, layer="Conv2d")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, c, h, wd = x.shape
+        if h + 2 * ph < kh or wd + 2 * pw < kw:
+            raise ValueError(f"Conv2d x: padded input {(h + 2 * ph, wd + 2 * pw)} is smaller than "
+                             f"the kernel {(kh, kw)}; got x of shape {x.shape}")
+        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x  # (N, C, Hp, Wp)
+        # im2col: a view of every kh x kw window, then one copy into columns
+        win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # (N, C, Ho, Wo, kh, kw)
+        ho, wo = win.shape[2], win.shape[3]
+        cols = np.ascontiguousarray(win.transpose(0, 1, 4, 5, 2, 3))  # (N, C, kh, kw, Ho, Wo)
+        cols = cols.reshape(n, c * kh * kw, ho * wo)                  # (N, K, L)  K = C*kh*kw, L = Ho*Wo
+        w2 = w.reshape(self.out_ch, -1)                               # (O, K)
+        y = np.matmul(w2, cols)                                       # (N, O, L)  BLAS sgemm per image
+        y += b[:, None]
+        self._cache = (cols, xp.shape, (n, self.out_ch, ho, wo))
+        return y.reshape(n, self.out_ch, ho, wo)                      # (N, O, Ho, Wo)
+
+    def backward(self, dy):
+        """dy (N, out_ch, Ho, Wo) -> dx (N, in_ch, H, W); fills grads weight, bias."""
+        w = self.params["weight"]
+        cols, xp_shape, y_shape = self._cache if self._cache is not None else (None, None, None)
+        dy = _as_grad(dy, y_shape, w.dtype, "Conv2d")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        n, o, ho, wo = y_shape
+        dy2 = dy.reshape(n, o, ho * wo)                               # (N, O, L)
+        # y = W2 @ cols + b   =>   dW2 = sum_n dy2 @ cols^T,  db = sum over n and pixels,
+        #                          dcols = W2^T @ dy2
+        dw = np.zeros((o, cols.shape[1]), dtype=w.dtype)              # (O, K)
+        for i in range(n):
+            dw += dy2[i] @ cols[i].T
+        self.grads["weight"] = dw.reshape(w.shape)                    # (O, C, kh, kw)
+        self.grads["bias"] = dy.sum(axis=(0, 2, 3))                   # (O,)
+        dcols = np.matmul(w.reshape(o, -1).T, dy2)                    # (N, K, L)
+        dcols = dcols.reshape(n, self.in_ch, kh, kw, ho, wo)
+        # col2im: each kernel offset (u, v) sent x[.., i*s + u, j*s + v] to column (u, v, i, j);
+        # add the gradients back through the same strided slices.
+        dxp = np.zeros(xp_shape, dtype=w.dtype)                       # (N, C, Hp, Wp)
+        for u in range(kh):
+            for v in range(kw):
+                dxp[:, :, u:u + sh * ho:sh, v:v + sw * wo:sw] += dcols[:, :, u, v]
+        hp, wp = xp_shape[2], xp_shape[3]
+        return dxp[:, :, ph:hp - ph, pw:wp - pw]                      # (N, C, H, W)
+
+
+# ----------------------------------------------------------------------------- ReLU
+
+class ReLU(Module):
+    """y = max(x, 0); dy/dx = 1 where x > 0, else 0 (0 at x = 0, as torch)."""
+
+    def __init__(self):
+        super().__init__()
+        self._mask = None
+
+    def forward(self, x):
+        """x (any shape) -> y (same shape)."""
+        x = _as_input(x, "x", _float_dtype(np.asarray(x)), layer="ReLU")
+        self._mask = x > 0                                            # (same shape) bool
+        return np.where(self._mask, x, x.dtype.type(0))
+
+    def backward(self, dy):
+        """dy (same shape as x) -> dx = dy * [x > 0]."""
+        shape = None if self._mask is None else self._mask.shape
+        dy = _as_grad(dy, shape, _float_dtype(np.asarray(dy)), "ReLU")
+        return np.where(self._mask, dy, dy.dtype.type(0))
+
+
+# ----------------------------------------------------------------------------- MaxPool2d
+
+class MaxPool2d(Module):
+    """Max over k x k windows taken every `stride` pixels (no padding).
+
+    Output size is floored as in torch: Ho = (H - k) // s + 1; rows/cols that do not fill a window
+    are dropped.  Backward routes each dy to the input that was the max of its window (on ties, the
+    first max in row-major window order); windows that overlap (s < k) add their gradients.
+
+    Args:
+        kernel_size, stride: an int or (h, w); stride defaults to 2 (the VGG 2x2/2 pool).
+    """
+
+    def __init__(self, kernel_size=2, stride=2):
+        super().__init__()
+        self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
+        self.stride = _int_pair(stride, "stride", 1)
+        self._cache = None
+
+    def forward(self, x):
+        """x (N, C, H, W) -> y (N, C, Ho, Wo)."""
+        x = _as_input(x, "x", _float_dtype(np.asarray(x)), ndim=4, layer="MaxPool2d")
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        n, c, h, w = x.shape
+        if h < kh or w < kw:
+            raise ValueError(f"MaxPool2d x: spatial size {(h, w)} is smaller than the kernel {(kh, kw)}")
+        win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # (N, C, Ho, Wo, kh, kw)
+        ho, wo = win.shape[2], win.shape[3]
+        win = win.reshape(n, c, ho, wo, kh * kw)                       # (N, C, Ho, Wo, kh*kw) copy
+        arg = win.argmax(axis=-1)                                      # (N, C, Ho, Wo) first max
+        y = np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]   # (N, C, Ho, Wo)
+        self._cache = (arg, x.shape, y.shape)
+        return y
+
+    def backward(self, dy):
+        """dy (N, C, Ho, Wo) -> dx (N, C, H, W), dy sent to each window's argmax."""
+        arg, x_shape, y_shape = self._cache if self._cache is not None else (None, None, None)
+        dy = _as_grad(dy, y_shape, _float_dtype(np.asarray(dy)), "MaxPool2d")
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        ho, wo = y_shape[2], y_shape[3]
+        dx = np.zeros(x_shape, dtype=dy.dtype)                         # (N, C, H, W)
+        # for each window offset (u, v), the windows whose max sat there pass dy to x[i*s+u, j*s+v]
+        for u in range(kh):
+            for v in range(kw):
+                routed = np.where(arg == u * kw + v, dy, dy.dtype.type(0))  # (N, C, Ho, Wo)
+                dx[:, :, u:u + sh * ho:sh, v:v + sw * wo:sw] += routed
+        return dx
+
+
+# ----------------------------------------------------------------------------- Linear
+
+class Linear(Module):
+    """Fully connected layer: y = x @ W^T + b (W stored (out, in) as in torch).
+
+    Args:
+        in_features, out_features: sizes.
+        rng: np.random.Generator (or int seed) for the init.
+        std: None -> He-normal (std = sqrt(2 / in_features)); a number -> N(0, std^2), as the paper
+            code initialises the Fast R-CNN cls_score (0.01) and bbox_pred (0.001) layers.
+    Params:
+        weight (out_features, in_features), bias (out_features,) starting at 0.
+    """
+
+    def __init__(self, in_features, out_features, rng=None, std=None):
+        super().__init__()
+        self.in_features = _int_pair(in_features, "in_features", 1)[0]
+        self.out_features = _int_pair(out_features, "out_features", 1)[0]
+        shape = (self.out_features, self.in_features)
+        if std is None:
+            w = he_normal(shape, self.in_features, rng)
+        else:
+            std = float(std)
+            if not np.isfinite(std) or std < 0:
+                raise ValueError(f"std: expected a finite number >= 0 or None, got {std}")
+            w = (np.random.default_rng(rng).standard_normal(shape) * std).astype(np.float32)
+        self.params["weight"] = w
+        self.params["bias"] = np.zeros(self.out_features, dtype=np.float32)
+        self._x = None
+
+    def forward(self, x):
+        """x (N, in_features) -> y (N, out_features)."""
+        w, b = self.params["weight"], self.params["bias"]             # (O, I), (O,)
+        x = _as_input(x, "x", w.dtype, ndim=2, channels=self.in_features, layer="Linear")
+        self._x = x
+        return x @ w.T + b                                            # (N, O)
+
+    def backward(self, dy):
+        """dy (N, out_features) -> dx (N, in_features); fills grads weight, bias."""
+        w = self.params["weight"]
+        shape = None if self._x is None else (self._x.shape[0], self.out_features)
+        dy = _as_grad(dy, shape, w.dtype, "Linear")
+        self.grads["weight"] = dy.T @ self._x                          # (O, I)
+        self.grads["bias"] = dy.sum(axis=0)                            # (O,)
+        return dy @ w                                                  # (N, I)
+
+
+# ----------------------------------------------------------------------------- Flatten
+
+class Flatten(Module):
+    """(N, C, H, W) (or any (N, ...)) -> (N, C*H*W), C-order as torch.flatten(x, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self._shape = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.ndim < 1:
+            raise ValueError(f"Flatten x: expected shape (N, ...), got {tuple(x.shape)}")
+        x = _as_input(x, "x", _float_dtype(x), layer="Flatten")
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        shape = None if self._shape is None else (self._shape[0], int(np.prod(self._shape[1:])))
+        dy = _as_grad(dy, shape, _float_dtype(np.asarray(dy)), "Flatten")
+        return dy.reshape(self._shape)
+
+
+# ----------------------------------------------------------------------------- Sequential
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse.
+
+    params / grads gather the layers' arrays under "<index>.<name>" ("0.weight", "0.bias",
+    "3.weight", ...), like torch's nn.Sequential.  They are built on each access and hold the
+    layers' own arrays, so an optimizer given `net.params` updates the layers in place.
+    """
+
+    def __init__(self, *layers):
+        self.layers = list(layers)
+        for i, layer in enumerate(self.layers):
+            if not hasattr(layer, "forward") or not hasattr(layer, "backward"):
+                raise ValueError(f"layers[{i}]: expected a layer with forward/backward, "
+                                 f"got {type(layer).__name__}")
+
+    @property
+    def params(self):
+        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.params.items()}
+
+    @property
+    def grads(self):
+        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.grads.items()}
+
+    def astype(self, dtype):
+        for layer in self.layers:
+            layer.astype(dtype)
+        return self
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n)"
+
+
+# ----------------------------------------------------------------------------- SGD
+
+class SGD:
+    """Stochastic gradient descent with momentum and weight decay (torch.optim.SGD's update).
+
+    For each parameter p with gradient g:
+        g = g + weight_decay * p          (L2 decay; skipped for names ending in "bias")
+        v = momentum * v + g              (v starts at 0)
+        p = p - lr * v                    (in place: the layers see the new values)
+    The paper's Caffe solver keeps lr inside v (v = m v + lr g); both agree while lr is constant.
+
+    Args:
+        params: dict name -> np.ndarray (e.g. net.params); these arrays are updated in place.
+        lr: learning rate >= 0; change it with set_lr for a schedule.
+        momentum: in [0, 1).  weight_decay: >= 0.
+        decay_bias: also decay parameters whose name ends in "bias" (default False).
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-4, decay_bias=False):
+        if not isinstance(params, dict) or not params:
+            raise ValueError(f"params: expected a non-empty dict name -> array, got {type(params).__name__}")
+        for k, p in params.items():
+            if not isinstance(p, np.ndarray) or not np.issubdtype(p.dtype, np.floating):
+                raise ValueError(f"params[{k!r}]: expected a float np.ndarray (updated in place)")
+        self.params = params
+        self.set_lr(lr)
+        self.momentum = float(momentum)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: expected a number in [0, 1), got {momentum}")
+        self.weight_decay = float(weight_decay)
+        if not np.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay}")
+        self.decay_bias = bool(decay_bias)
+        self.velocity = {k: np.zeros_like(p) for k, p in params.items()}
+        self.steps = 0
+
+    def set_lr(self, lr):
+        lr = float(lr)
+        if not np.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr: expected a finite number >= 0, got {lr}")
+        self.lr = lr
+
+    def _decays(self, name):
+        return self.weight_decay > 0 and (self.decay_bias or not name.endswith("bias"))
+
+    def step(self, grads):
+        """Update every parameter in place from grads (dict with the same keys and shapes)."""
+        for k, p in self.params.items():
+            if k not in grads:
+                raise ValueError(f"grads: missing gradient for parameter {k!r}")
+            g = np.asarray(grads[k])
+            if g.shape != p.shape:
+                raise ValueError(f"grads[{k!r}]: expected shape {p.shape}, got {g.shape}")
+            if not np.isfinite(g).all():
+                raise ValueError(f"grads[{k!r}]: contains NaN or Inf")
+            v = self.velocity[k]
+            if self._decays(k):
+                g = g + self.weight_decay * p
+            v *= self.momentum
+            v += g
+            p -= self.lr * v
+        self.steps += 1
+
+    def state_dict(self):
+        """Flat dict of arrays (np.savez-friendly): lr, momentum, weight_decay, decay_bias, steps,
+        and "velocity.<name>" for each parameter (copies)."""
+        state = {"lr": np.array(self.lr), "momentum": np.array(self.momentum),
+                 "weight_decay": np.array(self.weight_decay), "decay_bias": np.array(self.decay_bias),
+                 "steps": np.array(self.steps, dtype=np.int64)}
+        for k, v in self.velocity.items():
+            state[f"velocity.{k}"] = v.copy()
+        return state
+
+    def load_state_dict(self, state):
+        """Restore what state_dict saved; velocities must match this optimizer's parameters."""
+        for k in ("lr", "momentum", "weight_decay", "steps"):
+            if k not in state:
+                raise ValueError(f"state: missing {k!r}")
+        for k, p in self.params.items():
+            key = f"velocity.{k}"
+            if key not in state:
+                raise ValueError(f"state: missing {key!r}")
+            if np.shape(state[key]) != p.shape:
+                raise ValueError(f"state[{key!r}]: expected shape {p.shape}, got {np.shape(state[key])}")
+        self.set_lr(state["lr"])
+        self.momentum = float(state["momentum"])
+        self.weight_decay = float(state["weight_decay"])
+        self.decay_bias = bool(state.get("decay_bias", self.decay_bias))
+        self.steps = int(state["steps"])
+        for k, p in self.params.items():
+            self.velocity[k] = np.array(state[f"velocity.{k}"], dtype=p.dtype)
