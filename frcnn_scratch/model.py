@@ -1,0 +1,368 @@
+"""Faster R-CNN (Ren, He, Girshick, Sun 2015), the whole model in one file that reads like Figure 2.
+
+    image (H, W, 3) in [0, 1]
+      -> normalise, NCHW                                   (1, 3, H, W)
+      -> backbone: [conv3x3 + ReLU (+ maxpool)] x L        (1, C, H/s, W/s)    the shared conv layers
+      -> RPN head -> objectness logits, t per anchor       (A,), (A, 4)        section 3.1
+      -> proposal layer (decode, clip, top-N, NMS)         (P, 4)              section 3.1
+      -> (train) proposal targets: sample R RoIs           (R, 4)              section 3.2
+      -> RoI Align / RoI pool -> fc -> fc                  (R, hidden)         Fast R-CNN
+      -> cls_score (C+1), bbox_pred 4 (C+1)                (R, C+1), (R, 4 (C+1))
+      -> (train) four losses: RPN cls + reg, head cls + reg; backward by hand
+      -> (test) per-class decode + NMS -> detections
+
+Training is "approximate joint training" (section 3.2): one backward pass through both networks,
+with the proposal boxes treated as constants (no gradient through their coordinates).
+
+The hot ops (IoU, NMS, RoI pool / align and their backwards) go through frcnn_scratch.ops with
+the model's `backend`, so the same model runs on the NumPy reference or the Triton kernels.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import rpn as _rpn
+from .anchors import generate_anchors, shift_anchors
+from .losses import rpn_loss
+from .nn import Conv2d, MaxPool2d, ReLU, Sequential
+from .roi_head import (HEAD_BOX_WEIGHTS, FastRCNNHead, fast_rcnn_loss, postprocess_detections,
+                       proposal_targets)
+
+
+# ---- the configuration -------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """Every choice of the model, sized for the shapes dataset on a laptop CPU.
+
+    Paper values (VGG-16 on 600 px images) are in the comments; the small ones here keep one
+    training step near tens of milliseconds.
+    """
+    num_classes: int = 4                        # C object classes; background is class 0
+    pixel_mean: tuple = (0.5, 0.5, 0.5)         # images are normalised: (x - mean) / std
+    pixel_std: tuple = (0.25, 0.25, 0.25)
+    # backbone: one conv3x3 + ReLU per entry, a 2x2 max pool between entries -> stride 2^(L-1)
+    channels: tuple = (16, 32, 64, 64)          # VGG-16: 13 convs, 512 channels, stride 16
+    # anchors (3.1.1): base_size = stride, so anchor sides are stride * scale * ratio^(+-1/2)
+    anchor_scales: tuple = (2.0, 4.0, 8.0)      # paper: (8, 16, 32) at stride 16 -> 128..512 px
+    anchor_ratios: tuple = (0.5, 1.0, 2.0)      # ratio = h / w
+    # RPN (3.1)
+    rpn_channels: int = 64                      # the 3x3 "intermediate layer" (512 for VGG-16)
+    rpn_pos_iou: float = 0.7
+    rpn_neg_iou: float = 0.3
+    rpn_batch_size: int = 128                   # sampled anchors per image (256)
+    rpn_positive_fraction: float = 0.5
+    rpn_sigma: float = 3.0                      # smooth L1's sigma for the RPN
+    rpn_lambda: float = 1.0                     # eq. (1) balance, with N_cls = N_reg = sampled anchors
+    rpn_nms_threshold: float = 0.7
+    rpn_min_size: float = 4.0                   # px; boxes smaller than this are dropped (16)
+    rpn_pre_nms_train: int = 600                # 12000
+    rpn_post_nms_train: int = 150               # 2000
+    rpn_pre_nms_test: int = 300                 # 6000
+    rpn_post_nms_test: int = 50                 # 300
+    # Fast R-CNN head (3.2)
+    pooler: str = "align"                       # "align" (RoI Align) or "pool" (RoI max pooling)
+    pooled_size: int = 7                        # 7 x 7 on VGG-16
+    sampling_ratio: int = 2                     # RoI Align samples per bin side (<= 0: adaptive)
+    aligned: bool = True                        # RoI Align's half-pixel shift
+    fc_hidden: int = 128                        # 4096 on VGG-16
+    roi_batch_size: int = 64                    # sampled RoIs per image (128)
+    roi_fg_fraction: float = 0.25
+    roi_fg_iou: float = 0.5
+    roi_bg_iou_hi: float = 0.5
+    roi_bg_iou_lo: float = 0.0                  # the paper's code uses 0.1; 0.0 also shows plain background
+    # test time (3.3)
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5                  # class-wise NMS of the final detections
+    max_detections: int = 100
+    seed: int = 0                               # weight initialisation
+
+    def __post_init__(self):
+        for name in ("pixel_mean", "pixel_std", "channels", "anchor_scales", "anchor_ratios"):
+            setattr(self, name, tuple(getattr(self, name)))
+        positive_ints = ("num_classes", "rpn_channels", "rpn_batch_size", "rpn_pre_nms_train",
+                         "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test",
+                         "pooled_size", "fc_hidden", "roi_batch_size", "max_detections")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config.{name}: expected a positive int, got {value!r}")
+        fractions = ("rpn_pos_iou", "rpn_neg_iou", "rpn_positive_fraction", "rpn_nms_threshold",
+                     "roi_fg_fraction", "roi_fg_iou", "roi_bg_iou_hi", "roi_bg_iou_lo",
+                     "score_threshold", "nms_threshold")
+        for name in fractions:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"config.{name}: expected a number in [0, 1], got {value!r}")
+        if self.pooler not in ("align", "pool"):
+            raise ValueError(f"config.pooler: expected 'align' or 'pool', got {self.pooler!r}")
+        if not self.channels or any(int(c) <= 0 for c in self.channels):
+            raise ValueError(f"config.channels: expected positive ints, got {self.channels!r}")
+        for name in ("anchor_scales", "anchor_ratios", "pixel_std"):
+            if not getattr(self, name) or any(float(v) <= 0 for v in getattr(self, name)):
+                raise ValueError(f"config.{name}: expected positive numbers, got {getattr(self, name)!r}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+            raise ValueError("config.pixel_mean, config.pixel_std: expected 3 numbers each (RGB)")
+
+    @property
+    def stride(self):
+        """Feature-map stride: each max pool halves the map."""
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def num_anchors(self):
+        """k, anchors per feature-map position."""
+        return len(self.anchor_scales) * len(self.anchor_ratios)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build a Config from a dict (e.g. read back from JSON); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        """A copy with some fields changed (checked like a new Config)."""
+        return Config.from_dict({**self.to_dict(), **changes})
+
+
+# ---- the shared convolutional layers ------------------------------------------------------------
+
+def build_backbone(channels, rng):
+    """conv3x3(pad 1) + ReLU per entry of `channels`, with a 2x2 max pool between entries."""
+    layers, in_ch = [], 3
+    for i, out_ch in enumerate(channels):
+        layers += [Conv2d(in_ch, int(out_ch), 3, padding=1, rng=rng), ReLU()]
+        if i < len(channels) - 1:
+            layers.append(MaxPool2d(2, 2))
+        in_ch = int(out_ch)
+    return Sequential(*layers)
+
+
+def atomic_savez(path, arrays):
+    """np.savez to `path` through a temporary file in the same folder and os.replace.
+
+    A crash mid-write leaves the old file (or none), never a truncated one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_npz(path):
+    """All arrays of an .npz file as a dict; an unreadable file is one clear ValueError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ValueError, ...
+        raise ValueError(f"checkpoint {path!r} is not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+class FasterRCNN:
+    """Backbone + RPN + Fast R-CNN head, trained jointly, with a hand-written backward.
+
+    Args:
+        config: a Config (defaults if None).
+        backend: "numpy", "triton", or None (the current default of frcnn_scratch.ops);
+            passed unchanged to every ops.* call.
+    """
+
+    def __init__(self, config=None, backend=None):
+        self.config = cfg = Config() if config is None else config
+        self.backend = backend
+        rng = np.random.default_rng(cfg.seed)
+        self.backbone = build_backbone(cfg.channels, rng)
+        c = int(cfg.channels[-1])
+        self.rpn = _rpn.RPNHead(c, cfg.rpn_channels, cfg.num_anchors, rng)
+        self.head = FastRCNNHead(c, cfg.pooled_size, cfg.fc_hidden, cfg.num_classes,
+                                 spatial_scale=1.0 / cfg.stride, pooler=cfg.pooler,
+                                 sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned,
+                                 rng=rng, backend=backend)
+        # anchors at the origin cell, (k, 4); shifted over each feature map as needed
+        self.base_anchors = generate_anchors(base_size=cfg.stride, ratios=cfg.anchor_ratios,
+                                             scales=cfg.anchor_scales)
+
+    # -- parameters: one flat dict "part.layer.name" -> array (the arrays the layers use) --
+
+    def _parts(self):
+        yield "backbone", self.backbone.params, lambda: self.backbone.grads
+        for part, layers in (("rpn", self.rpn.layers), ("head", self.head.layers)):
+            for name, layer in layers.items():
+                yield f"{part}.{name}", layer.params, (lambda layer=layer: layer.grads)
+
+    def params(self):
+        """dict name -> parameter array (the layers' own arrays: updating them updates the model)."""
+        return {f"{part}.{k}": v for part, params, _ in self._parts() for k, v in params.items()}
+
+    def grads(self):
+        """dict name -> gradient of the last `loss_and_grads` call (same keys as params())."""
+        return {f"{part}.{k}": v for part, _, grads in self._parts() for k, v in grads().items()}
+
+    # -- the forward pass, stage by stage --
+
+    def preprocess(self, image):
+        """(H, W, 3) float in [0, 1] -> normalised (1, 3, H, W) float32."""
+        image = np.asarray(image, np.float32)
+        if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < self.config.stride:
+            raise ValueError(f"image: expected (H, W, 3) with H, W >= {self.config.stride}, "
+                             f"got {image.shape}")
+        if not np.all(np.isfinite(image)):
+            raise ValueError("image: contains NaN or Inf")
+        mean = np.asarray(self.config.pixel_mean, np.float32)
+        std = np.asarray(self.config.pixel_std, np.float32)
+        x = (image - mean) / std                                           # (H, W, 3)
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])            # (1, 3, H, W)
+
+    def anchors(self, feat_height, feat_width):
+        """All anchors of a (feat_height, feat_width) map, (H' W' k, 4), index (y W' + x) k + a."""
+        return shift_anchors(self.base_anchors, feat_height, feat_width, self.config.stride)
+
+    def features(self, x):
+        """The shared conv layers: (1, 3, H, W) -> (1, C, H/s, W/s)."""
+        return self.backbone.forward(x)
+
+    def propose(self, features, image_shape, training):
+        """RPN head + proposal layer -> (logits (A,), deltas (A, 4), anchors (A, 4), proposals (P, 4))."""
+        cfg = self.config
+        logits, deltas = self.rpn.forward(features)                        # (1, A), (1, A, 4)
+        anchors = self.anchors(*features.shape[2:])                        # (A, 4)
+        pre, post = ((cfg.rpn_pre_nms_train, cfg.rpn_post_nms_train) if training
+                     else (cfg.rpn_pre_nms_test, cfg.rpn_post_nms_test))
+        proposals, _ = _rpn.generate_proposals(anchors, logits[0], deltas[0], image_shape, pre, post,
+                                               cfg.rpn_nms_threshold, cfg.rpn_min_size,
+                                               backend=self.backend)      # (P, 4)
+        return logits[0], deltas[0], anchors, proposals
+
+    # -- training: forward, the four losses, backward --
+
+    def loss_and_grads(self, image, gt_boxes, gt_labels, rng, proposals=None):
+        """One training step's forward and backward on one image (the paper's mini-batch).
+
+        Args:
+            image: (H, W, 3) float in [0, 1].
+            gt_boxes: (G, 4) xyxy in image pixels.  gt_labels: (G,) int64 in 1..C.
+            rng: np.random.Generator for the anchor and RoI sampling.
+            proposals: optional (P, 4) boxes to use instead of the RPN's (a test hook: with
+                fixed proposals the loss is a smooth function of the weights).
+        Returns:
+            dict of floats: loss, rpn_cls, rpn_reg, head_cls, head_reg.  The gradients of `loss`
+            are left in the layers (read them with grads()).
+        """
+        cfg = self.config
+        gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
+        gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
+        x = self.preprocess(image)                                         # (1, 3, H, W)
+        image_shape = x.shape[2:]
+        features = self.features(x)                                        # (1, C, H', W')
+
+        # RPN (3.1): objectness + t for every anchor, its targets, the proposals
+        logits, deltas, anchors, rpn_proposals = self.propose(features, image_shape, training=True)
+        if proposals is None:
+            proposals = rpn_proposals                                      # constants from here on
+        labels, targets = _rpn.anchor_targets(anchors, gt_boxes, image_shape, cfg.rpn_pos_iou,
+                                              cfg.rpn_neg_iou, cfg.rpn_batch_size,
+                                              cfg.rpn_positive_fraction, rng)
+        rpn = rpn_loss(logits, deltas, labels, targets, lam=cfg.rpn_lambda, sigma=cfg.rpn_sigma)
+
+        # Fast R-CNN head (3.2): sample RoIs, pool, classify and refine
+        rois, roi_labels, roi_targets, roi_weights = proposal_targets(
+            proposals, gt_boxes, gt_labels, cfg.num_classes, cfg.roi_batch_size,
+            cfg.roi_fg_fraction, cfg.roi_fg_iou, cfg.roi_bg_iou_hi, cfg.roi_bg_iou_lo,
+            HEAD_BOX_WEIGHTS, rng, backend=self.backend)                  # (R, 4), (R,), ...
+        rois5 = np.concatenate([np.zeros((len(rois), 1), np.float32), rois], axis=1)  # (R, 5)
+        cls_logits, bbox_deltas = self.head.forward(features, rois5)       # (R, C+1), (R, 4 (C+1))
+        head = fast_rcnn_loss(cls_logits, bbox_deltas, roi_labels, roi_targets, roi_weights)
+
+        # backward: both heads send gradient into the shared feature map, then the backbone
+        g_features = self.rpn.backward(rpn["grad_logits"][None], rpn["grad_t"][None])
+        g_features = g_features + self.head.backward(head["grad_cls"], head["grad_bbox"])
+        self.backbone.backward(g_features)
+        return dict(loss=float(rpn["loss"] + head["loss"]), rpn_cls=float(rpn["loss_cls"]),
+                    rpn_reg=float(rpn["loss_reg"]), head_cls=float(head["loss_cls"]),
+                    head_reg=float(head["loss_reg"]))
+
+    # -- inference --
+
+    def predict(self, image):
+        """Detect objects in one image.
+
+        Args:
+            image: (H, W, 3) float in [0, 1].
+        Returns:
+            dict(boxes (D, 4) float32 xyxy in image pixels, scores (D,) float32, labels (D,) int64
+            in 1..C), best score first, after class-wise NMS.
+        """
+        cfg = self.config
+        x = self.preprocess(image)                                         # (1, 3, H, W)
+        features = self.features(x)                                        # (1, C, H', W')
+        _, _, _, proposals = self.propose(features, x.shape[2:], training=False)  # (P, 4)
+        rois5 = np.concatenate([np.zeros((len(proposals), 1), np.float32), proposals], axis=1)
+        cls_logits, bbox_deltas = self.head.forward(features, rois5)       # (P, C+1), (P, 4 (C+1))
+        return postprocess_detections(proposals, cls_logits, bbox_deltas, x.shape[2:],
+                                      cfg.score_threshold, cfg.nms_threshold, cfg.max_detections,
+                                      HEAD_BOX_WEIGHTS, backend=self.backend)
+
+    # -- save / load: weights and config in one .npz --
+
+    def state_arrays(self):
+        """The arrays `save` writes: every parameter under "param/<name>" and the config as JSON."""
+        arrays = {f"param/{k}": v for k, v in self.params().items()}
+        arrays["config"] = np.array(json.dumps(self.config.to_dict()))
+        return arrays
+
+    def save(self, path):
+        """Write weights + config to `path` (.npz), atomically."""
+        atomic_savez(path, self.state_arrays())
+
+    def load_state_arrays(self, arrays, source="checkpoint"):
+        """Copy parameters from `arrays` (as written by state_arrays) after checking the config."""
+        if "config" not in arrays:
+            raise ValueError(f"{source}: no config in the file; not a frcnn checkpoint")
+        saved = json.loads(str(arrays["config"]))
+        mine = json.loads(json.dumps(self.config.to_dict()))
+        differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: file {saved.get(k)!r} vs model {mine.get(k)!r}" for k in differ[:4])
+            raise ValueError(f"{source}: saved with a different config ({detail})")
+        for name, param in self.params().items():
+            key = f"param/{name}"
+            if key not in arrays or arrays[key].shape != param.shape:
+                raise ValueError(f"{source}: parameter {name!r} missing or of another shape")
+            param[...] = arrays[key]
+
+    def load_weights(self, path):
+        """Load weights saved by `save`; refuses a file written with another config."""
+        self.load_state_arrays(read_npz(path), source=f"checkpoint {os.fspath(path)!r}")
+
+    @classmethod
+    def load(cls, path, backend=None):
+        """A new model built from the config stored in `path`, with its weights."""
+        arrays = read_npz(path)
+        if "config" not in arrays:
+            raise ValueError(f"checkpoint {os.fspath(path)!r}: no config in the file; not a frcnn checkpoint")
+        model = cls(Config.from_dict(json.loads(str(arrays["config"]))), backend=backend)
+        model.load_state_arrays(arrays, source=f"checkpoint {os.fspath(path)!r}")
+        return model

@@ -1,0 +1,128 @@
+"""Region Proposal Network (section 3.1): the RPN head, its training targets, the proposal layer.
+
+The RPN slides a small network over the backbone's feature map (Figure 3):
+
+    features (N, C, H, W)
+      -> 3x3 conv + ReLU                       the "intermediate layer" (256-d for ZF, 512-d for VGG)
+      -> 1x1 conv, k outputs  = objectness     the cls layer (k logistic outputs, one per anchor)
+      -> 1x1 conv, 4k outputs = t              the reg layer (eq. 2 offsets, one 4-vector per anchor)
+
+Outputs are flattened in the anchors' order, index = (y * W + x) * k + a (see anchors.py), so
+that row i of `logits` / `deltas` belongs to anchor i.
+
+Training targets (3.1.2) come from labeling.py: an anchor is positive (1) at IoU >= 0.7 with some
+ground truth box or when it is a box's best anchor, negative (0) at IoU < 0.3 with every box,
+else ignored (-1); a mini-batch samples up to half positives.
+
+The proposal layer turns (logits, deltas) into boxes for the detection network: decode, clip to
+the image, drop tiny boxes, keep the pre-NMS top N by score, NMS at 0.7, keep the post-NMS top N.
+"""
+import numpy as np
+
+from . import _checks, ops
+from .box_coding import decode, encode
+from .boxes import clip_boxes, remove_small_boxes
+from .labeling import label_anchors, sample_labels
+from .nn import Conv2d, ReLU
+
+
+class RPNHead:
+    """The RPN's layers: 3x3 conv + ReLU, then the sibling 1x1 cls (k) and reg (4k) convs.
+
+    Args:
+        in_channels: channels of the backbone's feature map.
+        mid_channels: channels of the 3x3 "intermediate layer".
+        num_anchors: k, anchors per feature-map position.
+        rng: np.random.Generator for the weights (cls and reg are N(0, 0.01^2), as in the paper).
+    """
+
+    def __init__(self, in_channels, mid_channels, num_anchors, rng):
+        self.k = int(num_anchors)
+        self.conv = Conv2d(in_channels, mid_channels, 3, padding=1, rng=rng)
+        self.relu = ReLU()
+        self.cls = Conv2d(mid_channels, self.k, 1, rng=rng)
+        self.reg = Conv2d(mid_channels, 4 * self.k, 1, rng=rng)
+        for layer in (self.cls, self.reg):  # "initialized from a zero-mean Gaussian with std 0.01"
+            w = layer.params["weight"]
+            w[...] = rng.normal(0.0, 0.01, size=w.shape)
+            layer.params["bias"][...] = 0.0
+        self.layers = {"conv": self.conv, "cls": self.cls, "reg": self.reg}
+
+    def forward(self, features):
+        """features (N, C, H, W) -> (logits (N, H*W*k), deltas (N, H*W*k, 4)), anchor order."""
+        n, _, h, w = features.shape
+        hidden = self.relu.forward(self.conv.forward(features))          # (N, mid, H, W)
+        logits = self.cls.forward(hidden)                                # (N, k, H, W)
+        deltas = self.reg.forward(hidden)                                # (N, 4k, H, W)
+        logits = logits.transpose(0, 2, 3, 1).reshape(n, h * w * self.k)
+        deltas = deltas.transpose(0, 2, 3, 1).reshape(n, h * w * self.k, 4)
+        self._hw = (h, w)
+        return logits, deltas
+
+    def backward(self, grad_logits, grad_deltas):
+        """Gradients of (logits, deltas) in anchor order -> gradient of the features (N, C, H, W)."""
+        h, w = self._hw
+        n = grad_logits.shape[0]
+        g_cls = grad_logits.reshape(n, h, w, self.k).transpose(0, 3, 1, 2)          # (N, k, H, W)
+        g_reg = grad_deltas.reshape(n, h, w, 4 * self.k).transpose(0, 3, 1, 2)      # (N, 4k, H, W)
+        g_hidden = self.cls.backward(np.ascontiguousarray(g_cls))
+        g_hidden = g_hidden + self.reg.backward(np.ascontiguousarray(g_reg))
+        return self.conv.backward(self.relu.backward(g_hidden))
+
+
+def anchor_targets(anchors, gt_boxes, image_shape, pos_iou=0.7, neg_iou=0.3,
+                   batch_size=256, positive_fraction=0.5, rng=None):
+    """Training targets of the RPN for one image (3.1.2).
+
+    Args:
+        anchors: (A, 4) all anchors of the image, xyxy.
+        gt_boxes: (G, 4) ground-truth boxes, xyxy (G may be 0).
+        image_shape: (height, width); anchors crossing the border are ignored.
+        pos_iou, neg_iou: the 0.7 / 0.3 thresholds.
+        batch_size, positive_fraction: the mini-batch of anchors (256 at up to 1:1 in the paper).
+        rng: np.random.Generator for the sampling.
+    Returns:
+        labels: (A,) int64 in {1, 0, -1}; only the sampled anchors are >= 0.
+        targets: (A, 4) float32 t* of eq. (2) for each anchor's best ground truth (0 where none).
+    """
+    anchors = _checks.as_boxes(anchors, "anchors")
+    gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")
+    labels, matched = label_anchors(anchors, gt_boxes, image_shape=image_shape,
+                                    pos_iou=pos_iou, neg_iou=neg_iou)
+    labels = sample_labels(labels, batch_size=batch_size,
+                           positive_fraction=positive_fraction, rng=rng)
+    targets = np.zeros((len(anchors), 4), np.float32)                     # (A, 4)
+    pos = np.flatnonzero(labels == 1)
+    if len(pos):
+        targets[pos] = encode(gt_boxes[matched[pos]], anchors[pos])
+    return labels.astype(np.int64), targets
+
+
+def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post_nms_top_n,
+                       nms_threshold=0.7, min_size=0.0, backend=None):
+    """The proposal layer for one image: decode, clip, drop small, top-N, NMS, top-N.
+
+    Args:
+        anchors: (A, 4) anchors, xyxy.
+        logits: (A,) objectness logits (the score is sigmoid(logit); ranking by logit is the same).
+        deltas: (A, 4) predicted t for each anchor.
+        image_shape: (height, width) to clip to.
+        pre_nms_top_n: highest-scoring boxes kept before NMS (12000 train / 6000 test in the paper).
+        post_nms_top_n: boxes kept after NMS (2000 train / 300 test).
+        nms_threshold: IoU above which a lower-scoring box is suppressed (0.7).
+        min_size: boxes narrower or shorter than this (pixels) are dropped.
+        backend: passed to ops.nms.
+    Returns:
+        proposals: (P, 4) float32 boxes, highest score first, P <= post_nms_top_n.
+        scores: (P,) float32 objectness probabilities.
+    """
+    logits = np.asarray(logits, np.float32).reshape(-1)                   # (A,)
+    boxes = decode(np.asarray(deltas, np.float32).reshape(-1, 4), anchors)  # (A, 4)
+    boxes = clip_boxes(boxes, image_shape)
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, logits = boxes[keep], logits[keep]
+    order = np.argsort(-logits, kind="stable")[:pre_nms_top_n]            # top-N before NMS
+    boxes, logits = boxes[order], logits[order]
+    keep = ops.nms(boxes, logits, nms_threshold, backend=backend)[:post_nms_top_n]
+    scores = 1.0 / (1.0 + np.exp(-logits[keep]))                          # logistic objectness
+    return boxes[keep].astype(np.float32), scores.astype(np.float32)

@@ -1,0 +1,162 @@
+"""The training loop: one image per step (the paper's mini-batch), SGD with momentum, a warmup then
+cosine learning rate, horizontal flips, a tqdm bar with the four losses, and checkpoints that
+resume exactly (model, optimizer, random state and iteration in one .npz).
+
+Same seed, same data, same config -> the same run, bit for bit; a run stopped and resumed from a
+checkpoint continues as if it had never stopped.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .data.transforms import hflip
+from .evaluate import evaluate_detections
+from .model import atomic_savez, read_npz
+from .nn import SGD
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the model's own choices are in model.Config)."""
+    iterations: int = 3000
+    lr: float = 0.01                 # peak learning rate (the paper: 0.001 for VGG-16 on VOC)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4       # paper: 5e-4
+    warmup: int = 100                # iterations of linear warmup from lr / 10
+    final_lr_fraction: float = 0.02  # cosine decay from lr down to lr * this
+    flip: bool = True                # horizontal-flip augmentation, p = 0.5
+    seed: int = 0                    # image order, flips, anchor and RoI sampling
+    checkpoint_every: int = 500      # iterations between checkpoints (0: only at the end)
+
+    def __post_init__(self):
+        for name in ("iterations", "warmup", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"train config.{name}: expected an int >= 0, got {value!r}")
+        for name in ("lr", "momentum", "weight_decay", "final_lr_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"train config.{name}: expected a number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"train config.lr: expected a positive number, got {self.lr!r}")
+
+
+def learning_rate(iteration, tcfg):
+    """Linear warmup from lr / 10 over `warmup` steps, then cosine decay to lr * final_lr_fraction."""
+    if iteration < tcfg.warmup:
+        return tcfg.lr * (0.1 + 0.9 * iteration / tcfg.warmup)
+    span = max(tcfg.iterations - tcfg.warmup, 1)
+    progress = min((iteration - tcfg.warmup) / span, 1.0)
+    low = tcfg.lr * tcfg.final_lr_fraction
+    return low + 0.5 * (tcfg.lr - low) * (1.0 + math.cos(math.pi * progress))
+
+
+def training_sample(samples, rng, flip):
+    """Draw the next image (uniformly) and flip it with probability 0.5."""
+    sample = samples[int(rng.integers(len(samples)))]
+    if flip and rng.random() < 0.5:
+        sample = hflip(sample)
+    return sample
+
+
+# ---- checkpoints: model + optimizer + rng + iteration ---------------------------------------------
+
+def save_checkpoint(path, model, optimizer, rng, iteration, tcfg):
+    """Write everything a resumed run needs into one .npz, atomically."""
+    arrays = model.state_arrays()
+    for name, value in optimizer.state_dict().items():
+        arrays[f"opt/{name}"] = value
+    arrays["iteration"] = np.array(iteration, np.int64)
+    arrays["rng_state"] = np.array(json.dumps(rng.bit_generator.state))
+    arrays["train_config"] = np.array(json.dumps(asdict(tcfg)))
+    atomic_savez(path, arrays)
+
+
+def load_checkpoint(path, model, optimizer, rng):
+    """Restore model weights, optimizer state and rng state from `path`; returns the iteration."""
+    arrays = read_npz(path)
+    source = f"checkpoint {os.fspath(path)!r}"
+    model.load_state_arrays(arrays, source=source)
+    if "iteration" not in arrays or "rng_state" not in arrays:
+        raise ValueError(f"{source}: holds weights only (no optimizer / rng state); cannot resume")
+    try:
+        optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
+    except ValueError as e:
+        raise ValueError(f"{source}: optimizer {e}") from None
+    rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
+    return int(arrays["iteration"])
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+
+def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=True):
+    """Train `model` on `samples` (dicts with image, boxes, labels).
+
+    Args:
+        model: a FasterRCNN.
+        samples: list of sample dicts (see frcnn_scratch.data).
+        tcfg: a TrainConfig (defaults if None).
+        checkpoint: path of the checkpoint .npz (written every tcfg.checkpoint_every iterations and
+            at the end); None writes none.
+        resume: continue from `checkpoint` if it exists.
+        progress: show a tqdm bar with the losses.
+    Returns:
+        list of per-iteration loss dicts (of this call's iterations).
+    """
+    tcfg = TrainConfig() if tcfg is None else tcfg
+    if not samples:
+        raise ValueError("samples: expected at least one training image")
+    rng = np.random.default_rng(tcfg.seed)
+    optimizer = SGD(model.params(), lr=tcfg.lr, momentum=tcfg.momentum,
+                    weight_decay=tcfg.weight_decay)
+    start = 0
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        start = load_checkpoint(checkpoint, model, optimizer, rng)
+    history = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tcfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True)
+    for it in range(start, tcfg.iterations):
+        sample = training_sample(samples, rng, tcfg.flip)
+        losses = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng)
+        if not math.isfinite(losses["loss"]):
+            raise RuntimeError(f"training diverged at iteration {it} (loss {losses['loss']}); "
+                               "try a lower learning rate")
+        optimizer.set_lr(learning_rate(it, tcfg))
+        optimizer.step(model.grads())
+        history.append(losses)
+        done = it + 1
+        if checkpoint is not None and (done == tcfg.iterations or
+                                       (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
+            save_checkpoint(checkpoint, model, optimizer, rng, done, tcfg)
+        if bar is not None:
+            bar.update(1)
+            if done % 10 == 0 or done == tcfg.iterations:
+                recent = history[-20:]
+                bar.set_postfix({k: f"{np.mean([h[k] for h in recent]):.3f}"
+                                 for k in ("loss", "rpn_cls", "rpn_reg", "head_cls", "head_reg")},
+                                refresh=False)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+def evaluate(model, samples, iou_threshold=0.5, progress=False):
+    """Run `model.predict` on every sample and score it with VOC AP (evaluate_detections).
+
+    Returns:
+        (result dict(mAP, ap), detections list).
+    """
+    items = samples
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(samples, desc="eval", unit="img", dynamic_ncols=True)
+    detections = [model.predict(s["image"]) for s in items]
+    truths = [dict(boxes=s["boxes"], labels=s["labels"], difficult=s.get("difficult")) for s in samples]
+    result = evaluate_detections(detections, truths, iou_threshold=iou_threshold,
+                                 num_classes=model.config.num_classes)
+    return result, detections
