@@ -1,0 +1,12 @@
+"""Datasets and transforms. A sample is dict(image=(H, W, 3) float32 in [0, 1], boxes=(G, 4) float32
+xyxy, labels=(G,) int64 in 1..num_classes (0 is background), difficult=(G,) bool, id=str).
+
+    shapes.py      make_shapes_dataset(num_images, seed): synthetic filled shapes, no download
+    voc.py         load_voc(root, split): PASCAL VOC layout (XML annotations); write_voc
+    coco.py        load_coco(annotation_json, image_dir): COCO JSON; write_coco
+    transforms.py  resize(sample, min_size, max_size), hflip(sample)
+"""
+from .shapes import SHAPE_CLASSES, make_shapes_dataset
+from .transforms import hflip, resize
+
+__all__ = ["SHAPE_CLASSES", "make_shapes_dataset", "hflip", "resize"]

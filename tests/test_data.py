@@ -1,0 +1,191 @@
+"""Data: the synthetic shapes dataset, resize / hflip, and (below) the VOC and COCO loaders."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from frcnn_scratch.boxes import box_iou
+from frcnn_scratch.data.shapes import SHAPE_CLASSES, make_shapes_dataset, make_shapes_sample, shape_mask
+from frcnn_scratch.data.transforms import bilinear_matrix, compute_scale, hflip, resize, resize_image
+
+
+def assert_same_sample(a, b):
+    assert a["id"] == b["id"]
+    for key in ("image", "boxes", "labels", "difficult"):
+        assert a[key].dtype == b[key].dtype, f"{key}: dtype {a[key].dtype} != {b[key].dtype}"
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} differs")
+
+
+# ---- shapes: hand cases --------------------------------------------------------------------------
+
+def test_shape_masks_hand_cases():
+    np.testing.assert_array_equal(shape_mask("square", 3), np.ones((3, 3), bool))
+    # cross of side 3: arms one pixel wide through the centre
+    np.testing.assert_array_equal(shape_mask("cross", 3), [[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+    # triangle of side 4: pixel centres at 0.5..3.5; row y is |x + 0.5 - 2| <= 2 * (y + 0.5) / 4
+    np.testing.assert_array_equal(shape_mask("triangle", 4),
+                                  [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1]])
+    # disc of diameter 4: the four corner pixels (centre distance sqrt(1.5^2 * 2) = 2.12 > 2) are out
+    np.testing.assert_array_equal(shape_mask("circle", 4),
+                                  [[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]])
+    with pytest.raises(ValueError, match="name"):
+        shape_mask("hexagon", 8)
+
+
+# ---- shapes: the dataset ------------------------------------------------------------------------
+
+def test_sample_format_matches_contract():
+    samples = make_shapes_dataset(20, seed=3)
+    assert len(samples) == 20
+    for s in samples:
+        h, w, c = s["image"].shape
+        assert c == 3 and 96 <= h <= 160 and 96 <= w <= 160, f"image shape {s['image'].shape}"
+        assert s["image"].dtype == np.float32 and 0 <= s["image"].min() and s["image"].max() <= 1
+        g = len(s["labels"])
+        assert 1 <= g <= 4, f"{g} objects"
+        assert s["boxes"].shape == (g, 4) and s["boxes"].dtype == np.float32
+        assert s["labels"].dtype == np.int64 and set(s["labels"].tolist()) <= {1, 2, 3, 4}
+        assert s["difficult"].shape == (g,) and s["difficult"].dtype == bool and not s["difficult"].any()
+        assert isinstance(s["id"], str)
+    assert len({s["id"] for s in samples}) == 20, "ids must be unique"
+    assert SHAPE_CLASSES == ("circle", "square", "triangle", "cross")
+
+
+def test_same_seed_same_data_and_different_seed_different_data():
+    a, b = make_shapes_dataset(8, seed=5), make_shapes_dataset(8, seed=5)
+    for x, y in zip(a, b):
+        assert_same_sample(x, y)
+    # image i does not depend on how many images were asked for
+    for x, y in zip(make_shapes_dataset(3, seed=5), a[:3]):
+        assert_same_sample(x, y)
+    c = make_shapes_dataset(8, seed=6)
+    assert any(x["image"].shape != y["image"].shape or not np.array_equal(x["image"], y["image"])
+               for x, y in zip(a, c)), "seeds 5 and 6 gave the same images"
+
+
+def test_boxes_are_tight_around_unoccluded_shapes():
+    samples = make_shapes_dataset(30, seed=11, with_masks=True)
+    for s in samples:
+        masks, boxes = s["masks"], s["boxes"]
+        assert masks.shape == (len(boxes),) + s["image"].shape[:2]
+        assert (masks.sum(axis=0) <= 1).all(), f"{s['id']}: two shapes share a pixel"
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
+            ys, xs = np.nonzero(m)
+            # pixel c covers [c, c + 1): tight means min col = x1 and max col = x2 - 1
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x1, y1, x2, y2), \
+                f"{s['id']}: mask extent {(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)} != box"
+            colours = s["image"][m]                                   # (P, 3) one flat colour
+            np.testing.assert_array_equal(colours, np.broadcast_to(colours[0], colours.shape),
+                                          err_msg=f"{s['id']}: shape not a single visible colour")
+        if len(boxes) > 1:
+            iou = box_iou(boxes, boxes) - np.eye(len(boxes))
+            assert iou.max() <= 0.3 + 1e-6, f"{s['id']}: box IoU {iou.max()} > max_iou 0.3"
+
+
+def test_options_image_size_classes_and_counts():
+    samples = make_shapes_dataset(10, seed=2, image_size=64, shape_size=(8, 20), num_objects=2,
+                                  classes=("circle", "square"))
+    for s in samples:
+        assert s["image"].shape == (64, 64, 3)
+        assert set(s["labels"].tolist()) <= {1, 2}
+        widths = s["boxes"][:, 2] - s["boxes"][:, 0]
+        assert (widths <= 20).all() and (widths >= 1).all()
+    empty = make_shapes_sample(np.random.default_rng(0), num_objects=0)
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+    assert make_shapes_dataset(0, seed=0) == []
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(image_size=(100, 50)), "image_size"), (dict(shape_size=0), "shape_size"),
+    (dict(num_objects=(3, 1)), "num_objects"), (dict(classes=("blob",)), "classes"),
+    (dict(num_images=-1), "num_images"), (dict(seed=-3), "seed"),
+])
+def test_bad_arguments_name_themselves(kwargs, name):
+    args = dict(num_images=2, seed=0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        make_shapes_dataset(**args)
+
+
+# ---- transforms: hand cases -----------------------------------------------------------------------
+
+def test_resize_image_bilinear_hand_case():
+    # 2 -> 4 pixels: output centres map to -0.25, 0.25, 0.75, 1.25 (clamped to 0 and 1)
+    image = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
+    out = resize_image(image, 4, 4)
+    row = np.array([0.0, 0.25, 0.75, 1.0])
+    want = row[None, :] + 2 * row[:, None]          # the image is 2 * y + x, bilinear is exact on it
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    np.testing.assert_allclose(bilinear_matrix(4, 2) @ np.array([0.0, 1.0]), row, atol=1e-6)
+    # same size is an exact copy
+    img = np.random.default_rng(0).random((5, 7, 3)).astype(np.float32)
+    np.testing.assert_array_equal(resize_image(img, 5, 7), img)
+
+
+def test_compute_scale_follows_the_paper_rule():
+    assert compute_scale(100, 200, 50, 1000) == (0.5, 50, 100)          # shorter side -> 50
+    assert compute_scale(100, 200, 600, 1000) == (5.0, 500, 1000)       # 1200 > 1000: cap the longer
+    assert compute_scale(200, 100, 600, 1000) == (5.0, 1000, 500)
+
+
+def test_resize_scales_boxes_and_does_not_modify_input():
+    sample = dict(image=np.zeros((100, 200, 3), np.float32),
+                  boxes=np.array([[10, 20, 50, 60]], np.float32), labels=np.array([1]), id="a")
+    before = {k: np.copy(v) for k, v in sample.items()}
+    out, scale = resize(sample, 50, 1000)
+    assert scale == 0.5 and out["image"].shape == (50, 100, 3)
+    np.testing.assert_array_equal(out["boxes"], [[5, 10, 25, 30]])
+    assert out["labels"] is sample["labels"] and out["id"] == "a"
+    for k, v in before.items():
+        np.testing.assert_array_equal(sample[k], v, err_msg=f"resize modified input {k}")
+
+
+def test_hflip_hand_case_and_purity():
+    image = np.arange(12, dtype=np.float32).reshape(1, 4, 3) / 12
+    sample = dict(image=image, boxes=np.array([[0, 0, 1, 1], [1, 0, 4, 1]], np.float32))
+    out = hflip(sample)
+    np.testing.assert_array_equal(out["boxes"], [[3, 0, 4, 1], [0, 0, 3, 1]])
+    np.testing.assert_array_equal(out["image"][0, 0], image[0, 3])
+    np.testing.assert_array_equal(sample["boxes"], [[0, 0, 1, 1], [1, 0, 4, 1]])
+
+
+def test_transforms_reject_bad_samples():
+    with pytest.raises(ValueError, match="sample"):
+        hflip({"boxes": np.zeros((0, 4))})
+    with pytest.raises(ValueError, match="boxes"):
+        hflip(dict(image=np.zeros((4, 4, 3)), boxes=[[3, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="min_size"):
+        resize(dict(image=np.zeros((4, 4, 3)), boxes=np.zeros((0, 4))), -1, 10)
+
+
+# ---- transforms: properties on the shapes data ------------------------------------------------------
+
+SHAPES = make_shapes_dataset(12, seed=21, with_masks=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, len(SHAPES) - 1))
+def test_hflip_keeps_boxes_tight_and_twice_is_identity(i):
+    s = SHAPES[i]
+    f = hflip(s)
+    masks = s["masks"][:, :, ::-1]                       # flipped masks
+    for m, box in zip(masks, f["boxes"]):
+        ys, xs = np.nonzero(m)
+        np.testing.assert_array_equal(box, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert_same_sample(hflip(f), s)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, len(SHAPES) - 1), st.integers(20, 300), st.integers(20, 400))
+def test_resize_keeps_boxes_inside_and_proportional(i, min_size, max_size):
+    s = SHAPES[i]
+    out, scale = resize(s, min_size, max_size)
+    h, w = out["image"].shape[:2]
+    height, width = s["image"].shape[:2]
+    assert (h, w) == (round(height * scale), round(width * scale)), f"{(h, w)} at scale {scale}"
+    assert max(h, w) <= max_size, f"longer side {max(h, w)} > max_size {max_size}"
+    assert min(h, w) == min_size or max(h, w) == max_size, f"{(h, w)}: neither side hits its target"
+    assert out["boxes"][:, 0::2].max() <= w and out["boxes"][:, 1::2].max() <= h
+    assert out["boxes"].min() >= 0
+    np.testing.assert_allclose(out["boxes"], np.minimum(s["boxes"] * scale, [w, h, w, h]), rtol=1e-6,
+                               err_msg="boxes not scaled by `scale`")
+    assert 0 <= out["image"].min() and out["image"].max() <= 1, "bilinear left the value range"

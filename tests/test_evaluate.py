@@ -1,0 +1,153 @@
+"""VOC AP / mAP: hand-computed precision-recall cases first, then properties."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from frcnn_scratch.data.shapes import make_shapes_dataset
+from frcnn_scratch.evaluate import evaluate_detections, voc_ap
+
+TOL = 1e-9  # AP is computed in float64 from exact fractions
+
+
+def det(boxes, scores, labels):
+    return dict(boxes=np.array(boxes, np.float32).reshape(-1, 4), scores=np.array(scores, np.float32),
+                labels=np.array(labels, np.int64))
+
+
+def gt(boxes, labels, difficult=None):
+    out = dict(boxes=np.array(boxes, np.float32).reshape(-1, 4), labels=np.array(labels, np.int64))
+    if difficult is not None:
+        out["difficult"] = np.array(difficult, bool)
+    return out
+
+
+G1, G2 = [0, 0, 10, 10], [20, 20, 30, 30]
+
+
+# ---- voc_ap ---------------------------------------------------------------------------------------
+
+def test_voc_ap_hand_case_both_metrics():
+    # ranked: TP, FP, TP with 2 gts -> recall (1/2, 1/2, 1), precision (1, 1/2, 2/3)
+    rec, prec = [0.5, 0.5, 1.0], [1.0, 0.5, 2 / 3]
+    # all points: envelope (1, 1, 2/3, 2/3); area = 0.5 * 1 + 0.5 * 2/3
+    assert abs(voc_ap(rec, prec) - (0.5 + 1 / 3)) < TOL
+    # 11 points: t = 0..0.5 (6 thresholds) reach precision 1; t = 0.6..1 (5) reach 2/3
+    assert abs(voc_ap(rec, prec, use_07_metric=True) - (6 + 5 * 2 / 3) / 11) < TOL
+
+
+def test_voc_ap_edge_cases():
+    assert voc_ap([], []) == 0.0 and voc_ap([], [], use_07_metric=True) == 0.0
+    assert voc_ap([1.0], [1.0]) == 1.0 and abs(voc_ap([1.0], [1.0], True) - 1.0) < TOL
+    # recall exactly 3/10 counts at t = 0.3 (thresholds are k / 10, not 0.1 * k)
+    assert abs(voc_ap(np.array([3]) / 10, [1.0], use_07_metric=True) - 4 / 11) < TOL
+    # precision envelope: a later higher precision lifts the earlier recall step
+    assert abs(voc_ap([0.5, 0.5, 1.0], [1.0, 0.5, 1.0]) - 1.0) < TOL
+    with pytest.raises(ValueError, match="recall, precision"):
+        voc_ap([0.5], [1.0, 0.5])
+    with pytest.raises(ValueError, match="precision"):
+        voc_ap([0.5], [np.nan])
+    with pytest.raises(ValueError, match="recall"):
+        voc_ap([1.5], [1.0])
+
+
+# ---- evaluate_detections: hand cases ----------------------------------------------------------------
+
+def test_three_detections_two_gts_with_a_duplicate():
+    dets = [det([G1, G1, G2], [0.9, 0.8, 0.7], [1, 1, 1])]     # TP, duplicate FP, TP
+    res = evaluate_detections(dets, [gt([G1, G2], [1, 1])])
+    assert abs(res["ap"][1] - (0.5 + 1 / 3)) < TOL, res["ap"]
+    np.testing.assert_allclose(res["pr"][1][0], [0.5, 0.5, 1.0], atol=1e-7)
+    np.testing.assert_allclose(res["pr"][1][1], [1.0, 0.5, 2 / 3], atol=1e-7)
+    res07 = evaluate_detections(dets, [gt([G1, G2], [1, 1])], use_07_metric=True)
+    assert abs(res07["mAP"] - (6 + 5 * 2 / 3) / 11) < TOL
+
+
+def test_difficult_gt_is_neither_tp_nor_fp_and_not_counted():
+    # the top detection hits a difficult gt: ignored; then TP on G1, duplicate FP
+    dets = [det([G2, G1, G1], [0.95, 0.9, 0.8], [1, 1, 1])]
+    res = evaluate_detections(dets, [gt([G1, G2], [1, 1], difficult=[False, True])])
+    assert res["npos"][1] == 1
+    assert abs(res["ap"][1] - 1.0) < TOL, f"difficult not ignored: AP {res['ap'][1]}"
+    # missing a difficult gt costs nothing; missing the same gt when it is not difficult halves AP
+    miss = [det([G1], [0.9], [1])]
+    assert evaluate_detections(miss, [gt([G1, G2], [1, 1], [False, True])])["ap"][1] == 1.0
+    assert abs(evaluate_detections(miss, [gt([G1, G2], [1, 1])])["ap"][1] - 0.5) < TOL
+
+
+def test_ranking_pools_images_and_false_positive_ranked_first():
+    # image 0: one gt found at score 0.6; image 1: no gt, a FP at 0.9 -> rec (0, 1), prec (0, 1/2)
+    dets = [det([G1], [0.6], [1]), det([G2], [0.9], [1])]
+    gts = [gt([G1], [1]), gt(np.zeros((0, 4)), [])]
+    assert abs(evaluate_detections(dets, gts)["mAP"] - 0.5) < TOL
+    assert abs(evaluate_detections(dets, gts, use_07_metric=True)["mAP"] - 0.5) < TOL
+
+
+def test_iou_threshold_is_inclusive():
+    # IoU([0,0,10,10], [0,0,10,20]) = 100 / 200 = 0.5 exactly: a match at 0.5 (devkit: ov >= 0.5)
+    dets = [det([[0, 0, 10, 20]], [1.0], [1])]
+    assert evaluate_detections(dets, [gt([G1], [1])])["mAP"] == 1.0
+    assert evaluate_detections(dets, [gt([G1], [1])], iou_threshold=0.51)["mAP"] == 0.0
+
+
+def test_max_iou_gt_taken_even_when_already_matched():
+    # devkit rule: the second detection's best gt is G1 (IoU 0.82), already matched -> FP, although
+    # the other gt [0, 3, 10, 13] overlaps it with IoU 0.67.  rec (1/2, 1/2), prec (1, 1/2) -> AP 1/2
+    gts = [gt([G1, [0, 3, 10, 13]], [1, 1])]
+    dets = [det([G1, [0, 1, 10, 11]], [0.9, 0.8], [1, 1])]
+    assert abs(evaluate_detections(dets, gts)["mAP"] - 0.5) < TOL
+
+
+def test_classes_are_separate_and_classes_without_gt_left_out():
+    gts = [gt([G1, G2], [1, 2])]
+    # class 1 perfect; class 2 detected with the wrong label -> AP 0 for class 2, FP for class 3
+    dets = [det([G1, G2], [0.9, 0.8], [1, 3])]
+    res = evaluate_detections(dets, gts, num_classes=4)
+    assert res["ap"] == {1: 1.0, 2: 0.0}, res["ap"]
+    assert res["mAP"] == 0.5
+    assert evaluate_detections(dets, gts)["ap"] == {1: 1.0, 2: 0.0}
+    with pytest.raises(ValueError, match="num_classes"):
+        evaluate_detections(dets, gts, num_classes=2)
+
+
+def test_empty_inputs():
+    gts = [gt([G1], [1]), gt(np.zeros((0, 4)), [])]
+    no_dets = [det(np.zeros((0, 4)), [], []), det(np.zeros((0, 4)), [], [])]
+    res = evaluate_detections(no_dets, gts)
+    assert res["ap"] == {1: 0.0} and res["mAP"] == 0.0
+    res = evaluate_detections([], [])
+    assert np.isnan(res["mAP"]) and res["ap"] == {}
+
+
+def test_bad_inputs_name_the_argument():
+    good = det([G1], [0.9], [1])
+    with pytest.raises(ValueError, match="detections, ground_truths"):
+        evaluate_detections([good], [])
+    with pytest.raises(ValueError, match=r"detections\[0\]\['scores'\]"):
+        evaluate_detections([det([G1], [0.9, 0.1], [1])], [gt([G1], [1])])
+    with pytest.raises(ValueError, match=r"detections\[0\]\['labels'\]"):
+        evaluate_detections([det([G1], [0.9], [0])], [gt([G1], [1])])
+    with pytest.raises(ValueError, match=r"ground_truths\[0\]\['boxes'\]"):
+        evaluate_detections([good], [gt([[5, 0, 1, 1]], [1])])
+    with pytest.raises(ValueError, match="iou_threshold"):
+        evaluate_detections([good], [gt([G1], [1])], iou_threshold=1.5)
+
+
+# ---- properties ------------------------------------------------------------------------------------
+
+DATA = make_shapes_dataset(10, seed=4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_perfect_detector_scores_one_and_noise_does_not(seed):
+    rng = np.random.default_rng(seed)
+    perfect = [det(s["boxes"], rng.random(len(s["boxes"])), s["labels"]) for s in DATA]
+    for metric in (False, True):
+        assert abs(evaluate_detections(perfect, DATA, use_07_metric=metric)["mAP"] - 1.0) < TOL
+    # adding low-scoring junk after every true box cannot change an AP of 1 (recall 1 is reached
+    # at precision 1); adding it above the true boxes must lower it
+    junk = [det(np.vstack([s["boxes"], [[0, 0, 2, 2]]]), np.append(rng.random(len(s["boxes"])) + 1, 0.0),
+                np.append(s["labels"], 1)) for s in DATA]
+    assert abs(evaluate_detections(junk, DATA)["mAP"] - 1.0) < TOL
+    junk_top = [dict(d, scores=np.append(d["scores"][:-1], 5.0).astype(np.float32)) for d in junk]
+    assert evaluate_detections(junk_top, DATA)["ap"][1] < 1.0
