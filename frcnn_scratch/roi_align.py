@@ -1,0 +1,202 @@
+"""RoI Align: Mask R-CNN (He, Gkioxari, Dollar, Girshick, 2017), section 3 "RoIAlign".
+
+RoI pooling rounds the RoI and its bins to whole cells, which misaligns the pooled features
+with the RoI. RoI Align rounds nothing: each of the ph x pw bins gets a regular grid of
+sampling points, the feature map is read at each point by bilinear interpolation, and the bin
+outputs the mean of its samples.
+
+The details follow torchvision.ops.roi_align:
+
+* corners are scaled by spatial_scale; with aligned=True they are shifted by -0.5 so that a
+  pixel's centre maps onto a cell's centre, and with aligned=False the RoI is forced to be at
+  least 1 x 1 cell;
+* each bin has grid_h x grid_w samples: sampling_ratio on both axes when it is > 0, else
+  ceil(roi_h / ph) and ceil(roi_w / pw) (adaptive), at the centres of a grid_h x grid_w split
+  of the bin;
+* a sample with y < -1 or y > H (or x < -1 or x > W) reads 0; otherwise y is clamped to >= 0,
+  and a y at or past the last row reads the last row (the same along x);
+* out = (sum of the bin's samples) / (grid_h * grid_w).
+
+How this file computes it. A bilinear weight is a product of a weight along y and a weight
+along x, and a bin's sampling grid is a product of a y-grid and an x-grid. So for one RoI
+the whole operation is two small matrix products, one per axis:
+
+    out[c] = Ay @ F[c] @ Ax.T            Ay: (ph, H), Ax: (pw, W)
+
+where Ay[i, h] is the total weight that the samples of bin row i put on feature row h,
+divided by grid_h (and Ax the same along x). Being linear, the backward is the transpose:
+
+    dL/dF[c] = Ay.T @ dL/dout[c] @ Ax
+"""
+import numpy as np
+
+from . import _checks
+
+
+def roi_geometry(rois, spatial_scale, output_size, sampling_ratio, aligned):
+    """Start, bin size and samples per bin of every RoI, along y and along x.
+
+    Args:
+        rois: (K, 5) float32 (batch index, x1, y1, x2, y2) in image pixels.
+        spatial_scale, output_size (ph, pw), sampling_ratio, aligned: as in roi_align_forward.
+    Returns:
+        batch (K,) int64, and for each axis a tuple (start (K,) float32, bin_size (K,) float32,
+        grid (K,) int64): a RoI starts at `start`, its bin i spans start + i * bin_size ..
+        start + (i + 1) * bin_size, and each bin has `grid` samples along this axis.
+    """
+    offset = np.float32(0.5 if aligned else 0.0)
+    corners = rois[:, 1:5] * np.float32(spatial_scale) - offset          # (K, 4) float32
+    axes = []
+    for lo, hi, pooled in ((corners[:, 1], corners[:, 3], output_size[0]),   # y
+                           (corners[:, 0], corners[:, 2], output_size[1])):  # x
+        size = hi - lo                                                   # (K,) float32
+        if not aligned:
+            size = np.maximum(size, np.float32(1.0))                     # malformed RoIs -> 1 cell
+        bin_size = size / np.float32(pooled)                             # (K,)
+        if sampling_ratio > 0:
+            grid = np.full(len(rois), sampling_ratio, dtype=np.int64)
+        else:
+            grid = np.ceil(size / np.float32(pooled)).astype(np.int64)   # adaptive
+        axes.append((lo, bin_size, grid))
+    return rois[:, 0].astype(np.int64), axes[0], axes[1]
+
+
+def sample_coordinates(start, bin_size, grid, pooled):
+    """Sampling points of every bin along one axis.
+
+    Bin i gets `grid` points at the centres of `grid` equal parts:
+        start + i * bin_size + (s + 0.5) * bin_size / grid,   s = 0 .. grid - 1.
+
+    Args:
+        start, bin_size: (K,) float32; grid: (K,) int64 samples per bin (may differ per RoI);
+        pooled: bins along this axis.
+    Returns:
+        coords: (K, pooled, G) float32 with G = max(grid); used: (K, pooled, G) bool, False
+        for the padding s >= grid of RoIs with fewer samples.
+    """
+    G = max(int(grid.max(initial=0)), 0)
+    i = np.arange(pooled, dtype=np.float32)[None, :, None]                   # (1, pooled, 1)
+    s = np.arange(G, dtype=np.float32)[None, None, :]                        # (1, 1, G)
+    start, bin_size = start[:, None, None], bin_size[:, None, None]          # (K, 1, 1)
+    per_grid = np.maximum(grid, 1).astype(np.float32)[:, None, None]
+    coords = start + i * bin_size + (s + np.float32(0.5)) * bin_size / per_grid  # (K, pooled, G)
+    used = np.broadcast_to(np.arange(G)[None, None, :] < grid[:, None, None], coords.shape)
+    return coords, used
+
+
+def bilinear_weights(coord, size):
+    """Linear-interpolation weights along one axis: the 1-D half of bilinear interpolation.
+
+    A point at coordinate y reads (1 - ly) * F[y_low] + ly * F[y_high] with y_low = floor(y),
+    y_high = y_low + 1, ly = y - y_low. Bilinear interpolation in 2-D multiplies a y-weight by an
+    x-weight: torchvision's w1..w4 = hy*hx, hy*lx, ly*hx, ly*lx with hy = 1 - ly.
+    Border rules: y < -1 or y > size gives weights 0 (the sample reads 0); y < 0 is read at 0;
+    y_low >= size - 1 reads the last row with weight 1.
+
+    Args:
+        coord: float32 array of coordinates (any shape); size: H (or W).
+    Returns:
+        low, high: int64 indices in [0, size); w_low, w_high: float32 weights; all coord's shape.
+    """
+    inside = (coord >= -1.0) & (coord <= size)                     # else the sample reads 0
+    y = np.maximum(coord, np.float32(0.0))
+    low = y.astype(np.int64)                                       # floor, since y >= 0
+    at_edge = low >= size - 1
+    low = np.where(at_edge, size - 1, low)
+    high = np.where(at_edge, size - 1, low + 1)
+    y = np.where(at_edge, low.astype(np.float32), y)
+    ly = (y - low).astype(np.float32)                              # distance past y_low
+    w_low = np.where(inside, np.float32(1.0) - ly, np.float32(0.0))
+    w_high = np.where(inside, ly, np.float32(0.0))
+    return np.clip(low, 0, None), np.clip(high, 0, None), w_low, w_high
+
+
+def interpolation_matrix(start, bin_size, grid, pooled, size):
+    """A (K, pooled, size) float32: A[k, i, h] = total weight bin i of RoI k puts on row h, / grid.
+
+    Summing bilinear samples along one axis and averaging them is a linear map from the `size`
+    feature rows to the `pooled` bins: this matrix.
+    """
+    K = len(start)
+    A = np.zeros((K, pooled, size), dtype=np.float32)
+    if K == 0 or size == 0:
+        return A
+    coords, used = sample_coordinates(start, bin_size, grid, pooled)    # (K, pooled, G)
+    low, high, w_low, w_high = bilinear_weights(coords, size)           # (K, pooled, G) each
+    scale = (1.0 / np.maximum(grid, 1)).astype(np.float32)[:, None, None]
+    row = (np.arange(K)[:, None, None] * pooled + np.arange(pooled)[None, :, None]) * size
+    row = np.broadcast_to(row, coords.shape)                              # (K, pooled, G)
+    flat = np.concatenate([(row + low)[used], (row + high)[used]])
+    weight = np.concatenate([(w_low * scale)[used], (w_high * scale)[used]])
+    A.reshape(-1)[:] = np.bincount(flat, weights=weight, minlength=A.size)
+    return A
+
+
+def _check_forward_args(rois, num_images, output_size, spatial_scale, sampling_ratio):
+    rois = _checks.as_rois(rois, num_images=num_images)
+    output_size = _checks.pair(output_size)
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
+    return rois, output_size, spatial_scale, sampling_ratio
+
+
+def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio=-1,
+                      aligned=False):
+    """RoI Align (Mask R-CNN 3), torchvision.ops.roi_align semantics.
+
+    Args:
+        features: (N, C, H, W) float32 feature maps.
+        rois: (K, 5) float32 (batch index, x1, y1, x2, y2) in image pixels.
+        output_size: int or (ph, pw).
+        spatial_scale: positive float, feature cells per image pixel (1/16 at stride 16).
+        sampling_ratio: samples per bin along each axis; <= 0 means adaptive, ceil(roi / bins).
+        aligned: shift the RoI by -0.5 cell (pixel centres on cell centres); no forced 1 x 1.
+    Returns:
+        out: (K, C, ph, pw) float32, the mean of each bin's bilinear samples.
+    """
+    features = _checks.as_features(features)                              # (N, C, H, W)
+    rois, (ph, pw), spatial_scale, sampling_ratio = _check_forward_args(
+        rois, features.shape[0], output_size, spatial_scale, sampling_ratio)
+    N, C, H, W = features.shape
+    batch, y_axis, x_axis = roi_geometry(rois, spatial_scale, (ph, pw), sampling_ratio, aligned)
+    Ay = interpolation_matrix(*y_axis, ph, H)                               # (K, ph, H)
+    Ax = interpolation_matrix(*x_axis, pw, W)                               # (K, pw, W)
+
+    out = np.zeros((len(rois), C, ph, pw), dtype=np.float32)
+    for k in range(len(rois)):
+        F = features[batch[k]]                                            # (C, H, W)
+        out[k] = Ay[k] @ F @ Ax[k].T                                      # (C, ph, pw)
+    return out
+
+
+def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
+                       sampling_ratio=-1, aligned=False):
+    """Gradient of roi_align_forward with respect to its features.
+
+    The forward is out[c] = Ay @ F[c] @ Ax.T per RoI, so dL/dF[c] += Ay.T @ dL/dout[c] @ Ax:
+    each output's gradient, divided by the number of samples, goes back to the four cells of
+    every sample with the same bilinear weights.
+
+    Args:
+        grad_out: (K, C, ph, pw) float32, dL/d(out).
+        rois, output_size, spatial_scale, sampling_ratio, aligned: as given to the forward.
+        input_shape: (N, C, H, W) of the forward's features.
+    Returns:
+        (N, C, H, W) float32, dL/d(features).
+    """
+    input_shape = _checks.as_shape4(input_shape)
+    rois, (ph, pw), spatial_scale, sampling_ratio = _check_forward_args(
+        rois, input_shape[0], output_size, spatial_scale, sampling_ratio)
+    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
+    expected = (len(rois), input_shape[1], ph, pw)
+    if grad_out.shape != expected:
+        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
+    N, C, H, W = input_shape
+    batch, y_axis, x_axis = roi_geometry(rois, spatial_scale, (ph, pw), sampling_ratio, aligned)
+    Ay = interpolation_matrix(*y_axis, ph, H)                               # (K, ph, H)
+    Ax = interpolation_matrix(*x_axis, pw, W)                               # (K, pw, W)
+
+    grad = np.zeros(input_shape, dtype=np.float32)
+    for k in range(len(rois)):
+        grad[batch[k]] += Ay[k].T @ grad_out[k] @ Ax[k]                   # (C, H, W)
+    return grad

@@ -1,0 +1,150 @@
+"""RoI max pooling: Fast R-CNN (Girshick, 2015), section 2.1 "The RoI pooling layer".
+
+Each region of interest (RoI) on the feature map is cut into a fixed grid of ph x pw bins
+and every bin is max-pooled, channel by channel, so that a RoI of any size becomes a
+(C, ph, pw) block the fully connected head can take.
+
+The rounding rules are those that torchvision.ops.roi_pool standardised:
+
+* the RoI corners (x1, y1, x2, y2), in image pixels, are multiplied by spatial_scale
+  (1/16 for VGG-16 conv5) and rounded half away from zero (C's round(), not numpy's
+  round-half-to-even);
+* the RoI covers max(end - start + 1, 1) cells on each axis (a corner is a cell, so a
+  zero-width RoI still covers one);
+* bin i of n covers cells floor(i * size / n) .. ceil((i + 1) * size / n) (end
+  excluded) after the RoI's start, clipped to the map: neighbouring bins may share a cell;
+* an empty bin (wholly outside the map) outputs 0 and argmax -1;
+* the max takes the FIRST maximum in row-major order (this decides where the gradient goes).
+
+The backward (section 2.1, "Back-propagation through RoI pooling layers") routes each
+output gradient to the single input that won the max: the forward's `argmax`.
+"""
+import numpy as np
+
+from . import _checks
+
+
+def round_half_away(x):
+    """Round half away from zero, as C's round(): 2.5 -> 3, -2.5 -> -3 (np.round gives 2, -2)."""
+    x = np.asarray(x, dtype=np.float64)  # float32 values plus 0.5 are exact in float64
+    return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+
+
+def scaled_roi_cells(rois, spatial_scale):
+    """RoI corners in feature-map cells.
+
+    Args:
+        rois: (K, 5) float32 (batch index, x1, y1, x2, y2) in image pixels.
+        spatial_scale: feature cells per image pixel (1/16 for a stride-16 map).
+    Returns:
+        batch (K,) int64, and x1, y1, x2, y2 (K,) int64: corners times spatial_scale (in float32,
+        as torchvision computes them), rounded half away from zero.
+    """
+    corners = rois[:, 1:5] * np.float32(spatial_scale)  # (K, 4) float32
+    x1, y1, x2, y2 = round_half_away(corners).T
+    return rois[:, 0].astype(np.int64), x1, y1, x2, y2
+
+
+def bin_bounds(start, end, pooled, limit):
+    """Cell range [lo, hi) of each of `pooled` bins along one axis, for every RoI.
+
+    Args:
+        start, end: (K,) int64 first and last cell of each RoI (from scaled_roi_cells).
+        pooled: number of bins along this axis (ph or pw).
+        limit: map size along this axis (H or W); bins are clipped to [0, limit].
+    Returns:
+        lo, hi: (K, pooled) int64; a bin is empty when hi <= lo.
+    """
+    size = np.maximum(end - start + 1, 1).astype(np.float32)        # (K,) cells in the RoI
+    bin_size = (size / np.float32(pooled))[:, None]                  # (K, 1) float32
+    i = np.arange(pooled, dtype=np.float32)[None, :]                 # (1, pooled)
+    lo = np.floor(i * bin_size).astype(np.int64) + start[:, None]    # (K, pooled)
+    hi = np.ceil((i + 1) * bin_size).astype(np.int64) + start[:, None]
+    return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
+
+
+def roi_pool_forward(features, rois, output_size, spatial_scale):
+    """RoI max pooling (Fast R-CNN 2.1), torchvision.ops.roi_pool semantics.
+
+    Args:
+        features: (N, C, H, W) float32 feature maps.
+        rois: (K, 5) float32 (batch index, x1, y1, x2, y2) in image pixels.
+        output_size: int or (ph, pw), the bins per RoI.
+        spatial_scale: positive float, feature cells per image pixel (1/16 at stride 16).
+    Returns:
+        out: (K, C, ph, pw) float32, the max of each bin (0 for an empty bin).
+        argmax: (K, C, ph, pw) int64, the flat index into features.reshape(-1) of each bin's
+            first maximum in row-major order, -1 for an empty bin. roi_pool_backward consumes it.
+    """
+    features = _checks.as_features(features)                           # (N, C, H, W)
+    rois = _checks.as_rois(rois, num_images=features.shape[0])          # (K, 5)
+    ph, pw = _checks.pair(output_size)
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    N, C, H, W = features.shape
+    K = rois.shape[0]
+
+    batch, x1, y1, x2, y2 = scaled_roi_cells(rois, spatial_scale)      # (K,) each
+    row_lo, row_hi = bin_bounds(y1, y2, ph, H)                         # (K, ph)
+    col_lo, col_hi = bin_bounds(x1, x2, pw, W)                         # (K, pw)
+
+    out = np.zeros((K, C, ph, pw), dtype=np.float32)
+    argmax = np.full((K, C, ph, pw), -1, dtype=np.int64)
+    channel_base = np.arange(C, dtype=np.int64) * (H * W)              # (C,) flat offset of (0, c)
+    for k in range(K):
+        b = batch[k]
+        for i in range(ph):
+            for j in range(pw):
+                h0, h1, w0, w1 = row_lo[k, i], row_hi[k, i], col_lo[k, j], col_hi[k, j]
+                if h1 <= h0 or w1 <= w0:
+                    continue                                           # empty bin: 0 and -1
+                window = features[b, :, h0:h1, w0:w1].reshape(C, -1)   # (C, bh * bw) row-major
+                first = window.argmax(axis=1)                          # (C,) first maximum
+                h, w = h0 + first // (w1 - w0), w0 + first % (w1 - w0)
+                out[k, :, i, j] = window[np.arange(C), first]
+                argmax[k, :, i, j] = b * (C * H * W) + channel_base + h * W + w
+    return out, argmax
+
+
+def check_backward_inputs(grad_out, argmax, input_shape):
+    """Validate roi_pool_backward's inputs.
+
+    Returns:
+        grad_out (K, C, ph, pw) float32, argmax (K, C, ph, pw) int64, input_shape (N, C, H, W).
+    """
+    input_shape = _checks.as_shape4(input_shape)
+    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
+    argmax_arr = np.asarray(argmax)
+    if argmax_arr.dtype.kind not in "iu":
+        raise ValueError(f"argmax: expected an integer array (roi_pool_forward's argmax), "
+                         f"got dtype {argmax_arr.dtype}")
+    if argmax_arr.shape != grad_out.shape:
+        raise ValueError(f"argmax: expected the shape of grad_out {tuple(grad_out.shape)}, "
+                         f"got {tuple(argmax_arr.shape)}")
+    if grad_out.shape[1] != input_shape[1]:
+        raise ValueError(f"grad_out: expected {input_shape[1]} channels (input_shape[1]), "
+                         f"got shape {tuple(grad_out.shape)}")
+    size = int(np.prod(input_shape))
+    if argmax_arr.size and (argmax_arr.min() < -1 or argmax_arr.max() >= size):
+        raise ValueError(f"argmax: expected flat indices in [-1, {size}) for input_shape "
+                         f"{input_shape}, got range [{argmax_arr.min()}, {argmax_arr.max()}]")
+    return grad_out, argmax_arr.astype(np.int64, copy=False), input_shape
+
+
+def roi_pool_backward(grad_out, argmax, input_shape):
+    """Gradient of roi_pool_forward with respect to its features (Fast R-CNN 2.1, eq. 4).
+
+    dL/dx_i = sum over every (RoI, bin) whose max was x_i of dL/dy: each output's gradient is
+    added at the flat index the forward's `argmax` recorded (skipping empty bins, argmax -1).
+
+    Args:
+        grad_out: (K, C, ph, pw) float32, dL/d(out).
+        argmax: (K, C, ph, pw) int64, the forward's argmax.
+        input_shape: (N, C, H, W) of the forward's features.
+    Returns:
+        (N, C, H, W) float32, dL/d(features).
+    """
+    grad_out, argmax, input_shape = check_backward_inputs(grad_out, argmax, input_shape)
+    grad = np.zeros(int(np.prod(input_shape)), dtype=np.float32)       # features.reshape(-1)
+    won = argmax >= 0                                                  # (K, C, ph, pw)
+    np.add.at(grad, argmax[won], grad_out[won])
+    return grad.reshape(input_shape)
