@@ -78,18 +78,22 @@ def label_anchors(anchors, gt_boxes, image_shape=None, pos_iou=0.7, neg_iou=0.3,
     matched_gt[:] = iou.argmax(axis=1)                   # best gt per anchor, lowest index on ties
     best_iou = iou[np.arange(num_anchors), matched_gt]   # (A,)
 
+    # The thresholds are compared in float32, like the IoUs, so that an IoU of exactly 0.7
+    # (70 / 100, which float32 rounds) counts as equal to pos_iou = 0.7.
+    pos_thr, neg_thr = np.float32(pos_iou), np.float32(neg_iou)
+
     # negative: IoU < neg_iou with every ground-truth box
-    labels[inside & (best_iou < neg_iou)] = 0
+    labels[inside & (best_iou < neg_thr)] = 0
 
     # positive (i): for each gt, the inside anchor(s) with the highest IoU, ties included,
     # but only where that IoU is above 0 (an anchor that does not touch a box is no match)
-    iou_inside = np.where(inside[:, None], iou, -1.0)    # (A, G); outside anchors never win
+    iou_inside = np.where(inside[:, None], iou, np.float32(-1))   # (A, G); outside never wins
     best_per_gt = iou_inside.max(axis=0)                 # (G,)
     is_best = (iou_inside == best_per_gt[None, :]) & (best_per_gt[None, :] > 0)   # (A, G)
     labels[is_best.any(axis=1)] = 1
 
     # positive (ii): IoU above pos_iou with some ground-truth box
-    above = best_iou >= pos_iou if pos_inclusive else best_iou > pos_iou
+    above = best_iou >= pos_thr if pos_inclusive else best_iou > pos_thr
     labels[inside & above] = 1
     return labels, matched_gt
 
