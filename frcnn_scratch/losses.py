@@ -1,0 +1,240 @@
+"""Losses of the paper's eq. (1), each returning (loss, grad) so that backward sits beside forward.
+
+Eq. (1) (section 3.1.2), the RPN's multi-task loss over the anchors i of a mini-batch:
+
+    L({p_i}, {t_i}) = 1/N_cls * sum_i L_cls(p_i, p_i*)  +  lambda * 1/N_reg * sum_i p_i* L_reg(t_i, t_i*)
+
+    p_i     predicted probability that anchor i is an object (here sigmoid of one logit)
+    p_i*    its label: 1 positive, 0 negative (anchors labelled -1 are not in the mini-batch)
+    t_i     predicted box deltas (tx, ty, tw, th) of eq. (2); t_i* those of the matched ground truth
+    L_cls   log loss; L_reg = smooth L1 (defined in Fast R-CNN), counted only for positives
+
+The Fast R-CNN head (section 3.2) uses the same two pieces: a softmax cross-entropy over the
+classes and smooth L1 on the per-class deltas of foreground RoIs.
+
+Every function returns the SUM over its elements (the caller normalises) and the gradient of that
+sum with respect to the prediction, with the same shape and dtype as the prediction.  Inputs are
+computed in float32, or in float64 when given float64 (so gradients can be checked by finite
+differences in float64).  The loss is returned as a Python float.
+"""
+import numpy as np
+
+from ._checks import as_float_array
+
+__all__ = ["binary_log_loss", "softmax_cross_entropy", "smooth_l1", "rpn_loss"]
+
+
+# ---- input checks ------------------------------------------------------------------------------
+
+def _values(x, name, ndim):
+    """A finite float array with `ndim` dims: float64 stays float64, anything else becomes float32."""
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float64):
+        return as_float_array(x, name, ndim=ndim)
+    if x.ndim != ndim:
+        want = "(N,)" if ndim == 1 else "(N, _)"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return x
+
+
+def _labels(labels, name, n, allowed_min, allowed_max):
+    """(n,) int64 labels, whole numbers in [allowed_min, allowed_max]."""
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(lab.shape)}")
+    if lab.size and not np.issubdtype(lab.dtype, np.integer):
+        as_float_array(lab, name, ndim=1)                              # NaN / Inf / not numbers
+        if np.any(lab != np.round(lab)):
+            raise ValueError(f"{name}: expected whole numbers, got {lab[lab != np.round(lab)][:3]}")
+    lab = lab.astype(np.int64)
+    bad = (lab < allowed_min) | (lab > allowed_max)
+    if bad.any():
+        raise ValueError(f"{name}: expected values in [{allowed_min}, {allowed_max}], "
+                         f"got {int(lab[bad][0])} at index {int(np.flatnonzero(bad)[0])}")
+    return lab
+
+
+# ---- L_cls: log loss ---------------------------------------------------------------------------
+
+def binary_log_loss(logits, labels):
+    """Log loss of one logistic output per anchor (the RPN's cls layer as k logistic outputs).
+
+    With p = sigmoid(x) and label y in {0, 1}:  L = -y log p - (1 - y) log(1 - p)
+    = softplus(x) - y x, written as max(x, 0) - y x + log(1 + exp(-|x|)) so that no exp
+    overflows however large |x| is.  dL/dx = sigmoid(x) - y.
+
+    Args:
+        logits: (A,) objectness logits x.
+        labels: (A,) in {1 positive, 0 negative, -1 ignored}.
+    Returns:
+        (loss, grad): loss = SUM of L over the anchors whose label is not -1 (a float);
+        grad (A,) = dloss/dlogits, 0 where the label is -1.
+    """
+    x = _values(logits, "logits", ndim=1)                              # (A,)
+    y = _labels(labels, "labels", len(x), -1, 1)                       # (A,)
+    counted = y >= 0                                                   # (A,) not ignored
+    y = np.where(counted, y, 0).astype(x.dtype)
+    per_anchor = np.maximum(x, 0) - y * x + np.log1p(np.exp(-np.abs(x)))   # softplus(x) - y x
+    loss = float(np.sum(per_anchor[counted], dtype=np.float64))
+    grad = np.where(counted, _sigmoid(x) - y, 0).astype(x.dtype)       # (A,)
+    return loss, grad
+
+
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow: exp is only ever taken of -|x|."""
+    e = np.exp(-np.abs(x))                                             # in (0, 1]
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def softmax_cross_entropy(logits, labels):
+    """Softmax log loss over C classes per row (the Fast R-CNN head's L_cls; class 0 = background).
+
+    L = log(sum_c exp(z_c)) - z_y, with the log-sum-exp taken after subtracting max_c z_c so that
+    no exp overflows.  dL/dz = softmax(z) - onehot(y).
+
+    Args:
+        logits: (R, C) class scores z.
+        labels: (R,) int class index in [0, C), or -1 for a row that is not counted.
+    Returns:
+        (loss, grad): loss = SUM of L over counted rows (a float); grad (R, C), 0 on rows with -1.
+    """
+    z = _values(logits, "logits", ndim=2)                              # (R, C)
+    num_rows, num_classes = z.shape
+    if num_classes == 0:
+        raise ValueError("logits: expected at least one class column, got shape (R, 0)")
+    y = _labels(labels, "labels", num_rows, -1, num_classes - 1)       # (R,)
+    counted = y >= 0                                                   # (R,)
+    rows = np.arange(num_rows)
+    shifted = z - z.max(axis=1, keepdims=True)                         # (R, C), row max is 0
+    log_sum_exp = np.log(np.exp(shifted).sum(axis=1))                  # (R,) in [0, log C]
+    target = shifted[rows, np.where(counted, y, 0)]                    # (R,) z_y - max
+    loss = float(np.sum((log_sum_exp - target)[counted], dtype=np.float64))
+    grad = np.exp(shifted - log_sum_exp[:, None])                      # (R, C) softmax
+    grad[rows[counted], y[counted]] -= 1                               # - onehot(y)
+    grad[~counted] = 0
+    return loss, grad.astype(z.dtype)
+
+
+# ---- L_reg: smooth L1 --------------------------------------------------------------------------
+
+def smooth_l1(pred, target, sigma=1.0, weights=None):
+    """Smooth L1 of Fast R-CNN (eq. 3 there), with py-faster-rcnn's sigma, summed over elements.
+
+    For x = pred - target:   0.5 (sigma x)^2        if |x| < 1 / sigma^2
+                             |x| - 0.5 / sigma^2     otherwise
+    Both pieces meet at |x| = 1 / sigma^2 with value 0.5 / sigma^2 and slope +-1.  sigma = 1 is
+    Fast R-CNN's loss; sigma = 3 (the RPN's) makes the quadratic zone 9 times narrower.  It is
+    torch's smooth_l1_loss with beta = 1 / sigma^2.  dL/dpred = sigma^2 x inside, sign(x) outside.
+
+    Args:
+        pred: (N, D) or (N,) predictions, e.g. (N, 4) deltas t.
+        target: same shape as pred.
+        sigma: positive number.
+        weights: None (all 1), same shape as pred, or (N,) (one weight per row); non-negative;
+            multiplies each element's loss (0 = not counted).
+    Returns:
+        (loss, grad): loss = SUM of weights * L (a float); grad same shape as pred.
+    """
+    p = _values(pred, "pred", ndim=np.ndim(pred) if np.ndim(pred) in (1, 2) else 2)
+    t = _values(target, "target", ndim=p.ndim).astype(p.dtype)
+    if t.shape != p.shape:
+        raise ValueError(f"target: expected shape {tuple(p.shape)} like pred, got {tuple(t.shape)}")
+    sigma = float(sigma)
+    if not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma: expected a positive finite number, got {sigma}")
+    w = _weights(weights, p)                                           # like p
+    s2 = sigma * sigma
+    x = p - t
+    inside = np.abs(x) < 1.0 / s2                                      # the quadratic zone
+    per_element = np.where(inside, 0.5 * s2 * x * x, np.abs(x) - 0.5 / s2)
+    loss = float(np.sum(w * per_element, dtype=np.float64))
+    grad = w * np.where(inside, s2 * x, np.sign(x))
+    return loss, grad.astype(p.dtype)
+
+
+def _weights(weights, p):
+    """Per-element weights broadcast to p's shape; None -> ones."""
+    if weights is None:
+        return np.ones_like(p)
+    w = _values(weights, "weights", ndim=np.ndim(weights)).astype(p.dtype)
+    if w.shape == p.shape[:1] and p.ndim == 2:
+        w = np.repeat(w[:, None], p.shape[1], axis=1)                  # (N,) -> (N, D)
+    if w.shape != p.shape:
+        raise ValueError(f"weights: expected shape {tuple(p.shape)} or ({p.shape[0]},), "
+                         f"got {tuple(w.shape)}")
+    if np.any(w < 0):
+        raise ValueError("weights: expected non-negative values")
+    return w
+
+
+# ---- eq. (1): the RPN loss ---------------------------------------------------------------------
+
+def rpn_loss(logits, t_pred, labels, t_target, n_cls=None, n_reg=None, lam=1.0, sigma=3.0):
+    """The RPN's multi-task loss, eq. (1), and its gradients.
+
+        L = 1/N_cls * sum_i L_cls(p_i, p_i*) + lam * 1/N_reg * sum_i p_i* L_reg(t_i, t_i*)
+
+    L_cls is `binary_log_loss` over the sampled anchors (labels 0 or 1); L_reg is `smooth_l1`
+    with sigma (3 for the RPN in the paper's code) summed over the 4 deltas, counted only where
+    p_i* = 1 (positive anchors).
+
+    Normalisation.  The paper sets N_cls = 256 (the mini-batch size), N_reg ~ 2400 (the number
+    of anchor locations of a ~1000x600 image) and lambda = 10, so that the two terms weigh about
+    the same, and notes the results are insensitive to lambda over a wide range.  The defaults
+    here are those of later implementations: lambda = 1 and N_cls = N_reg = the number of
+    sampled anchors (labels >= 0).  The two terms then weigh equally without tuning, and the
+    loss does not change with the feature map's size (N_reg = anchor locations would shrink the
+    box loss on small images, the ones this project trains on).  Pass n_cls=256, n_reg=2400,
+    lam=10 to get the paper's choice.  With no sampled anchor the normaliser is 1 (loss 0).
+
+    Args:
+        logits: (A,) objectness logits.
+        t_pred: (A, 4) predicted deltas t_i.
+        labels: (A,) in {1, 0, -1} (-1: not in the mini-batch).
+        t_target: (A, 4) target deltas t_i* (only rows with label 1 are used).
+        n_cls, n_reg: positive numbers, or None for the number of sampled anchors.
+        lam: lambda >= 0, the weight of the box term.
+        sigma: smooth L1 sigma.
+    Returns:
+        dict(loss=float, loss_cls=float (the first term), loss_reg=float (1/N_reg sum p* L_reg,
+        before lambda; loss = loss_cls + lam * loss_reg), grad_logits (A,), grad_t (A, 4)).
+    """
+    x = _values(logits, "logits", ndim=1)                              # (A,)
+    num = len(x)
+    t = _values(t_pred, "t_pred", ndim=2)                              # (A, 4)
+    t_star = _values(t_target, "t_target", ndim=2)                     # (A, 4)
+    for name, arr in (("t_pred", t), ("t_target", t_star)):
+        if arr.shape != (num, 4):
+            raise ValueError(f"{name}: expected shape ({num}, 4) to match logits, got {tuple(arr.shape)}")
+    y = _labels(labels, "labels", num, -1, 1)                          # (A,)
+    sampled = int(np.count_nonzero(y >= 0))
+    n_cls = _normaliser(n_cls, "n_cls", sampled)
+    n_reg = _normaliser(n_reg, "n_reg", sampled)
+    lam = float(lam)
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam: expected a non-negative finite number, got {lam}")
+
+    cls_sum, grad_cls = binary_log_loss(x, y)                          # sum over sampled anchors
+    positive = (y == 1).astype(t.dtype)                                # p_i*, (A,)
+    reg_sum, grad_reg = smooth_l1(t, t_star.astype(t.dtype), sigma=sigma, weights=positive)
+    loss_cls = cls_sum / n_cls
+    loss_reg = reg_sum / n_reg
+    return dict(
+        loss=loss_cls + lam * loss_reg,
+        loss_cls=loss_cls,
+        loss_reg=loss_reg,
+        grad_logits=(grad_cls / n_cls).astype(x.dtype),               # (A,)
+        grad_t=(grad_reg * (lam / n_reg)).astype(t.dtype),            # (A, 4)
+    )
+
+
+def _normaliser(n, name, sampled):
+    """N_cls or N_reg: given, or the number of sampled anchors (at least 1)."""
+    if n is None:
+        return float(max(sampled, 1))
+    n = float(n)
+    if not np.isfinite(n) or n <= 0:
+        raise ValueError(f"{name}: expected a positive number or None, got {n}")
+    return n
+
