@@ -119,7 +119,7 @@ def sample_labels(labels, batch_size=256, positive_fraction=0.5, rng=None):
     lab = _check_labels(labels)                          # (A,)
     batch_size = whole_number(batch_size, "batch_size")
     positive_fraction = unit_interval(positive_fraction, "positive_fraction")
-    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    rng = np.random.default_rng(rng)                     # a Generator passes through unchanged
 
     positives = np.flatnonzero(lab == 1)
     negatives = np.flatnonzero(lab == 0)

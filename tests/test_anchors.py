@@ -162,3 +162,10 @@ def test_bad_anchors_named():
         anchors_inside([[5, 0, 0, 5]], (10, 10))
     with pytest.raises(ValueError, match="allowed_border: expected a finite number"):
         anchors_inside([[0, 0, 5, 5]], (10, 10), allowed_border=np.inf)
+
+
+def test_docstring_examples_run():
+    import doctest
+    from frcnn_scratch import anchors as module
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} docstring examples failed"

@@ -134,3 +134,10 @@ def test_zero_size_box_rejected_in_encode():
 def test_bad_input_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_docstring_examples_run():
+    import doctest
+    from frcnn_scratch import box_coding as module
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} docstring examples failed"

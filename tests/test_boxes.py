@@ -195,3 +195,10 @@ def test_other_bad_inputs_named():
         remove_small_boxes([[0, 0, 1, 1]], -1)
     with pytest.raises(ValueError, match="boxes: box 0 has x2 < x1"):
         box_area([[1, 0, 0, 1]])
+
+
+def test_docstring_examples_run():
+    import doctest
+    from frcnn_scratch import boxes as module
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} docstring examples failed"

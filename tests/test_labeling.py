@@ -260,3 +260,10 @@ def test_sample_sizes(labels, batch_size, fraction, seed):
 def test_bad_input_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_docstring_examples_run():
+    import doctest
+    from frcnn_scratch import labeling as module
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} docstring examples failed"
