@@ -189,3 +189,123 @@ def test_resize_keeps_boxes_inside_and_proportional(i, min_size, max_size):
     np.testing.assert_allclose(out["boxes"], np.minimum(s["boxes"] * scale, [w, h, w, h]), rtol=1e-6,
                                err_msg="boxes not scaled by `scale`")
     assert 0 <= out["image"].min() and out["image"].max() <= 1, "bilinear left the value range"
+
+
+# ---- VOC -----------------------------------------------------------------------------------------------
+
+from frcnn_scratch.data.coco import load_coco, write_coco   # noqa: E402
+from frcnn_scratch.data.voc import VOC_CLASSES, load_voc, write_voc   # noqa: E402
+
+PNG_TOL = 0.5 / 255 + 1e-6   # images go through 8-bit PNG: each value rounds to the nearest k / 255
+
+
+def assert_round_trip(loaded, samples):
+    assert len(loaded) == len(samples)
+    for a, b in zip(loaded, samples):
+        assert a["id"] == b["id"]
+        assert a["image"].dtype == np.float32 and a["image"].shape == b["image"].shape
+        np.testing.assert_allclose(a["image"], b["image"], atol=PNG_TOL, rtol=0,
+                                   err_msg=f"{a['id']}: image differs beyond 8-bit rounding")
+        for key in ("boxes", "labels", "difficult"):
+            assert a[key].dtype == b[key].dtype, f"{key}: {a[key].dtype} != {b[key].dtype}"
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{a['id']}: {key} differs")
+
+
+def small_set():
+    samples = make_shapes_dataset(3, seed=8, image_size=(24, 40), shape_size=(6, 12))
+    samples[1] = dict(samples[1], difficult=np.ones(len(samples[1]["labels"]), bool))   # flags survive
+    samples[2] = dict(samples[2], boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64),
+                      difficult=np.zeros(0, bool))                                     # no objects
+    samples[0] = dict(samples[0], boxes=samples[0]["boxes"] + np.float32(0.25))       # non-integer boxes
+    return samples
+
+
+def test_voc_round_trip(tmp_path):
+    samples = small_set()
+    write_voc(tmp_path, samples, SHAPE_CLASSES, split="train")
+    assert_round_trip(load_voc(tmp_path, "train", SHAPE_CLASSES), samples)
+
+
+def test_voc_reads_one_based_inclusive_boxes(tmp_path):
+    # a hand-written VOC file: object covering pixel columns 1..3 (1-based) -> x1 = 0, x2 = 3
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "val.txt").write_text("img1\n")
+    (tmp_path / "Annotations" / "img1.xml").write_text(
+        "<annotation><filename>img1.jpg</filename><size><width>6</width><height>5</height>"
+        "<depth>3</depth></size><object><name>dog</name><difficult>1</difficult><bndbox><xmin>1</xmin>"
+        "<ymin>2</ymin><xmax>3</xmax><ymax>5</ymax></bndbox></object>"
+        "<object><name>cat</name><bndbox><xmin>2</xmin><ymin>1</ymin><xmax>6</xmax><ymax>2</ymax>"
+        "</bndbox></object></annotation>")
+    from PIL import Image
+    Image.fromarray(np.full((5, 6, 3), 255, np.uint8)).save(tmp_path / "JPEGImages" / "img1.jpg")
+    (s,) = load_voc(tmp_path, "val")
+    np.testing.assert_array_equal(s["boxes"], [[0, 1, 3, 5], [1, 0, 6, 2]])
+    np.testing.assert_array_equal(s["labels"], [VOC_CLASSES.index("dog") + 1, VOC_CLASSES.index("cat") + 1])
+    np.testing.assert_array_equal(s["difficult"], [True, False])
+    assert s["image"].shape == (5, 6, 3) and s["image"].dtype == np.float32
+    assert abs(float(s["image"].min()) - 1.0) < 0.02, "white JPEG should read as ~1.0"
+
+
+def test_voc_errors_name_the_file_or_class(tmp_path):
+    with pytest.raises(FileNotFoundError, match="trainval.txt"):
+        load_voc(tmp_path)
+    samples = small_set()
+    write_voc(tmp_path, samples, SHAPE_CLASSES)
+    with pytest.raises(ValueError, match="unknown class"):
+        load_voc(tmp_path, class_names=("circle",))
+    (tmp_path / "JPEGImages" / f"{samples[1]['id']}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=samples[1]["id"]):
+        load_voc(tmp_path, class_names=SHAPE_CLASSES)
+    (tmp_path / "Annotations" / f"{samples[0]['id']}.xml").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{samples[0]['id']}.xml"):
+        load_voc(tmp_path, class_names=SHAPE_CLASSES)
+    with pytest.raises(ValueError, match="labels"):
+        write_voc(tmp_path / "x", samples, ("circle",))
+
+
+# ---- COCO ----------------------------------------------------------------------------------------------
+
+def test_coco_round_trip(tmp_path):
+    samples = small_set()
+    write_coco(tmp_path / "ann.json", tmp_path / "images", samples, SHAPE_CLASSES)
+    loaded, names = load_coco(tmp_path / "ann.json", tmp_path / "images")
+    assert names == SHAPE_CLASSES
+    assert_round_trip(loaded, samples)
+
+
+def test_coco_hand_case_sparse_category_ids(tmp_path):
+    import json
+    from PIL import Image
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "b.png")      # grey -> RGB
+    data = {"images": [{"id": 10, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}],
+            "categories": [{"id": 90, "name": "zebra"}, {"id": 2, "name": "bike"}],
+            "annotations": [{"image_id": 10, "category_id": 90, "bbox": [1, 0.5, 2, 3], "iscrowd": 1},
+                            {"image_id": 10, "category_id": 2, "bbox": [0, 0, 5, 4]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    (a, b), names = load_coco(tmp_path / "ann.json", tmp_path)
+    assert names == ("bike", "zebra")                                  # sorted by category id
+    np.testing.assert_array_equal(a["boxes"], [[1, 0.5, 3, 3.5], [0, 0, 5, 4]])
+    np.testing.assert_array_equal(a["labels"], [2, 1])
+    np.testing.assert_array_equal(a["difficult"], [True, False])
+    assert a["id"] == "a" and b["id"] == "b" and b["image"].shape == (2, 2, 3)
+    assert b["boxes"].shape == (0, 4) and b["labels"].dtype == np.int64
+
+
+def test_coco_errors(tmp_path):
+    import json
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_coco(tmp_path / "nope.json", tmp_path)
+    base = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "x"}]}
+    cases = [({"annotations": [{"image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}]}, "image_id 2"),
+             ({"annotations": [{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}]}, "category_id 5"),
+             ({"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 1]}]}, "negative")]
+    for extra, message in cases:
+        (tmp_path / "bad.json").write_text(json.dumps(dict(base, **extra)))
+        with pytest.raises(ValueError, match=message):
+            load_coco(tmp_path / "bad.json", tmp_path)
+    (tmp_path / "ok.json").write_text(json.dumps(base))
+    with pytest.raises(FileNotFoundError, match="a.png"):
+        load_coco(tmp_path / "ok.json", tmp_path)

@@ -6,7 +6,10 @@ xyxy, labels=(G,) int64 in 1..num_classes (0 is background), difficult=(G,) bool
     coco.py        load_coco(annotation_json, image_dir): COCO JSON; write_coco
     transforms.py  resize(sample, min_size, max_size), hflip(sample)
 """
+from .coco import load_coco, write_coco
 from .shapes import SHAPE_CLASSES, make_shapes_dataset
 from .transforms import hflip, resize
+from .voc import VOC_CLASSES, load_voc, write_voc
 
-__all__ = ["SHAPE_CLASSES", "make_shapes_dataset", "hflip", "resize"]
+__all__ = ["SHAPE_CLASSES", "VOC_CLASSES", "hflip", "load_coco", "load_voc", "make_shapes_dataset",
+           "resize", "write_coco", "write_voc"]
