@@ -45,6 +45,16 @@ def he_normal(shape, fan_in, rng=None):
     return (rng.standard_normal(shape) * std).astype(np.float32)
 
 
+def _init_weight(shape, fan_in, rng, std):
+    """std None -> he_normal; else N(0, std^2) (the paper code's "gaussian" filler)."""
+    if std is None:
+        return he_normal(shape, fan_in, rng)
+    std = float(std)
+    if not np.isfinite(std) or std < 0:
+        raise ValueError(f"std: expected a finite number >= 0 or None, got {std}")
+    return (np.random.default_rng(rng).standard_normal(shape) * std).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- input checks
 
 def _int_pair(value, name, minimum):
@@ -138,12 +148,16 @@ class Conv2d(Module):
     Args:
         in_ch, out_ch: channels in and out.
         kernel_size, stride, padding: an int or (h, w).
-        rng: np.random.Generator (or int seed) for the He-normal init of `weight`; bias starts at 0.
+        rng: np.random.Generator (or int seed) for the init of `weight`; bias starts at 0.
+        std: None -> He-normal (std = sqrt(2 / (in_ch*kh*kw))); a number -> N(0, std^2), as the
+            paper code initialises the RPN's conv layers (0.01).
     Params:
         weight (out_ch, in_ch, kh, kw), bias (out_ch,).
+    Memory: forward caches the columns, C*kh*kw*Ho*Wo floats per image (32 -> 64 channels, 3x3,
+    128x128: 19 MB), so that backward does not rebuild them.
     """
 
-    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, rng=None):
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, rng=None, std=None):
         super().__init__()
         self.in_ch = _int_pair(in_ch, "in_ch", 1)[0]
         self.out_ch = _int_pair(out_ch, "out_ch", 1)[0]
@@ -152,7 +166,7 @@ class Conv2d(Module):
         self.padding = _int_pair(padding, "padding", 0)
         kh, kw = self.kernel_size
         fan_in = self.in_ch * kh * kw
-        self.params["weight"] = he_normal((self.out_ch, self.in_ch, kh, kw), fan_in, rng)
+        self.params["weight"] = _init_weight((self.out_ch, self.in_ch, kh, kw), fan_in, rng, std)
         self.params["bias"] = np.zeros(self.out_ch, dtype=np.float32)
         self._cache = None
 
@@ -294,14 +308,7 @@ class Linear(Module):
         self.in_features = _int_pair(in_features, "in_features", 1)[0]
         self.out_features = _int_pair(out_features, "out_features", 1)[0]
         shape = (self.out_features, self.in_features)
-        if std is None:
-            w = he_normal(shape, self.in_features, rng)
-        else:
-            std = float(std)
-            if not np.isfinite(std) or std < 0:
-                raise ValueError(f"std: expected a finite number >= 0 or None, got {std}")
-            w = (np.random.default_rng(rng).standard_normal(shape) * std).astype(np.float32)
-        self.params["weight"] = w
+        self.params["weight"] = _init_weight(shape, self.in_features, rng, std)
         self.params["bias"] = np.zeros(self.out_features, dtype=np.float32)
         self._x = None
 

@@ -81,6 +81,8 @@ def test_layers_seeded_and_linear_std():
     want = np.sqrt(2 / 1000)
     assert abs(he.params["weight"].std() / want - 1) < 0.03, f"std {he.params['weight'].std()}, want {want}"
     assert he.params["weight"].shape == (21, 1000)
+    rpn = nn.Conv2d(64, 64, 3, rng=np.random.default_rng(0), std=0.01)
+    assert abs(rpn.params["weight"].std() / 0.01 - 1) < 0.03, f"std {rpn.params['weight'].std()}"
 
 
 # ----------------------------------------------------------------------------- Conv2d by hand
@@ -471,6 +473,7 @@ def test_bad_backward_inputs():
     (lambda: nn.Conv2d(3, 4, 2.5), "kernel_size"),
     (lambda: nn.MaxPool2d((2, 2, 2)), "kernel_size"),
     (lambda: nn.Linear(4, 2, std=-1), "std"),
+    (lambda: nn.Conv2d(4, 2, 3, std=float("nan")), "std"),
     (lambda: nn.he_normal((2, 2), 0), "fan_in"),
     (lambda: nn.Sequential(nn.ReLU(), "relu"), r"layers\[1\]"),
     (lambda: nn.SGD({"w": np.zeros(2, np.float32)}, lr=-0.1), "lr"),
