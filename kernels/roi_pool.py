@@ -5,8 +5,9 @@ corners times spatial_scale rounded half away from zero, roi size max(end - star
 bin i covering floor(i * size / n) .. ceil((i + 1) * size / n) after the start, clipped to the map,
 empty bin -> 0 and argmax -1, first maximum in row-major order.
 
-Forward: one program per (RoI, bin, block of BLOCK_C channels); it walks the bin's cells row by
-row and keeps a running max per channel with a strict `>`, so the first maximum wins.
+Forward: one program per (RoI, bin, block of BLOCK_C channels); it walks the bin's cells in
+row-major order, BLOCK_HW cells at a time, takes each step's max and the first cell holding it, and
+keeps a running max with a strict `>`, so the first maximum in row-major order wins.
 Backward: one program per BLOCK outputs; each adds its gradient at its argmax with tl.atomic_add.
 """
 from . import device  # noqa: F401  (imports the package first: sets TRITON_INTERPRET=1 without CUDA)
@@ -27,7 +28,7 @@ def _round_half_away(x):
 @triton.jit
 def roi_pool_forward_kernel(feat_ptr, rois_ptr, out_ptr, argmax_ptr,
                             C, H, W, PH, PW, spatial_scale,
-                            BLOCK_C: tl.constexpr):
+                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """out[k, c, i, j] = max of features[b, c] over bin (i, j) of RoI k; argmax = its flat index."""
     pid = tl.program_id(0)  # one (RoI k, bin i, bin j)
     k = pid // (PH * PW)
@@ -53,15 +54,23 @@ def roi_pool_forward_kernel(feat_ptr, rois_ptr, out_ptr, argmax_ptr,
     w1 = tl.minimum(tl.maximum(tl.ceil((j + 1) * bin_w).to(tl.int32) + x1, 0), W)
 
     plane = (b * C + c.to(tl.int64)) * H * W  # (BLOCK_C,) flat offset of features[b, c, 0, 0]
+    bin_cols = tl.maximum(w1 - w0, 1)
+    n_cells = tl.maximum(h1 - h0, 0) * tl.maximum(w1 - w0, 0)  # 0 for an empty bin
     best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
     best_at = tl.full((BLOCK_C,), -1, tl.int64)
-    for h in range(h0, h1):
-        for w in range(w0, w1):
-            at = plane + h * W + w  # (BLOCK_C,) int64
-            v = tl.load(feat_ptr + at, mask=c_ok, other=float("-inf"))
-            better = v > best  # strict: the first maximum in row-major order stays
-            best = tl.where(better, v, best)
-            best_at = tl.where(better, at, best_at)
+    # the bin's cells in row-major order, BLOCK_HW at a time: a (BLOCK_HW, BLOCK_C) tile each step
+    for t0 in range(0, n_cells, BLOCK_HW):
+        t = t0 + tl.arange(0, BLOCK_HW)  # (BLOCK_HW,) cell numbers, row-major in the bin
+        at = plane[None, :] + ((h0 + t // bin_cols) * W + (w0 + t % bin_cols))[:, None]
+        ok = (t < n_cells)[:, None] & c_ok[None, :]
+        v = tl.load(feat_ptr + at, mask=ok, other=float("-inf"))  # (BLOCK_HW, BLOCK_C)
+        top = tl.max(v, axis=0)  # (BLOCK_C,)
+        # the first cell holding the max (lowest t), then its flat index into features
+        first = tl.min(tl.where(v == top[None, :], t[:, None], n_cells), axis=0)
+        first_at = plane + (h0 + first // bin_cols) * W + (w0 + first % bin_cols)
+        better = top > best  # strict: an earlier step's equal maximum stays
+        best = tl.where(better, top, best)
+        best_at = tl.where(better, first_at, best_at)
 
     best = tl.where(best_at >= 0, best, 0.0)  # an empty bin outputs 0 (argmax stays -1)
     o = ((k * C + c) * PH + i) * PW + j  # (BLOCK_C,) flat index into out (K, C, PH, PW)
@@ -89,7 +98,8 @@ def _check(x, name, dtype, ndim):
     return x.contiguous()
 
 
-def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=64):
+def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=64,
+                     block_hw=16):
     """RoI max pooling on the device.
 
     Args:
@@ -98,6 +108,7 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
         pooled_h, pooled_w: bins per RoI.
         spatial_scale: feature cells per image pixel.
         block_c: channels per program (a power of two).
+        block_hw: bin cells per step of a program's loop (a power of two).
     Returns:
         out (K, C, pooled_h, pooled_w) float32 and argmax (same shape) int64: the flat index into
         features of each bin's first maximum, -1 for an empty bin.
@@ -117,7 +128,7 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
     block_c = min(block_c, triton.next_power_of_2(c))
     grid = (k * pooled_h * pooled_w, triton.cdiv(c, block_c))
     roi_pool_forward_kernel[grid](features, rois, out, argmax, c, h, w, pooled_h, pooled_w,
-                                  float(spatial_scale), BLOCK_C=block_c,
+                                  float(spatial_scale), BLOCK_C=block_c, BLOCK_HW=block_hw,
                                   enable_fp_fusion=False)
     return out, argmax
 
