@@ -1,4 +1,6 @@
 """Tests for frcnn_scratch.nn: hand-computed cases, properties, finite differences, torch.autograd."""
+import io
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -406,7 +408,11 @@ def test_sgd_skips_bias_decay_and_state_dict_resume():
     p_b, opt_b, _, _ = _sgd_pair(0.05, 0.9, 1e-3)
     for g in grads[:2]:
         opt_b.step(g)
-    state = opt_b.state_dict()
+    buf = io.BytesIO()
+    np.savez(buf, **opt_b.state_dict())                         # checkpoints store it as .npz arrays
+    buf.seek(0)
+    with np.load(buf) as npz:
+        state = {k: npz[k] for k in npz.files}
     saved = {k: v.copy() for k, v in p_b.items()}
     p_c, opt_c, _, _ = _sgd_pair(1.0, 0.5, 0.0)                 # different hyper-parameters, overwritten
     for k in p_c:
