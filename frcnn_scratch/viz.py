@@ -1,0 +1,268 @@
+"""Matplotlib drawings for the notebooks and the CLI: images, boxes, anchors, RoI bin grids, detections.
+
+Every function draws on an Axes you pass in (`fig, ax = plt.subplots()` in a notebook), except
+save_detections, which builds its own Figure with the object-oriented API and writes a PNG. This
+module never imports pyplot and never calls show(), so it works headless (servers, CI, MPLBACKEND=Agg).
+
+Coordinates: boxes are continuous xyxy where pixel i covers [i, i + 1); imshow draws pixel i over
+[i - 0.5, i + 0.5], so box drawings are shifted by -0.5 to sit on the pixels they cover.
+"""
+import math
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from ._checks import as_boxes, as_float_array, pair, positive_number
+
+PIXEL = 0.5  # imshow centres pixel i at i: a continuous coordinate x is drawn at x - PIXEL
+
+
+def class_color(label):
+    """A stable colour per class label (matplotlib's tab10 cycle)."""
+    return colormaps["tab10"](int(label) % 10)
+
+
+def show_image(ax, image):
+    """Show an (H, W, 3) image in [0, 1] (or (H, W) grey) without axis ticks; returns the AxesImage.
+
+    Args:
+        ax: matplotlib Axes.
+        image: (H, W, 3) or (H, W) float array; values are clipped to [0, 1].
+    """
+    image = as_float_array(image, "image")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
+        raise ValueError(f"image: expected shape (H, W, 3) or (H, W), got {image.shape}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    shown = ax.imshow(np.clip(image, 0.0, 1.0), cmap="gray" if image.ndim == 2 else None,
+                      vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_axis_off()
+    return shown
+
+
+def _box_text(label, score, class_names):
+    name = None
+    if label is not None:
+        name = class_names[label - 1] if class_names is not None and 1 <= label <= len(class_names) \
+            else str(label)
+    if score is None:
+        return name
+    return f"{name} {score:.2f}" if name is not None else f"{score:.2f}"
+
+
+def draw_boxes(ax, boxes, labels=None, scores=None, class_names=None, color=None, linewidth=1.5,
+               linestyle="-", fontsize=7):
+    """Draw boxes as rectangles, each with a "name 0.93" caption when labels / scores are given.
+
+    Args:
+        ax: matplotlib Axes (on top of show_image, or alone).
+        boxes: (N, 4) xyxy in image coordinates.
+        labels: optional (N,) ints in 1..C; picks the caption name and, without `color`, the colour.
+        scores: optional (N,) floats shown with two decimals.
+        class_names: optional names in label order (label = index + 1); without it the label number.
+        color: one matplotlib colour for every box; None = a colour per class.
+        linewidth, linestyle, fontsize: drawing style.
+    Returns:
+        list of the Rectangle patches added.
+    """
+    boxes = as_boxes(boxes, "boxes")
+    n = len(boxes)
+    if labels is not None:
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if labels.shape != (n,):
+            raise ValueError(f"labels: expected shape ({n},) to match boxes, got {labels.shape}")
+    if scores is not None:
+        scores = as_float_array(scores, "scores", ndim=1)
+        if scores.shape != (n,):
+            raise ValueError(f"scores: expected shape ({n},) to match boxes, got {scores.shape}")
+    patches = []
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        label = None if labels is None else int(labels[i])
+        score = None if scores is None else float(scores[i])
+        c = color if color is not None else class_color(label if label is not None else 0)
+        rect = Rectangle((x1 - PIXEL, y1 - PIXEL), x2 - x1, y2 - y1, fill=False, edgecolor=c,
+                         linewidth=linewidth, linestyle=linestyle)
+        ax.add_patch(rect)
+        patches.append(rect)
+        text = _box_text(label, score, class_names)
+        if text:
+            ax.text(x1 - PIXEL, y1 - PIXEL, text, fontsize=fontsize, color="white", va="bottom",
+                    bbox=dict(facecolor=c, edgecolor="none", pad=1, alpha=0.8))
+    return patches
+
+
+def draw_anchors(ax, anchors, color=None, max_anchors=None, linewidth=1.0, show_centers=True):
+    """Draw anchor boxes (e.g. the k = 9 base anchors, or those at one feature-map position).
+
+    Args:
+        ax: matplotlib Axes.
+        anchors: (A, 4) xyxy anchors.
+        color: one colour for all; None = a colour per anchor (cycled), which separates the shapes.
+        max_anchors: draw only the first this many (anchors come in (y, x, a) order).
+        linewidth: line width.
+        show_centers: mark each anchor's centre with a dot.
+    Returns:
+        list of the Rectangle patches added.
+    """
+    anchors = as_boxes(anchors, "anchors")
+    if max_anchors is not None:
+        anchors = anchors[:int(max_anchors)]
+    patches = []
+    for i, (x1, y1, x2, y2) in enumerate(anchors.tolist()):
+        c = color if color is not None else class_color(i)
+        rect = Rectangle((x1 - PIXEL, y1 - PIXEL), x2 - x1, y2 - y1, fill=False, edgecolor=c,
+                         linewidth=linewidth)
+        ax.add_patch(rect)
+        patches.append(rect)
+        if show_centers:
+            ax.plot([(x1 + x2) / 2 - PIXEL], [(y1 + y2) / 2 - PIXEL], ".", color=c, markersize=3)
+    if len(anchors):
+        ax.update_datalim(np.stack([anchors[:, :2], anchors[:, 2:]]).reshape(-1, 2) - PIXEL)
+        ax.autoscale_view()
+    return patches
+
+
+def _round_half_away(x):
+    """C's round(): halves go away from zero (RoI pooling's convention, not numpy's half-to-even)."""
+    return math.floor(x + 0.5) if x >= 0 else -math.floor(-x + 0.5)
+
+
+def roi_bins(roi, output_size, spatial_scale, mode="align", aligned=False):
+    """The bin rectangles of one RoI on the feature map, in feature-map index coordinates.
+
+    In index coordinates (torchvision's) feature cell j has its centre at j; imshow(feature_map)
+    draws cell j over [j - 0.5, j + 0.5], so these rectangles overlay such an image directly.
+
+    mode="align" (RoI Align): the scaled RoI is split into equal, continuous bins; corners are
+        roi * spatial_scale (minus 0.5 when aligned), size forced >= 1 unless aligned.
+    mode="pool" (RoI max pooling): corners rounded half away from zero, size = end - start + 1 cells,
+        bin j covers cells start + floor(j * bin) .. start + ceil((j + 1) * bin) - 1 (bins may overlap);
+        drawn as the union of those cells, [first - 0.5, last + 0.5].
+
+    Args:
+        roi: (4,) x1, y1, x2, y2 or (5,) batch index first, in image coordinates.
+        output_size: int or (ph, pw).
+        spatial_scale: feature-map size / image size (1 / stride).
+        mode: "align" or "pool".
+        aligned: RoI Align's half-pixel shift.
+    Returns:
+        (ph, pw, 4) float32 bins as xyxy in index coordinates.
+    """
+    roi = as_float_array(roi, "roi", ndim=1)
+    if roi.shape[0] not in (4, 5):
+        raise ValueError(f"roi: expected shape (4,) or (5,), got {roi.shape}")
+    x1, y1, x2, y2 = (float(v) for v in roi[-4:])
+    ph, pw = pair(output_size)
+    s = positive_number(spatial_scale, "spatial_scale")
+    bins = np.zeros((ph, pw, 4), np.float32)
+    if mode == "align":
+        offset = 0.5 if aligned else 0.0
+        sx, sy, ex, ey = x1 * s - offset, y1 * s - offset, x2 * s - offset, y2 * s - offset
+        w, h = ex - sx, ey - sy
+        if not aligned:                                   # legacy: a RoI is at least one cell
+            w, h = max(w, 1.0), max(h, 1.0)
+        bw, bh = w / pw, h / ph
+        for i in range(ph):
+            for j in range(pw):
+                bins[i, j] = (sx + j * bw, sy + i * bh, sx + (j + 1) * bw, sy + (i + 1) * bh)
+    elif mode == "pool":
+        sx, sy = _round_half_away(x1 * s), _round_half_away(y1 * s)
+        ex, ey = _round_half_away(x2 * s), _round_half_away(y2 * s)
+        bw, bh = max(ex - sx + 1, 1) / pw, max(ey - sy + 1, 1) / ph
+        for i in range(ph):
+            for j in range(pw):
+                c0, c1 = sx + math.floor(j * bw), sx + math.ceil((j + 1) * bw)   # cells c0 .. c1 - 1
+                r0, r1 = sy + math.floor(i * bh), sy + math.ceil((i + 1) * bh)
+                bins[i, j] = (c0 - 0.5, r0 - 0.5, c1 - 0.5, r1 - 0.5)
+    else:
+        raise ValueError(f"mode: expected 'align' or 'pool', got {mode!r}")
+    return bins
+
+
+def draw_roi_grid(ax, roi, output_size, spatial_scale, mode="align", aligned=False, sampling_ratio=0,
+                  color="yellow", cell_color="0.6"):
+    """Draw a RoI's bin grid over a feature map shown with ax.imshow(feature_map) (index coordinates).
+
+    Draws the feature cells around the RoI (thin lines at half-integers), the bins (see roi_bins),
+    and for mode="align" the bilinear sampling points: sampling_ratio per bin side, or adaptive
+    ceil(bin size) when sampling_ratio <= 0, at the centres of a regular sub-grid of each bin.
+
+    Args:
+        ax: matplotlib Axes.
+        roi: (4,) or (5,) RoI in image coordinates.
+        output_size: int or (ph, pw).
+        spatial_scale: 1 / stride.
+        mode: "align" or "pool".
+        aligned: RoI Align's half-pixel shift.
+        sampling_ratio: RoI Align samples per bin side (<= 0 adaptive).
+        color, cell_color: colours of the bins and of the cell lines.
+    Returns:
+        (ph, pw, 4) bins that were drawn.
+    """
+    bins = roi_bins(roi, output_size, spatial_scale, mode, aligned)
+    ph, pw = bins.shape[:2]
+    lo = np.floor(bins[..., :2].min(axis=(0, 1))) - 1.5       # (2,) x, y of the cell lines to draw
+    hi = np.ceil(bins[..., 2:].max(axis=(0, 1))) + 1.5
+    for x in np.arange(lo[0], hi[0] + 1e-6):
+        ax.plot([x, x], [lo[1], hi[1]], color=cell_color, linewidth=0.5)
+    for y in np.arange(lo[1], hi[1] + 1e-6):
+        ax.plot([lo[0], hi[0]], [y, y], color=cell_color, linewidth=0.5)
+    for x1, y1, x2, y2 in bins.reshape(-1, 4).tolist():
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.2))
+    if mode == "align":
+        bw, bh = bins[0, 0, 2] - bins[0, 0, 0], bins[0, 0, 3] - bins[0, 0, 1]
+        gx = sampling_ratio if sampling_ratio > 0 else max(math.ceil(bw), 1)
+        gy = sampling_ratio if sampling_ratio > 0 else max(math.ceil(bh), 1)
+        fx = (np.arange(gx) + 0.5) / gx                          # (gx,) fractions of a bin
+        fy = (np.arange(gy) + 0.5) / gy
+        xs = (bins[..., 0:1] + fx * bw).reshape(ph, pw, 1, gx)   # (ph, pw, 1, gx)
+        ys = (bins[..., 1:2] + fy * bh).reshape(ph, pw, gy, 1)   # (ph, pw, gy, 1)
+        xs, ys = np.broadcast_arrays(xs, ys)
+        ax.plot(xs.ravel(), ys.ravel(), ".", color=color, markersize=3)
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(hi[1], lo[1])                                     # image orientation: y down
+    ax.set_aspect("equal")
+    return bins
+
+
+def save_detections(path, image, detections, class_names, gt=None, score_threshold=0.0, title=None,
+                    dpi=100):
+    """Write a PNG of an image with its detections (solid, coloured per class) and optional gts (dashed).
+
+    Args:
+        path: output file (.png).
+        image: (H, W, 3) float in [0, 1].
+        detections: dict(boxes (D, 4), scores (D,), labels (D,)), e.g. FasterRCNN.predict's output.
+        class_names: names in label order.
+        gt: optional dict(boxes (G, 4), labels (G,)) (a sample works), drawn white and dashed.
+        score_threshold: hide detections scoring below it.
+        title: optional title.
+        dpi: resolution; the figure is sized so one image pixel is about 4 output pixels.
+    Returns:
+        path.
+    """
+    image = as_float_array(image, "image", ndim=3)
+    height, width = image.shape[:2]
+    inches = max(width, height) * 4 / dpi
+    fig = Figure(figsize=(inches * width / max(width, height), inches * height / max(width, height)),
+                 dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    show_image(ax, image)
+    if gt is not None:
+        draw_boxes(ax, gt["boxes"], gt.get("labels"), class_names=class_names, color="white",
+                   linestyle="--", linewidth=1.0)
+    boxes = as_boxes(detections["boxes"], "detections['boxes']")
+    scores = as_float_array(detections["scores"], "detections['scores']", ndim=1)
+    keep = scores >= score_threshold
+    draw_boxes(ax, boxes[keep], np.asarray(detections["labels"])[keep], scores[keep], class_names)
+    if title:                                       # inside the image: the axes fill the figure
+        ax.text(0.01, 0.99, title, transform=ax.transAxes, fontsize=8, color="white", va="top",
+                bbox=dict(facecolor="black", edgecolor="none", pad=1, alpha=0.6))
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
