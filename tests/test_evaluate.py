@@ -151,3 +151,26 @@ def test_perfect_detector_scores_one_and_noise_does_not(seed):
     assert abs(evaluate_detections(junk, DATA)["mAP"] - 1.0) < TOL
     junk_top = [dict(d, scores=np.append(d["scores"][:-1], 5.0).astype(np.float32)) for d in junk]
     assert evaluate_detections(junk_top, DATA)["ap"][1] < 1.0
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_map_ignores_image_order_and_stays_in_unit_interval(seed):
+    rng = np.random.default_rng(seed)
+    dets = []
+    for s in DATA:   # jittered true boxes (some match, some not), wrong labels, and random boxes
+        jitter = s["boxes"] + rng.uniform(-6, 6, size=s["boxes"].shape).astype(np.float32)
+        jitter[:, 2:] = np.maximum(jitter[:, 2:], jitter[:, :2] + 1)
+        rand_xy = rng.uniform(0, 90, size=(3, 2))
+        boxes = np.vstack([jitter, np.hstack([rand_xy, rand_xy + rng.uniform(5, 40, size=(3, 2))])])
+        labels = np.concatenate([np.where(rng.random(len(jitter)) < 0.8, s["labels"], 1 + rng.integers(4,
+                                 size=len(jitter))), 1 + rng.integers(4, size=3)])
+        dets.append(det(boxes, rng.random(len(boxes)), labels))   # distinct scores: no ties
+    res = evaluate_detections(dets, DATA)
+    perm = rng.permutation(len(DATA))
+    shuffled = evaluate_detections([dets[i] for i in perm], [DATA[i] for i in perm])
+    assert 0.0 <= res["mAP"] <= 1.0
+    assert res["ap"].keys() == shuffled["ap"].keys()
+    for k in res["ap"]:
+        assert abs(res["ap"][k] - shuffled["ap"][k]) < TOL, f"class {k}: AP changed with image order"
+        assert 0.0 <= res["ap"][k] <= 1.0
