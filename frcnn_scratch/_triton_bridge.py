@@ -1,0 +1,75 @@
+"""The "triton" backend as ops.py sees it: NumPy in, NumPy out, Triton kernels in between.
+
+ops.py validates every input (float32 arrays of the right shapes, output_size as (h, w)) and then
+calls one of these functions with exactly the NumPy reference's signature.  Each one moves the
+arrays to torch tensors on kernels.device() (CUDA on a GPU machine, else the CPU, where Triton's
+interpreter runs the kernels), calls the kernel launcher, and brings the result back as NumPy.
+Only ops.py imports this module (only ops.py chooses a backend).
+"""
+import numpy as np
+import torch
+
+import kernels
+from kernels import iou as _iou, nms as _nms, roi_align as _roi_align, roi_pool as _roi_pool
+
+
+def _to_device(array, dtype=torch.float32):
+    """A copy of a NumPy array as a contiguous torch tensor on the kernels' device.
+
+    Always a copy: the kernels never see the caller's memory (and the interpreter, which copies
+    a tensor's whole storage, cannot trip over a tensor that views part of a larger array)."""
+    return torch.tensor(np.asarray(array), dtype=dtype, device=kernels.device())
+
+
+def _to_numpy(tensor):
+    return tensor.detach().cpu().numpy()
+
+
+def box_iou(boxes1, boxes2):
+    """(N, 4), (M, 4) float32 xyxy -> (N, M) float32 IoU (kernels/iou.py)."""
+    return _to_numpy(_iou.box_iou(_to_device(boxes1), _to_device(boxes2)))
+
+
+def nms(boxes, scores, iou_threshold):
+    """(N, 4) boxes, (N,) scores -> (K,) int64 kept indices, best first (kernels/nms.py)."""
+    keep = _nms.nms(_to_device(boxes), _to_device(scores), float(iou_threshold))
+    return _to_numpy(keep).astype(np.int64, copy=False)
+
+
+def roi_pool_forward(features, rois, output_size, spatial_scale):
+    """-> (out (K, C, ph, pw) float32, argmax (K, C, ph, pw) int64) (kernels/roi_pool.py)."""
+    ph, pw = output_size
+    out, argmax = _roi_pool.roi_pool_forward(_to_device(features), _to_device(rois), ph, pw,
+                                             float(spatial_scale))
+    return _to_numpy(out), _to_numpy(argmax)
+
+
+def roi_pool_backward(grad_out, argmax, input_shape):
+    """(K, C, ph, pw) grad_out and the forward's argmax -> (N, C, H, W) float32 gradient."""
+    grad = _roi_pool.roi_pool_backward(_to_device(grad_out), _to_device(argmax, torch.int64),
+                                       tuple(input_shape))
+    return _to_numpy(grad)
+
+
+def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio=-1,
+                      aligned=False):
+    """-> (K, C, ph, pw) float32 (kernels/roi_align.py)."""
+    ph, pw = output_size
+    out = _roi_align.roi_align_forward(_to_device(features), _to_device(rois), ph, pw,
+                                       float(spatial_scale), int(sampling_ratio), bool(aligned))
+    return _to_numpy(out)
+
+
+def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
+                       sampling_ratio=-1, aligned=False):
+    """(K, C, ph, pw) grad_out -> (N, C, H, W) float32 gradient of the features."""
+    ph, pw = output_size
+    grad = _roi_align.roi_align_backward(_to_device(grad_out), _to_device(rois),
+                                         tuple(input_shape), ph, pw, float(spatial_scale),
+                                         int(sampling_ratio), bool(aligned))
+    return _to_numpy(grad)
+
+
+# ops.py calls these under the reference module's names: roi_pool / roi_align are the forwards.
+roi_pool = roi_pool_forward
+roi_align = roi_align_forward
