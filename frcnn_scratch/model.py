@@ -221,6 +221,17 @@ class FasterRCNN:
         """dict name -> gradient of the last `loss_and_grads` call (same keys as params())."""
         return {f"{part}.{k}": v for part, _, grads in self._parts() for k, v in grads().items()}
 
+    def astype(self, dtype):
+        """Cast every layer's parameters (float64 for gradient checks); returns self.
+
+        The RoI ops stay float32 (ops works in float32); everything else follows `dtype`.
+        """
+        self.backbone.astype(dtype)
+        for layers in (self.rpn.layers, self.head.layers):
+            for layer in layers.values():
+                layer.astype(dtype)
+        return self
+
     # -- the forward pass, stage by stage --
 
     def preprocess(self, image):

@@ -169,8 +169,8 @@ def fast_rcnn_loss(cls_logits, bbox_deltas, labels, bbox_targets, bbox_weights, 
     loss_cls, grad_cls = softmax_cross_entropy(cls_logits, labels)
     loss_reg, grad_bbox = smooth_l1(bbox_deltas, bbox_targets, sigma=sigma, weights=bbox_weights)
     return dict(loss=(loss_cls + loss_reg) / r, loss_cls=loss_cls / r, loss_reg=loss_reg / r,
-                grad_cls=(grad_cls / r).astype(np.float32),
-                grad_bbox=(grad_bbox / r).astype(np.float32))
+                grad_cls=grad_cls / r,
+                grad_bbox=grad_bbox / r)
 
 
 def softmax(logits):

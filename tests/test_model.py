@@ -1,0 +1,270 @@
+"""FasterRCNN: the whole model's gradient against finite differences, overfitting one image,
+predict, save / load, config checks, and numpy vs triton on one training step."""
+import os
+
+import numpy as np
+import pytest
+
+from fixtures.detector_tiny import jittered_proposals, tiny_config, tiny_sample
+from frcnn_scratch.model import Config, FasterRCNN
+from frcnn_scratch.nn import SGD
+
+
+# ---- the gradient of the whole model -------------------------------------------------------------
+
+def _loss_fn(model, sample, proposals, seed=7):
+    """The training loss as a deterministic function of the weights: fixed sampling rng and fixed
+    proposals (with the RPN's own proposals the loss jumps when a weight moves a proposal across
+    an NMS / top-N decision, and approximate joint training ignores that path on purpose)."""
+    def loss():
+        return model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"],
+                                    np.random.default_rng(seed), proposals=proposals)["loss"]
+    return loss
+
+
+# (parameter, how many entries) across every stage: backbone first and last conv, RPN conv/cls/reg,
+# head fc6 (behind RoI Align), fc7, cls_score, bbox_pred.
+CHECKED = [("backbone.0.weight", 3), ("backbone.0.bias", 2), ("backbone.6.weight", 3),
+           ("rpn.conv.weight", 3), ("rpn.cls.weight", 2), ("rpn.reg.weight", 3), ("rpn.reg.bias", 2),
+           ("head.fc6.weight", 3), ("head.fc7.bias", 2), ("head.cls_score.weight", 3),
+           ("head.bbox_pred.weight", 3)]
+
+
+def test_whole_model_gradient_matches_central_differences_float64():
+    """Layers in float64 (model.astype); central differences with eps = 1e-4.
+
+    RPN and head parameters: every operation on their path is float64, so the tolerance is tight,
+    |numeric - analytic| <= 1e-8 + 1e-5 |analytic|.  Backbone parameters also reach the loss
+    through RoI Align, an ops call that computes in float32: the pooled features carry float32
+    rounding, which puts ~1e-9 of noise in the loss and so up to ~1e-5 in a difference quotient
+    (1e-9 / 2e-4, seen up to 7e-6 here).  Their tolerance is 3e-5 + 1e-3 |analytic|, still
+    below 5% of the checked gradients (~1e-3).  At least one checked entry per parameter is
+    non-zero, so the check cannot pass vacuously."""
+    model = FasterRCNN(tiny_config(seed=3)).astype(np.float64)
+    sample = tiny_sample(seed=1)
+    proposals = jittered_proposals(sample["boxes"], 32)
+    loss = _loss_fn(model, sample, proposals)
+    loss()
+    analytic = {k: v.copy() for k, v in model.grads().items()}
+    params = model.params()
+    assert set(analytic) == set(params)
+    rng = np.random.default_rng(0)
+    eps = 1e-4
+    for name, count in CHECKED:
+        atol, rtol = (3e-5, 1e-3) if name.startswith("backbone") else (1e-8, 1e-5)
+        p, g = params[name].reshape(-1), analytic[name].reshape(-1)
+        # prefer entries with a non-zero gradient (many are exactly 0 behind dead ReLUs)
+        live = np.flatnonzero(g != 0)
+        pick = rng.choice(live if len(live) >= count else np.arange(len(p)), size=count, replace=False)
+        nonzero = 0
+        for i in pick:
+            old = p[i]
+            p[i] = old + eps
+            up = loss()
+            p[i] = old - eps
+            down = loss()
+            p[i] = old
+            numeric = (up - down) / (2 * eps)
+            err = abs(numeric - g[i])
+            assert err <= atol + rtol * abs(g[i]), (
+                f"{name}[{i}]: analytic {g[i]:.8g} vs numeric {numeric:.8g} (diff {err:.3g})")
+            nonzero += g[i] != 0
+        assert nonzero, f"{name}: every checked gradient entry was 0"
+
+
+def test_loss_is_deterministic_given_the_rng():
+    model = FasterRCNN(tiny_config())
+    s = tiny_sample(seed=2)
+    a = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(5))
+    ga = {k: v.copy() for k, v in model.grads().items()}
+    b = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(5))
+    assert a == b
+    for k, v in model.grads().items():
+        np.testing.assert_array_equal(v, ga[k], err_msg=k)
+
+
+def test_training_step_shapes_and_dtypes():
+    model = FasterRCNN(tiny_config())
+    s = tiny_sample(seed=4)
+    losses = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(0))
+    assert set(losses) == {"loss", "rpn_cls", "rpn_reg", "head_cls", "head_reg"}
+    assert losses["loss"] == pytest.approx(sum(v for k, v in losses.items() if k != "loss"), rel=1e-6)
+    params, grads = model.params(), model.grads()
+    for k, p in params.items():
+        assert p.dtype == np.float32 and grads[k].shape == p.shape, k
+
+
+def test_image_without_objects_trains_on_background_only():
+    model = FasterRCNN(tiny_config())
+    image = tiny_sample(seed=0)["image"]
+    losses = model.loss_and_grads(image, np.zeros((0, 4)), np.zeros(0, np.int64),
+                                  np.random.default_rng(0))
+    assert losses["rpn_reg"] == 0 and losses["head_reg"] == 0 and losses["rpn_cls"] > 0
+    assert all(np.isfinite(v).all() for v in model.grads().values())
+
+
+# ---- learning: overfit one image ----------------------------------------------------------------
+
+def test_overfits_a_single_image():
+    """200 SGD steps on one 64 x 64 image: the loss (mean of 10 steps, sampling makes single
+    steps noisy) falls 10x and every object is found: one detection scoring >= 0.5 per object,
+    IoU >= 0.5, right class."""
+    from frcnn_scratch.boxes import box_iou
+    from frcnn_scratch.data.shapes import make_shapes_sample
+    sample = make_shapes_sample(np.random.default_rng(13), image_size=64, shape_size=(16, 32),
+                                num_objects=2)
+    cfg = tiny_config(channels=(8, 16, 16), anchor_scales=(4.0, 8.0), rpn_channels=16, fc_hidden=32,
+                      pooled_size=4, rpn_post_nms_test=20, nms_threshold=0.3)
+    model = FasterRCNN(cfg)
+    opt = SGD(model.params(), lr=0.01, momentum=0.9, weight_decay=0)
+    rng = np.random.default_rng(0)
+    first = []
+    for it in range(200):
+        losses = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng)
+        first.append(losses["loss"])
+        opt.step(model.grads())
+    start, end = np.mean(first[:10]), np.mean(first[-10:])
+    assert end < start / 10, f"loss fell only from {start:.3f} to {end:.3f}"
+    det = model.predict(sample["image"])
+    top = det["scores"] >= 0.5
+    assert top.sum() == len(sample["boxes"]), f"{top.sum()} confident detections, want {len(sample['boxes'])}"
+    iou = box_iou(sample["boxes"], det["boxes"][top])
+    best = iou.argmax(axis=1)
+    assert np.all(iou.max(axis=1) >= 0.5), f"best IoU per object {iou.max(axis=1)}"
+    np.testing.assert_array_equal(det["labels"][top][best], sample["labels"])
+
+
+# ---- predict --------------------------------------------------------------------------------------
+
+def test_predict_returns_sorted_typed_detections():
+    model = FasterRCNN(tiny_config(score_threshold=0.0))
+    det = model.predict(tiny_sample()["image"])
+    assert set(det) == {"boxes", "scores", "labels"}
+    assert det["boxes"].dtype == np.float32 and det["boxes"].shape[1:] == (4,)
+    assert det["scores"].dtype == np.float32 and det["labels"].dtype == np.int64
+    assert np.all(np.diff(det["scores"]) <= 0)
+    assert np.all((det["labels"] >= 1) & (det["labels"] <= model.config.num_classes))
+    assert np.all(det["boxes"] >= 0) and np.all(det["boxes"] <= 32)
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((32, 32)), "image: expected"),
+    (np.zeros((32, 32, 4)), "image: expected"),
+    (np.zeros((2, 2, 3)), "image: expected"),
+    (np.full((32, 32, 3), np.nan), "NaN"),
+])
+def test_predict_rejects_bad_images(image, match):
+    with pytest.raises(ValueError, match=match):
+        FasterRCNN(tiny_config()).predict(image)
+
+
+def test_roi_pool_head_runs():
+    model = FasterRCNN(tiny_config(pooler="pool"))
+    s = tiny_sample()
+    losses = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(0))
+    assert np.isfinite(losses["loss"])
+    assert np.abs(model.grads()["backbone.0.weight"]).sum() > 0
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("pooler", "mean"), ("num_classes", 0), ("rpn_pos_iou", 1.5), ("channels", ()),
+    ("anchor_scales", (0, 2)), ("fc_hidden", 2.5), ("pixel_std", (1, 1, 0)),
+])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        Config(**{field: value})
+
+
+def test_config_round_trips_through_dict_and_knows_its_stride():
+    cfg = Config()
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.stride == 8 and cfg.num_anchors == 9
+    with pytest.raises(ValueError, match="unknown field"):
+        Config.from_dict({"no_such_field": 1})
+
+
+# ---- save / load ----------------------------------------------------------------------------------
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path):
+    model = FasterRCNN(tiny_config(seed=5, score_threshold=0.0))
+    path = tmp_path / "m.npz"
+    model.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["m.npz"]            # no temporary file left behind
+    loaded = FasterRCNN.load(path)
+    assert loaded.config == model.config
+    image = tiny_sample()["image"]
+    a, b = model.predict(image), loaded.predict(image)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    other = FasterRCNN(model.config)
+    for p in other.params().values():
+        p[...] = 0.0                                            # same config, other weights
+    other.load_weights(path)
+    for k, v in model.params().items():
+        np.testing.assert_array_equal(other.params()[k], v, err_msg=k)
+
+
+def test_load_refuses_another_config(tmp_path):
+    path = tmp_path / "m.npz"
+    FasterRCNN(tiny_config()).save(path)
+    with pytest.raises(ValueError, match="different config.*fc_hidden"):
+        FasterRCNN(tiny_config(fc_hidden=32)).load_weights(path)
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FasterRCNN.load(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        FasterRCNN.load(bad)
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a frcnn checkpoint"):
+        FasterRCNN.load(other)
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "m.npz"
+    model = FasterRCNN(tiny_config())
+    model.save(path)
+    before = path.read_bytes()
+
+    def broken_savez(f, **arrays):
+        f.write(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.npz"]
+
+
+# ---- the same step on the triton backend -----------------------------------------------------------
+
+def test_triton_backend_matches_numpy_on_a_training_step():
+    """One training step on a tiny input under backend="triton" (the interpreter without a GPU)
+    against backend="numpy".  Both run float32; the kernels may sum in another order (RoI Align
+    backward uses atomic adds), so values agree to float32 rounding, not bit for bit: losses
+    within rel 1e-5, gradients within 1e-5 + 1e-4 |g| (a rounding difference of ~1e-7 relative
+    amplified through a few layers of the backward)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    s = tiny_sample(seed=3)
+    results = {}
+    for backend in ("numpy", "triton"):
+        model = FasterRCNN(tiny_config(seed=9), backend=backend)
+        losses = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(2))
+        det = model.predict(s["image"])
+        results[backend] = (losses, {k: v.copy() for k, v in model.grads().items()}, det)
+    (ln, gn, dn), (lt, gt, dt) = results["numpy"], results["triton"]
+    for k in ln:
+        assert lt[k] == pytest.approx(ln[k], rel=1e-5, abs=1e-7), f"loss {k}: {lt[k]} vs {ln[k]}"
+    for k in gn:
+        err = np.abs(gt[k] - gn[k])
+        tol = 1e-5 + 1e-4 * np.abs(gn[k])
+        assert np.all(err <= tol), f"grad {k}: max diff {err.max():.3g}"
+    np.testing.assert_array_equal(dt["labels"], dn["labels"])
+    np.testing.assert_allclose(dt["boxes"], dn["boxes"], rtol=0, atol=1e-3)
