@@ -4,8 +4,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from frcnn_scratch.boxes import box_iou
+from frcnn_scratch.data.coco import load_coco, write_coco
 from frcnn_scratch.data.shapes import SHAPE_CLASSES, make_shapes_dataset, make_shapes_sample, shape_mask
 from frcnn_scratch.data.transforms import bilinear_matrix, compute_scale, hflip, resize, resize_image
+from frcnn_scratch.data.voc import VOC_CLASSES, load_voc, write_voc
 
 
 def assert_same_sample(a, b):
@@ -192,9 +194,6 @@ def test_resize_keeps_boxes_inside_and_proportional(i, min_size, max_size):
 
 
 # ---- VOC -----------------------------------------------------------------------------------------------
-
-from frcnn_scratch.data.coco import load_coco, write_coco   # noqa: E402
-from frcnn_scratch.data.voc import VOC_CLASSES, load_voc, write_voc   # noqa: E402
 
 PNG_TOL = 0.5 / 255 + 1e-6   # images go through 8-bit PNG: each value rounds to the nearest k / 255
 

@@ -41,7 +41,8 @@ def test_roi_bins_hand_cases():
     bins = roi_bins([0, 0, 32, 16], 2, 1 / 8)
     np.testing.assert_array_equal(bins, [[[0, 0, 2, 1], [2, 0, 4, 1]], [[0, 1, 2, 2], [2, 1, 4, 2]]])
     # aligned shifts by half a cell
-    np.testing.assert_array_equal(roi_bins([0, 0, 32, 16], 1, 1 / 8, aligned=True), [[[-0.5, -0.5, 3.5, 1.5]]])
+    np.testing.assert_array_equal(roi_bins([0, 0, 32, 16], 1, 1 / 8, aligned=True),
+                                  [[[-0.5, -0.5, 3.5, 1.5]]])
     # RoI pool: corners 0.5 * 3 = 1.5 -> 2 (half away from zero), 4.5 * 3 -> 13.5 -> 14; width 13 cells,
     # 2 bins of 6.5: cells 2..8 and 8..14 (overlapping at cell 8), drawn from c - 0.5
     pool = roi_bins([0.5, 0, 4.5, 0], (1, 2), 3, mode="pool")
