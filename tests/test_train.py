@@ -1,0 +1,117 @@
+"""The training loop: learning-rate schedule, flips, same seed -> same run, exact resume."""
+import numpy as np
+import pytest
+
+from fixtures.detector_tiny import tiny_config, tiny_sample
+from frcnn_scratch.model import FasterRCNN
+from frcnn_scratch.train import TrainConfig, evaluate, learning_rate, train, training_sample
+
+SAMPLES = [tiny_sample(seed=s) for s in range(4)]
+
+
+def _params(model):
+    return {k: v.copy() for k, v in model.params().items()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"parameter {k} differs")
+
+
+def test_learning_rate_warmup_then_cosine():
+    t = TrainConfig(iterations=110, lr=0.1, warmup=10, final_lr_fraction=0.0)
+    assert learning_rate(0, t) == pytest.approx(0.01)          # lr / 10
+    assert learning_rate(5, t) == pytest.approx(0.01 + 0.09 * 0.5)
+    assert learning_rate(10, t) == pytest.approx(0.1)           # peak after warmup
+    assert learning_rate(60, t) == pytest.approx(0.05)          # half way down the cosine
+    assert learning_rate(110, t) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_sample_flips_about_half_the_time():
+    rng = np.random.default_rng(0)
+    base = SAMPLES[0]
+    flipped = 0
+    for _ in range(200):
+        s = training_sample([base], rng, flip=True)
+        if not np.array_equal(s["image"], base["image"]):
+            np.testing.assert_array_equal(s["image"], base["image"][:, ::-1])
+            w = base["image"].shape[1]
+            np.testing.assert_allclose(s["boxes"][:, [2, 0]], w - base["boxes"][:, [0, 2]])
+            flipped += 1
+    assert 70 <= flipped <= 130, f"{flipped} of 200 flipped"
+    assert all(training_sample([base], rng, flip=False) is base for _ in range(5))
+
+
+def test_same_seed_same_run_and_another_seed_differs():
+    runs = []
+    for seed in (3, 3, 4):
+        model = FasterRCNN(tiny_config())
+        history = train(model, SAMPLES, TrainConfig(iterations=4, warmup=2, seed=seed), progress=False)
+        runs.append((history, _params(model)))
+    assert runs[0][0] == runs[1][0]
+    _assert_same(runs[0][1], runs[1][1])
+    assert runs[0][0] != runs[2][0]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 iterations in one go == 3 iterations, stop, resume from the checkpoint, 3 more."""
+    t = TrainConfig(iterations=6, warmup=2, seed=1, checkpoint_every=3)
+    straight = FasterRCNN(tiny_config())
+    h_straight = train(straight, SAMPLES, t, checkpoint=tmp_path / "a.npz", progress=False)
+
+    first = FasterRCNN(tiny_config())
+    train(first, SAMPLES, TrainConfig(iterations=3, warmup=2, seed=1), checkpoint=tmp_path / "b.npz",
+          progress=False)
+    resumed = FasterRCNN(tiny_config())                       # fresh weights, overwritten on resume
+    h_resumed = train(resumed, SAMPLES, t, checkpoint=tmp_path / "b.npz", resume=True, progress=False)
+    assert len(h_resumed) == 3
+    assert h_resumed == h_straight[3:]
+    _assert_same(_params(resumed), _params(straight))
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    path = tmp_path / "c.npz"
+    train(FasterRCNN(tiny_config()), SAMPLES, TrainConfig(iterations=1), checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        train(FasterRCNN(tiny_config(fc_hidden=8)), SAMPLES, TrainConfig(iterations=2),
+              checkpoint=path, resume=True, progress=False)
+
+
+def test_resume_refuses_a_weights_only_file(tmp_path):
+    path = tmp_path / "w.npz"
+    FasterRCNN(tiny_config()).save(path)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(FasterRCNN(tiny_config()), SAMPLES, TrainConfig(iterations=2), checkpoint=path,
+              resume=True, progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("iterations", -1), ("lr", 0.0), ("warmup", 1.5),
+                                          ("momentum", float("nan"))])
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"train config.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_train_needs_samples():
+    with pytest.raises(ValueError, match="samples"):
+        train(FasterRCNN(tiny_config()), [], TrainConfig(iterations=1), progress=False)
+
+
+def test_evaluate_scores_perfect_and_empty_detections():
+    class Oracle:
+        config = tiny_config()
+
+        def predict(self, image):
+            s = next(s for s in SAMPLES if s["image"] is image)
+            return dict(boxes=s["boxes"], scores=np.ones(len(s["boxes"]), np.float32), labels=s["labels"])
+
+    result, dets = evaluate(Oracle(), SAMPLES)
+    assert result["mAP"] == pytest.approx(1.0) and len(dets) == len(SAMPLES)
+
+    class Blind(Oracle):
+        def predict(self, image):
+            return dict(boxes=np.zeros((0, 4), np.float32), scores=np.zeros(0, np.float32),
+                        labels=np.zeros(0, np.int64))
+
+    assert evaluate(Blind(), SAMPLES)[0]["mAP"] == 0.0
