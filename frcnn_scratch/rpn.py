@@ -124,5 +124,10 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
     order = np.argsort(-logits, kind="stable")[:pre_nms_top_n]            # top-N before NMS
     boxes, logits = boxes[order], logits[order]
     keep = ops.nms(boxes, logits, nms_threshold, backend=backend)[:post_nms_top_n]
-    scores = 1.0 / (1.0 + np.exp(-logits[keep]))                          # logistic objectness
-    return boxes[keep].astype(np.float32), scores.astype(np.float32)
+    return boxes[keep].astype(np.float32), sigmoid(logits[keep]).astype(np.float32)
+
+
+def sigmoid(x):
+    """The logistic objectness p = 1 / (1 + exp(-x)), computed without overflow for any x."""
+    e = np.exp(-np.abs(x))                                                # in (0, 1]
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -1,0 +1,158 @@
+"""RPN (section 3.1): head layout and gradient, anchor targets, the proposal layer."""
+import numpy as np
+import pytest
+
+from frcnn_scratch.anchors import shift_anchors
+from frcnn_scratch.box_coding import encode
+from frcnn_scratch.rpn import RPNHead, anchor_targets, generate_proposals
+
+
+# ---- the head ------------------------------------------------------------------------------------
+
+def test_head_outputs_follow_the_anchor_order():
+    """Row (y * W + x) * k + a of the outputs is anchor a at cell (y, x): the cls conv's channel a
+    and the reg conv's channels 4a..4a+3 at that cell."""
+    rng = np.random.default_rng(0)
+    head = RPNHead(in_channels=3, mid_channels=5, num_anchors=2, rng=rng)
+    feats = rng.normal(size=(1, 3, 4, 6)).astype(np.float32)
+    logits, deltas = head.forward(feats)
+    assert logits.shape == (1, 4 * 6 * 2) and deltas.shape == (1, 4 * 6 * 2, 4)
+    hidden = np.maximum(head.conv.forward(feats), 0)
+    cls, reg = head.cls.forward(hidden), head.reg.forward(hidden)   # (1, 2, 4, 6), (1, 8, 4, 6)
+    for y, x, a in [(0, 0, 0), (0, 0, 1), (2, 5, 1), (3, 1, 0)]:
+        i = (y * 6 + x) * 2 + a
+        assert logits[0, i] == cls[0, a, y, x]
+        np.testing.assert_array_equal(deltas[0, i], reg[0, 4 * a:4 * a + 4, y, x])
+
+
+def test_head_init_std_is_small_for_cls_and_reg():
+    head = RPNHead(16, 32, 9, np.random.default_rng(0))
+    for layer in (head.cls, head.reg):
+        assert abs(layer.params["weight"].std() - 0.01) < 0.002
+        assert np.all(layer.params["bias"] == 0)
+
+
+def test_head_backward_matches_finite_differences_float64():
+    """Loss = sum(logits * A) + sum(deltas * B); float64, central differences, eps = 1e-6,
+    tolerance 1e-7 + 1e-6 |grad| (float64 rounding of sums of ~100 terms)."""
+    rng = np.random.default_rng(1)
+    head = RPNHead(2, 3, 2, rng)
+    for layer in head.layers.values():
+        layer.astype(np.float64)
+    x = rng.normal(size=(1, 2, 3, 4))
+    a, b = rng.normal(size=(1, 24)), rng.normal(size=(1, 24, 4))
+
+    def loss(x):
+        lg, dl = head.forward(x)
+        return float((lg * a).sum() + (dl * b).sum())
+
+    loss(x)
+    gx = head.backward(a, b)
+    grads = {k: v.copy() for k, v in head.conv.grads.items()}
+    eps = 1e-6
+    for idx in [(0, 0, 0, 0), (0, 1, 2, 3), (0, 0, 1, 2)]:
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        num = (loss(xp) - loss(xm)) / (2 * eps)
+        assert abs(num - gx[idx]) <= 1e-7 + 1e-6 * abs(gx[idx]), f"dx{idx}: {gx[idx]} vs {num}"
+    w = head.conv.params["weight"]
+    for idx in [(0, 0, 0, 0), (2, 1, 1, 2)]:
+        old = w[idx]
+        w[idx] = old + eps
+        up = loss(x)
+        w[idx] = old - eps
+        down = loss(x)
+        w[idx] = old
+        num = (up - down) / (2 * eps)
+        g = grads["weight"][idx]
+        assert abs(num - g) <= 1e-7 + 1e-6 * abs(g), f"dW{idx}: {g} vs {num}"
+
+
+# ---- anchor targets (3.1.2) ------------------------------------------------------------------------
+
+ANCHORS = np.array([[0, 0, 16, 16],      # the ground truth itself: positive, t* = 0
+                    [16, 0, 32, 16],     # IoU 0 with it: negative
+                    [2, 0, 18, 16],      # IoU 14/18 = 0.78: positive
+                    [8, 0, 24, 16],      # IoU 1/3: ignored (between 0.3 and 0.7)
+                    [-8, 0, 8, 16]],     # crosses the border: ignored
+                   dtype=np.float32)
+GT = np.array([[0, 0, 16, 16]], dtype=np.float32)
+
+
+def test_anchor_targets_by_hand():
+    labels, targets = anchor_targets(ANCHORS, GT, image_shape=(32, 32), batch_size=256,
+                                     rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(labels, [1, 0, 1, -1, -1])
+    assert labels.dtype == np.int64 and targets.dtype == np.float32
+    np.testing.assert_allclose(targets[0], 0, atol=1e-7)
+    np.testing.assert_allclose(targets[2], encode(GT, ANCHORS[2:3])[0], rtol=1e-6)
+    np.testing.assert_allclose(targets[2], [-2 / 16, 0, 0, 0], atol=1e-6)
+    assert np.all(targets[[1, 3, 4]] == 0)
+
+
+def test_anchor_targets_without_ground_truth_are_all_negative():
+    labels, targets = anchor_targets(ANCHORS, np.zeros((0, 4)), (32, 32), rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(labels, [0, 0, 0, 0, -1])
+    assert targets.shape == (5, 4) and np.all(targets == 0)
+
+
+def test_anchor_targets_sample_the_batch_and_are_seeded():
+    anchors = shift_anchors(np.array([[0, 0, 8, 8], [-4, -4, 12, 12]], np.float32), 8, 8, 8)
+    gt = np.array([[4, 4, 20, 20], [30, 30, 60, 50]], np.float32)
+    a = anchor_targets(anchors, gt, (64, 64), batch_size=16, positive_fraction=0.25,
+                       rng=np.random.default_rng(3))
+    b = anchor_targets(anchors, gt, (64, 64), batch_size=16, positive_fraction=0.25,
+                       rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert (a[0] >= 0).sum() == 16 and 1 <= (a[0] == 1).sum() <= 4
+
+
+# ---- the proposal layer ----------------------------------------------------------------------------
+
+def test_proposals_by_hand_decode_clip_small_nms_topn():
+    anchors = np.array([[0, 0, 10, 10],       # score 0.9, kept first
+                        [1, 0, 11, 10],       # IoU 0.82 with the first: suppressed
+                        [20, 20, 30, 30],     # kept second
+                        [40, 40, 41, 41],     # 1 px: dropped as small
+                        [35, 35, 55, 55]],    # clipped to 35..40
+                       dtype=np.float32)
+    logits = np.array([2.0, 1.0, 0.5, 5.0, 0.0], np.float32)
+    deltas = np.zeros((5, 4), np.float32)
+    boxes, scores = generate_proposals(anchors, logits, deltas, (40, 40), pre_nms_top_n=10,
+                                       post_nms_top_n=10, nms_threshold=0.7, min_size=2)
+    np.testing.assert_allclose(boxes, [[0, 0, 10, 10], [20, 20, 30, 30], [35, 35, 40, 40]])
+    np.testing.assert_allclose(scores, 1 / (1 + np.exp(-np.array([2.0, 0.5, 0.0]))), rtol=1e-6)
+    # top-N before NMS keeps the best 2 (anchors 0 and 1); NMS leaves 1
+    boxes, _ = generate_proposals(anchors, logits, deltas, (40, 40), 2, 10, 0.7, 2)
+    np.testing.assert_allclose(boxes, [[0, 0, 10, 10]])
+    # top-N after NMS
+    boxes, _ = generate_proposals(anchors, logits, deltas, (40, 40), 10, 2, 0.7, 2)
+    assert len(boxes) == 2
+
+
+def test_proposals_apply_the_deltas():
+    anchors = np.array([[0, 0, 10, 10]], np.float32)
+    deltas = np.array([[0.1, 0.0, np.log(2), 0.0]], np.float32)   # centre +1 px, width x2
+    boxes, _ = generate_proposals(anchors, np.zeros(1), deltas, (50, 50), 10, 10)
+    # decoded (-4, 0, 16, 10), then clipped to the image: x1 = 0
+    np.testing.assert_allclose(boxes, [[0, 0, 16, 10]], atol=1e-5)
+
+
+def test_proposals_of_nothing_are_empty():
+    boxes, scores = generate_proposals(np.zeros((0, 4), np.float32), np.zeros(0), np.zeros((0, 4)),
+                                       (10, 10), 5, 5)
+    assert boxes.shape == (0, 4) and scores.shape == (0,)
+    assert boxes.dtype == np.float32 and scores.dtype == np.float32
+
+
+def test_proposal_scores_do_not_overflow_for_very_negative_logits():
+    anchors = np.array([[0, 0, 10, 10]], np.float32)
+    with np.errstate(over="raise"):
+        _, scores = generate_proposals(anchors, np.array([-1000.0]), np.zeros((1, 4)), (20, 20), 5, 5)
+    assert scores[0] == 0.0
+
+
+def test_anchor_targets_reject_bad_boxes():
+    with pytest.raises(ValueError, match="gt_boxes"):
+        anchor_targets(ANCHORS, np.array([[5, 5, 1, 1]]), (32, 32))
