@@ -63,8 +63,38 @@ def bin_bounds(start, end, pooled, limit):
     return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
 
 
+def max_keys(features):
+    """Pack every feature value and its position into one int64 so that ONE max finds both.
+
+    A bin needs its maximum AND where the first maximum sits (row-major), for the backward.
+    key = (value as an order-preserving int32) * 2**32 + (2**32 - 1 - h * W - w): a larger
+    value gives a larger key, and among equal values the earlier position gives the larger key.
+    So max(keys of a bin) names the bin's first maximum, and max is cheap and vectorised.
+    (-0.0 is first made +0.0, since the two compare equal as floats.)
+
+    Args:
+        features: (N, C, H, W) float32.
+    Returns:
+        (N, H, W, C) int64 keys, channels last so a max over cells runs over whole channel rows.
+    """
+    N, C, H, W = features.shape
+    values = np.ascontiguousarray(features.transpose(0, 2, 3, 1)) + np.float32(0.0)  # (N, H, W, C)
+    bits = values.view(np.int32)
+    order = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))       # negative floats: flip to sort
+    position = np.arange(H * W, dtype=np.int64).reshape(1, H, W, 1)
+    return (order.astype(np.int64) << 32) | (0xFFFFFFFF - position)
+
+
+def key_position(keys):
+    """The h * W + w that max_keys packed into the low 32 bits."""
+    return 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
 def roi_pool_forward(features, rois, output_size, spatial_scale):
     """RoI max pooling (Fast R-CNN 2.1), torchvision.ops.roi_pool semantics.
+
+    out[k, c, i, j] = max of features[batch_k, c, h, w] over the cells (h, w) of bin (i, j)
+    of RoI k, the bins given by bin_bounds.
 
     Args:
         features: (N, C, H, W) float32 feature maps.
@@ -86,22 +116,33 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
     batch, x1, y1, x2, y2 = scaled_roi_cells(rois, spatial_scale)      # (K,) each
     row_lo, row_hi = bin_bounds(y1, y2, ph, H)                         # (K, ph)
     col_lo, col_hi = bin_bounds(x1, x2, pw, W)                         # (K, pw)
+    empty = (row_hi <= row_lo)[:, :, None] | (col_hi <= col_lo)[:, None, :]   # (K, ph, pw)
 
-    out = np.zeros((K, C, ph, pw), dtype=np.float32)
-    argmax = np.full((K, C, ph, pw), -1, dtype=np.int64)
-    channel_base = np.arange(C, dtype=np.int64) * (H * W)              # (C,) flat offset of (0, c)
+    argmax = np.empty((K, ph, pw, C), dtype=np.int64)                  # channels last until the end
+    keys = max_keys(features)                                          # (N, H, W, C)
+    channel_offset = np.arange(C, dtype=np.int64) * (H * W)            # (C,) flat index of (0, c, 0, 0)
+    row_lo, row_hi, col_lo, col_hi = (a.tolist() for a in (row_lo, row_hi, col_lo, col_hi))
     for k in range(K):
-        b = batch[k]
-        for i in range(ph):
-            for j in range(pw):
-                h0, h1, w0, w1 = row_lo[k, i], row_hi[k, i], col_lo[k, j], col_hi[k, j]
-                if h1 <= h0 or w1 <= w0:
-                    continue                                           # empty bin: 0 and -1
-                window = features[b, :, h0:h1, w0:w1].reshape(C, -1)   # (C, bh * bw) row-major
-                first = window.argmax(axis=1)                          # (C,) first maximum
-                h, w = h0 + first // (w1 - w0), w0 + first % (w1 - w0)
-                out[k, :, i, j] = window[np.arange(C), first]
-                argmax[k, :, i, j] = b * (C * H * W) + channel_base + h * W + w
+        if empty[k].all():
+            argmax[k] = -1
+            continue
+        plane = keys[batch[k]]                                         # (H, W, C)
+        r0, r1 = min(row_lo[k]), max(row_hi[k])                        # rows any bin uses
+        # The max over a bin's rectangle is the max over its rows of the max over its columns.
+        col_max = np.zeros((r1 - r0, pw, C), dtype=np.int64)           # (rows, pw, C)
+        for j, (w0, w1) in enumerate(zip(col_lo[k], col_hi[k])):
+            if w1 > w0:
+                np.max(plane[r0:r1, w0:w1], axis=1, out=col_max[:, j])
+        bin_max = np.zeros((ph, pw, C), dtype=np.int64)                # (ph, pw, C)
+        for i, (h0, h1) in enumerate(zip(row_lo[k], row_hi[k])):
+            if h1 > h0:
+                np.max(col_max[h0 - r0:h1 - r0], axis=0, out=bin_max[i])
+        np.add(key_position(bin_max), batch[k] * C * H * W + channel_offset, out=argmax[k])
+        argmax[k][empty[k]] = -1                                       # empty bins: no maximum
+    argmax = np.ascontiguousarray(argmax.transpose(0, 3, 1, 2))        # (K, C, ph, pw)
+    out = features.reshape(-1)[argmax]                                 # (K, C, ph, pw) the maxima
+    if empty.any():
+        out[argmax < 0] = 0.0                                          # (index -1 read the last entry)
     return out, argmax
 
 
