@@ -56,11 +56,23 @@ def _score_order(scores):
     return np.argsort(-scores, kind="stable")                          # (N,) int64
 
 
+BLOCK = 64   # boxes whose IoU rows `nms` computes at once
+
+
 def nms(boxes, scores, iou_threshold):
     """Greedy NMS (section 3.3): the indices of the boxes kept, best score first.
 
-    One IoU row per kept box: the kept box against every later box in score order, computed
-    with whole-array NumPy operations; boxes already suppressed are skipped as candidates.
+    The greedy rule needs one IoU row per kept box: that box against every later one.  Doing
+    that one row at a time costs a dozen small NumPy calls per kept box, so this walks the
+    score-ranked boxes in blocks of BLOCK and, for each block:
+
+        1. computes the IoU rows of the block's live boxes against every live box from the
+           block on, as one (r, M) matrix (its first r columns are the block itself);
+        2. runs the greedy rule inside the block on its (r, r) corner: a loop over r booleans;
+        3. lets the block's kept boxes suppress every later live box in one vectorised step.
+
+    The result is exactly that of the one-box-at-a-time loop (`nms_reference`, tested equal).
+    The same tiling is what GPU NMS kernels do (see kernels/nms.py).
 
     Args:
         boxes: (N, 4) xyxy float boxes.
@@ -75,25 +87,38 @@ def nms(boxes, scores, iou_threshold):
     thr = np.float32(thr)                       # compare in float32, the precision of the IoU
     order = _score_order(scores)                                       # (N,)
     ranked = boxes[order]                                              # (N, 4) best first
-    # One contiguous array per coordinate: slicing them gives views, so a step copies nothing.
-    x1, y1, x2, y2 = (np.ascontiguousarray(ranked[:, k]) for k in range(4))   # each (N,)
+    x1, y1, x2, y2 = (ranked[:, k] for k in range(4))                  # each (N,)
     area = (x2 - x1) * (y2 - y1)                                       # (N,)
 
     n = len(order)
-    alive = np.ones(n, dtype=bool)              # alive[r]: the box at rank r is not suppressed
-    keep = []
-    for r in range(n):
-        if not alive[r]:
+    alive = np.ones(n, dtype=bool)              # alive[i]: box of rank i is not yet decided
+    keep = []                                   # ranks kept, in order
+    for start in range(0, n, BLOCK):
+        live = np.flatnonzero(alive[start:]) + start       # (M,) live ranks from this block on
+        r = int(np.count_nonzero(alive[start:start + BLOCK]))   # live[:r] lie in this block
+        if r == 0:
             continue
-        keep.append(r)                          # the best box still alive
-        later = slice(r + 1, n)
-        # IoU of box r with every later box: an (n - r - 1,) row of the IoU matrix.
-        iw = np.minimum(x2[r], x2[later]) - np.maximum(x1[r], x1[later])
-        ih = np.minimum(y2[r], y2[later]) - np.maximum(y1[r], y1[later])
+        # 1. IoU of the block's live boxes (rows) with all live boxes from here on (columns).
+        bx1, by1, bx2, by2, barea = x1[live], y1[live], x2[live], y2[live], area[live]   # (M,)
+        iw = np.minimum(bx2[:r, None], bx2) - np.maximum(bx1[:r, None], bx1)   # (r, M)
+        ih = np.minimum(by2[:r, None], by2) - np.maximum(by1[:r, None], by1)   # (r, M)
         inter = np.maximum(iw, 0) * np.maximum(ih, 0)                  # 0 when apart
-        union = area[r] + area[later] - inter
+        union = barea[:r, None] + barea - inter
         iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        alive[later] &= iou <= thr              # suppress IoU > threshold, strictly
+        overlaps = iou > thr                    # (r, M) suppress on IoU > threshold, strictly
+        # 2. Greedy inside the block, in rank order.  (Marks that row k puts on itself or on
+        #    earlier boxes of the block change nothing: those are already decided.)
+        kept = np.zeros(r, dtype=bool)
+        suppressed = np.zeros(r, dtype=bool)
+        for k in range(r):
+            if not suppressed[k]:
+                kept[k] = True
+                suppressed |= overlaps[k, :r]
+        keep.extend(live[:r][kept])
+        alive[live[:r]] = False                 # the block's boxes are decided
+        # 3. The block's kept boxes suppress the later live boxes they overlap.
+        hit = overlaps[kept, r:].any(axis=0)                           # (M - r,)
+        alive[live[r:][hit]] = False
     return order[np.array(keep, dtype=np.int64)]
 
 

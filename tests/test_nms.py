@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from frcnn_scratch import ops
+from frcnn_scratch import nms as nms_module, ops
 from frcnn_scratch.boxes import box_iou
 from frcnn_scratch.nms import batched_nms, check_nms_inputs, nms, nms_reference
 
@@ -178,6 +178,21 @@ def test_nms_equals_the_plain_loop_reference(data):
     want = nms_reference(boxes, scores, thr)
     got = nms(boxes, scores, thr)
     assert got.tolist() == want.tolist(), f"nms {got.tolist()} != reference {want.tolist()}"
+
+
+@PROPS
+@given(box_sets(max_n=40), st.sampled_from([1, 2, 3, 7]))
+def test_nms_equals_the_reference_whatever_the_block_size(data, block):
+    # nms decides BLOCK boxes at a time; small blocks make every case cross block borders.
+    boxes, scores, thr = data
+    saved = nms_module.BLOCK
+    nms_module.BLOCK = block
+    try:
+        got = nms(boxes, scores, thr)
+    finally:
+        nms_module.BLOCK = saved
+    want = nms_reference(boxes, scores, thr)
+    assert got.tolist() == want.tolist(), f"BLOCK={block}: {got.tolist()} != {want.tolist()}"
 
 
 @PROPS
