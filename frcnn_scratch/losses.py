@@ -13,9 +13,9 @@ The Fast R-CNN head (section 3.2) uses the same two pieces: a softmax cross-entr
 classes and smooth L1 on the per-class deltas of foreground RoIs.
 
 Every function returns the SUM over its elements (the caller normalises) and the gradient of that
-sum with respect to the prediction, with the same shape and dtype as the prediction.  Inputs are
-computed in float32, or in float64 when given float64 (so gradients can be checked by finite
-differences in float64).  The loss is returned as a Python float.
+sum with respect to the prediction, with the same shape and dtype as the prediction.  The math
+runs in float32, or in float64 when the prediction is a float64 array (so that gradients can be
+checked by finite differences in float64).  The loss is returned as a Python float.
 """
 import numpy as np
 
