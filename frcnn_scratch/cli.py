@@ -82,8 +82,9 @@ def cmd_train(args):
     from .model import FasterRCNN
     from .train import train
     model = FasterRCNN(_config(args), backend=args.backend)
+    tcfg = _train_config(args)                          # check every value before building data
     samples = _shapes(args.train_images, args.data_seed, "train-images")
-    history = train(model, samples, _train_config(args), checkpoint=args.checkpoint,
+    history = train(model, samples, tcfg, checkpoint=args.checkpoint,
                     resume=args.resume, progress=not args.quiet)
     if history:
         print(f"final loss {history[-1]['loss']:.4f}; checkpoint {args.checkpoint}")
@@ -141,22 +142,21 @@ def cmd_detect(args):
     os.makedirs(args.out, exist_ok=True)
     for path, image in images:
         det = detect_image(model, image, args.min_size, args.max_size)
-        keep = det["scores"] >= args.score
-        det = {k: v[keep] for k, v in det.items()}
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_detections.png")
-        save_detections(out, image, det, SHAPE_CLASSES)
-        print(f"{path}: {len(det['boxes'])} detections -> {out}")
+        save_detections(out, image, det, SHAPE_CLASSES, score_threshold=args.score)
+        print(f"{path}: {int((det['scores'] >= args.score).sum())} detections -> {out}")
     return 0
 
 
 def save_demo_figure(path, samples, detections, class_names, score=0.5, cols=4):
     """A grid of test images with their detections (score >= `score`) drawn by viz.draw_boxes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from .viz import draw_boxes, show_image
     rows = max(1, (len(samples) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, sample, det in zip(axes.ravel(), samples, detections):
@@ -165,7 +165,6 @@ def save_demo_figure(path, samples, detections, class_names, score=0.5, cols=4):
         draw_boxes(ax, det["boxes"][keep], det["labels"][keep], det["scores"][keep], class_names)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def cmd_demo(args):
@@ -176,14 +175,15 @@ def cmd_demo(args):
     from .model import FasterRCNN
     from .train import evaluate, train
     start = time.time()
+    model = FasterRCNN(_config(args), backend=args.backend)
+    tcfg = _train_config(args)                          # check every value before building data
     os.makedirs(args.out, exist_ok=True)
     train_set = _shapes(args.train_images, DEMO_TRAIN_SEED, "train-images")
     test_set = _shapes(args.test_images, DEMO_TEST_SEED, "test-images")
     print(f"shapes data: {len(train_set)} training images (seed {DEMO_TRAIN_SEED}), "
           f"{len(test_set)} held-out images (seed {DEMO_TEST_SEED})")
-    model = FasterRCNN(_config(args), backend=args.backend)
     checkpoint = os.path.join(args.out, "model.npz")
-    train(model, train_set, _train_config(args), checkpoint=checkpoint, resume=args.resume,
+    train(model, train_set, tcfg, checkpoint=checkpoint, resume=args.resume,
           progress=not args.quiet)
     trained = time.time()
     result, detections = evaluate(model, test_set, progress=not args.quiet)

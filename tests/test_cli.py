@@ -1,0 +1,91 @@
+"""The `frcnn` command: train / eval / detect / demo on tiny settings, and one-line errors."""
+import os
+
+import numpy as np
+import pytest
+
+from frcnn_scratch.cli import main, read_image
+
+TINY = ["--set", "channels=[4,8,8]", "--set", "anchor_scales=[2,4]", "--set", "anchor_ratios=[1]",
+        "--set", "rpn_channels=8", "--set", "fc_hidden=16", "--set", "pooled_size=3",
+        "--set", "rpn_post_nms_test=10", "--quiet"]
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_demo_trains_evaluates_and_draws(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--iters", "4", "--train-images", "3",
+               "--test-images", "2"] + TINY)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "VOC mAP@0.5 = " in text and "2 held-out images" in text
+    assert sorted(os.listdir(out)) == ["detections.png", "model.npz"]
+    assert (out / "detections.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_eval_detect_round_trip(tmp_path, capsys):
+    ckpt = str(tmp_path / "m.npz")
+    assert main(["train", "--checkpoint", ckpt, "--iters", "3", "--train-images", "2"] + TINY) == 0
+    assert main(["train", "--checkpoint", ckpt, "--iters", "5", "--train-images", "2", "--resume"]
+                + TINY) == 0
+    assert main(["eval", "--checkpoint", ckpt, "--images", "2", "--quiet"]) == 0
+    assert "VOC mAP@0.5" in capsys.readouterr().out
+    # an image file on disk: a shapes image saved as PNG, read back, detected
+    import matplotlib.image as mpimg
+    from frcnn_scratch.data import make_shapes_dataset
+    image = make_shapes_dataset(1, seed=5)[0]["image"]
+    png = tmp_path / "shapes.png"
+    mpimg.imsave(png, image)
+    np.testing.assert_allclose(read_image(str(png)), image, atol=1 / 255 + 1e-6)
+    assert main(["detect", str(png), "--out", str(tmp_path / "det"), "--checkpoint", ckpt,
+                 "--score", "0"]) == 0
+    assert os.listdir(tmp_path / "det") == ["shapes_detections.png"]
+
+
+def test_missing_image_is_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "m.npz"
+    from fixtures.detector_tiny import tiny_config
+    from frcnn_scratch.model import FasterRCNN
+    FasterRCNN(tiny_config()).save(ckpt)
+    assert main(["detect", str(tmp_path / "nope.png"), "--out", str(tmp_path), "--checkpoint",
+                 str(ckpt)]) == 2
+    assert "nope.png" in _error_line(capsys)
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    bad.write_text("garbage")
+    assert main(["eval", "--checkpoint", str(bad), "--images", "1"]) == 2
+    assert "not a readable .npz" in _error_line(capsys)
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.npz")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_unreadable_image_is_one_line(tmp_path, capsys):
+    ckpt = tmp_path / "m.npz"
+    from fixtures.detector_tiny import tiny_config
+    from frcnn_scratch.model import FasterRCNN
+    FasterRCNN(tiny_config()).save(ckpt)
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    assert main(["detect", str(fake), "--out", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 2
+    assert "could not be read" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "pooler=mean"], "config.pooler"),
+    (["--set", "no_such=1"], "--set 'no_such=1'"),
+    (["--set", "fc_hidden"], "KEY=VALUE"),
+    (["--iters", "-3"], "train config.iterations"),
+    (["--lr", "0"], "train config.lr"),
+    (["--train-images", "0"], "--train-images"),
+])
+def test_bad_values_are_one_line(tmp_path, capsys, args, message):
+    rc = main(["train", "--checkpoint", str(tmp_path / "x.npz"), "--iters", "1", "--quiet"] + args)
+    assert rc == 2
+    assert message in _error_line(capsys)
