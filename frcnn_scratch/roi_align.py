@@ -132,6 +132,19 @@ def interpolation_matrix(start, bin_size, grid, pooled, size):
     return A
 
 
+def support(A):
+    """(K, 2) int64 [first, last + 1) of the rows (or columns) each RoI's matrix A touches.
+
+    A RoI reads only this window of the map; a RoI whose samples all fall outside gets an empty
+    window (first == last + 1 == 0).
+    """
+    used = (A != 0).any(axis=1)                                             # (K, size)
+    first = used.argmax(axis=1)
+    end = used.shape[1] - used[:, ::-1].argmax(axis=1)
+    none = ~used.any(axis=1)
+    return np.stack([np.where(none, 0, first), np.where(none, 0, end)], axis=1)
+
+
 def _check_forward_args(rois, num_images, output_size, spatial_scale, sampling_ratio):
     rois = _checks.as_rois(rois, num_images=num_images)
     output_size = _checks.pair(output_size)
@@ -161,11 +174,21 @@ def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio
     batch, y_axis, x_axis = roi_geometry(rois, spatial_scale, (ph, pw), sampling_ratio, aligned)
     Ay = interpolation_matrix(*y_axis, ph, H)                               # (K, ph, H)
     Ax = interpolation_matrix(*x_axis, pw, W)                               # (K, pw, W)
+    rows, cols = support(Ay), support(Ax)                                   # (K, 2) each
 
+    # Channels last, so that rows r0..r1 and columns c0..c1 of a map are one (rh, rw * C)
+    # matrix: each product below is a single matrix multiply over all channels at once, and
+    # the order of the factors makes the result come out already laid out as (C, ph, pw).
+    maps = np.ascontiguousarray(features.transpose(0, 2, 3, 1)).reshape(N, H, W * C)
     out = np.zeros((len(rois), C, ph, pw), dtype=np.float32)
-    for k in range(len(rois)):
-        F = features[batch[k]]                                            # (C, H, W)
-        out[k] = Ay[k] @ F @ Ax[k].T                                      # (C, ph, pw)
+    for k, ((r0, r1), (c0, c1)) in enumerate(zip(rows.tolist(), cols.tolist())):
+        if r1 <= r0 or c1 <= c0:
+            continue                                                        # no sample reads the map
+        window = maps[batch[k], r0:r1, c0 * C:c1 * C]                       # (rh, rw * C)
+        y_pooled = window.T @ Ay[k, :, r0:r1].T                             # (rw * C, ph): Ay @ F
+        y_pooled = y_pooled.reshape(c1 - c0, C * ph)                        # (rw, C * ph)
+        np.matmul(y_pooled.T, Ax[k, :, c0:c1].T,                            # (C * ph, pw): @ Ax.T
+                  out=out[k].reshape(C * ph, pw))
     return out
 
 
@@ -195,8 +218,15 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
     batch, y_axis, x_axis = roi_geometry(rois, spatial_scale, (ph, pw), sampling_ratio, aligned)
     Ay = interpolation_matrix(*y_axis, ph, H)                               # (K, ph, H)
     Ax = interpolation_matrix(*x_axis, pw, W)                               # (K, pw, W)
+    rows, cols = support(Ay), support(Ax)                                   # (K, 2) each
 
-    grad = np.zeros(input_shape, dtype=np.float32)
-    for k in range(len(rois)):
-        grad[batch[k]] += Ay[k].T @ grad_out[k] @ Ax[k]                   # (C, H, W)
+    grad_maps = np.zeros((N, H, W * C), dtype=np.float32)                   # channels last
+    for k, ((r0, r1), (c0, c1)) in enumerate(zip(rows.tolist(), cols.tolist())):
+        if r1 <= r0 or c1 <= c0:
+            continue
+        grad_y_pooled = Ax[k, :, c0:c1].T @ grad_out[k].reshape(C * ph, pw).T  # (rw, C * ph)
+        grad_y_pooled = grad_y_pooled.reshape((c1 - c0) * C, ph)                # (rw * C, ph)
+        grad_window = Ay[k, :, r0:r1].T @ grad_y_pooled.T                       # (rh, rw * C)
+        grad_maps[batch[k], r0:r1, c0 * C:c1 * C] += grad_window
+    grad = np.ascontiguousarray(grad_maps.reshape(N, H, W, C).transpose(0, 3, 1, 2))
     return grad

@@ -185,7 +185,8 @@ def roi_pool_backward(grad_out, argmax, input_shape):
         (N, C, H, W) float32, dL/d(features).
     """
     grad_out, argmax, input_shape = check_backward_inputs(grad_out, argmax, input_shape)
-    grad = np.zeros(int(np.prod(input_shape)), dtype=np.float32)       # features.reshape(-1)
-    won = argmax >= 0                                                  # (K, C, ph, pw)
-    np.add.at(grad, argmax[won], grad_out[won])
-    return grad.reshape(input_shape)
+    # grad.reshape(-1)[argmax] += grad_out, adding up repeats (np.add.at); bincount does the same
+    # sum much faster. Indices are shifted by one so that empty bins (-1) land in slot 0, dropped.
+    size = int(np.prod(input_shape))
+    grad = np.bincount(argmax.reshape(-1) + 1, weights=grad_out.reshape(-1), minlength=size + 1)
+    return grad[1:].astype(np.float32).reshape(input_shape)            # (N, C, H, W)
