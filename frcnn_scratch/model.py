@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import rpn as _rpn
+from . import _checks, rpn as _rpn
 from .anchors import generate_anchors, shift_anchors
 from .losses import rpn_loss
 from .nn import Conv2d, MaxPool2d, ReLU, Sequential
@@ -283,8 +283,12 @@ class FasterRCNN:
             are left in the layers (read them with grads()).
         """
         cfg = self.config
-        gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
-        gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
+        gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")                   # (G, 4)
+        gt_labels = np.asarray(gt_labels).reshape(-1)
+        if len(gt_labels) != len(gt_boxes) or np.any(gt_labels < 1) or np.any(gt_labels > cfg.num_classes):
+            raise ValueError(f"gt_labels: expected {len(gt_boxes)} labels in 1..{cfg.num_classes}, "
+                             f"got {gt_labels.tolist()}")
+        gt_labels = gt_labels.astype(np.int64)                             # (G,)
         x = self.preprocess(image)                                         # (1, 3, H, W)
         image_shape = x.shape[2:]
         features = self.features(x)                                        # (1, C, H', W')

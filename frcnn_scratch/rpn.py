@@ -40,12 +40,9 @@ class RPNHead:
         self.k = int(num_anchors)
         self.conv = Conv2d(in_channels, mid_channels, 3, padding=1, rng=rng)
         self.relu = ReLU()
-        self.cls = Conv2d(mid_channels, self.k, 1, rng=rng)
-        self.reg = Conv2d(mid_channels, 4 * self.k, 1, rng=rng)
-        for layer in (self.cls, self.reg):  # "initialized from a zero-mean Gaussian with std 0.01"
-            w = layer.params["weight"]
-            w[...] = rng.normal(0.0, 0.01, size=w.shape)
-            layer.params["bias"][...] = 0.0
+        # "initialized by drawing weights from a zero-mean Gaussian with standard deviation 0.01"
+        self.cls = Conv2d(mid_channels, self.k, 1, rng=rng, std=0.01)
+        self.reg = Conv2d(mid_channels, 4 * self.k, 1, rng=rng, std=0.01)
         self.layers = {"conv": self.conv, "cls": self.cls, "reg": self.reg}
 
     def forward(self, features):

@@ -106,9 +106,10 @@ def test_image_without_objects_trains_on_background_only():
 # ---- learning: overfit one image ----------------------------------------------------------------
 
 def test_overfits_a_single_image():
-    """200 SGD steps on one 64 x 64 image: the loss (mean of 10 steps, sampling makes single
-    steps noisy) falls 10x and every object is found: one detection scoring >= 0.5 per object,
-    IoU >= 0.5, right class."""
+    """200 SGD steps on one 64 x 64 image: the loss falls more than 10x and every object is found
+    (one detection scoring >= 0.5 per object, IoU >= 0.5, right class).  The loss is compared
+    before and after with the same sampling rng, so anchor / RoI sampling noise does not blur it
+    (seen: 27x to 345x over image seeds 11, 13, 14, 15)."""
     from frcnn_scratch.boxes import box_iou
     from frcnn_scratch.data.shapes import make_shapes_sample
     sample = make_shapes_sample(np.random.default_rng(13), image_size=64, shape_size=(16, 32),
@@ -116,14 +117,17 @@ def test_overfits_a_single_image():
     cfg = tiny_config(channels=(8, 16, 16), anchor_scales=(4.0, 8.0), rpn_channels=16, fc_hidden=32,
                       pooled_size=4, rpn_post_nms_test=20, nms_threshold=0.3)
     model = FasterRCNN(cfg)
+
+    def loss(rng):
+        return model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng)["loss"]
+
+    start = loss(np.random.default_rng(123))
     opt = SGD(model.params(), lr=0.01, momentum=0.9, weight_decay=0)
     rng = np.random.default_rng(0)
-    first = []
-    for it in range(200):
-        losses = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng)
-        first.append(losses["loss"])
+    for _ in range(200):
+        loss(rng)
         opt.step(model.grads())
-    start, end = np.mean(first[:10]), np.mean(first[-10:])
+    end = loss(np.random.default_rng(123))
     assert end < start / 10, f"loss fell only from {start:.3f} to {end:.3f}"
     det = model.predict(sample["image"])
     top = det["scores"] >= 0.5
@@ -269,3 +273,16 @@ def test_triton_backend_matches_numpy_on_a_training_step():
         assert np.all(err <= tol), f"grad {k}: max diff {err.max():.3g}"
     np.testing.assert_array_equal(dt["labels"], dn["labels"])
     np.testing.assert_allclose(dt["boxes"], dn["boxes"], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("boxes, labels, match", [
+    (np.zeros((2, 3)), [1, 1], "gt_boxes"),
+    (np.array([[5, 5, 1, 1]]), [1], "gt_boxes"),
+    (np.array([[1, 1, 5, 5]]), [0], "gt_labels"),
+    (np.array([[1, 1, 5, 5]]), [9], "gt_labels"),
+    (np.array([[1, 1, 5, 5]]), [1, 2], "gt_labels"),
+])
+def test_training_step_rejects_bad_ground_truth(boxes, labels, match):
+    with pytest.raises(ValueError, match=match):
+        FasterRCNN(tiny_config()).loss_and_grads(tiny_sample()["image"], boxes, labels,
+                                                 np.random.default_rng(0))
