@@ -40,7 +40,11 @@ def as_boxes(x, name, check_order=True):
 
 
 def as_rois(x, name="rois", num_images=None):
-    """(K, 5) float32 RoIs (batch index, x1, y1, x2, y2); the batch index must name an image."""
+    """(K, 5) float32 RoIs (batch index, x1, y1, x2, y2); the batch index must name an image.
+
+    x2 < x1 is allowed here, as in torchvision: RoI pool forces such a RoI to one cell and RoI
+    Align (aligned=False) to size 1, so proposals never need a special case.
+    """
     r = as_float_array(x, name, ndim=2, last_dim=5)
     if r.size:
         idx = r[:, 0]
