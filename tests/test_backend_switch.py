@@ -1,0 +1,129 @@
+"""The backend switch in ops.py: set_backend / get_backend / use_backend / FRCNN_BACKEND / backend=,
+unknown names, and a clear message when triton cannot be imported."""
+import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
+
+import builtins
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import frcnn_scratch as fr
+from frcnn_scratch import ops
+
+BOXES = np.array([[0, 0, 2, 2], [1, 1, 3, 3]], np.float32)
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend(monkeypatch):
+    """Each test starts with no backend chosen and no FRCNN_BACKEND, and leaves none behind."""
+    monkeypatch.delenv("FRCNN_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "_current", None)
+    ops._triton_impl.cache_clear()
+    yield
+    ops._triton_impl.cache_clear()
+
+
+@pytest.fixture
+def spy_triton(monkeypatch):
+    """Record calls that reach the triton bridge's box_iou."""
+    from frcnn_scratch import _triton_bridge
+    calls = []
+    real = _triton_bridge.box_iou
+
+    def spy(a, b):
+        calls.append(len(a))
+        return real(a, b)
+    monkeypatch.setattr(_triton_bridge, "box_iou", spy)
+    return calls
+
+
+def test_default_is_numpy():
+    assert fr.get_backend() == "numpy"
+
+
+def test_set_backend_changes_the_default(spy_triton):
+    fr.set_backend("triton")
+    assert fr.get_backend() == "triton"
+    got = ops.box_iou(BOXES, BOXES)
+    assert spy_triton == [2], "ops.box_iou without backend= should have used triton"
+    assert np.array_equal(got, ops.box_iou(BOXES, BOXES, backend="numpy"))
+    fr.set_backend("numpy")
+    ops.box_iou(BOXES, BOXES)
+    assert spy_triton == [2], "after set_backend('numpy') triton should not be called"
+
+
+def test_backend_argument_overrides_the_default(spy_triton):
+    ops.box_iou(BOXES, BOXES, backend="triton")
+    assert fr.get_backend() == "numpy" and spy_triton == [2]
+
+
+def test_use_backend_restores_the_previous_one_even_on_error(spy_triton):
+    with fr.use_backend("triton"):
+        assert fr.get_backend() == "triton"
+        ops.box_iou(BOXES, BOXES)
+    assert fr.get_backend() == "numpy" and spy_triton == [2]
+    with pytest.raises(KeyError):
+        with fr.use_backend("triton"):
+            raise KeyError("inside the block")
+    assert fr.get_backend() == "numpy"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("FRCNN_BACKEND", "triton")
+    assert fr.get_backend() == "triton"
+
+
+def test_environment_variable_in_a_fresh_process():
+    env = dict(os.environ, FRCNN_BACKEND="triton")
+    code = "import frcnn_scratch as fr; print(fr.get_backend())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "triton"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: fr.set_backend("cuda"),
+    lambda: ops.box_iou(BOXES, BOXES, backend="torch"),
+    lambda: ops.nms(BOXES, np.ones(2), 0.5, backend="Numpy"),
+])
+def test_unknown_name_lists_the_choices(call):
+    with pytest.raises(ValueError, match="numpy, triton"):
+        call()
+    assert fr.get_backend() == "numpy", "a rejected name must not become the default"
+
+
+def test_unknown_environment_value_lists_the_choices(monkeypatch):
+    monkeypatch.setenv("FRCNN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="'gpu'.*numpy, triton"):
+        fr.get_backend()
+
+
+def test_missing_triton_says_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    monkeypatch.delitem(sys.modules, "triton")  # restored by monkeypatch afterwards
+    ops._triton_impl.cache_clear()
+    with pytest.raises(RuntimeError, match="pip install") as info:
+        fr.set_backend("triton")
+    assert "triton" in str(info.value) and "numpy backend" in str(info.value)
+    assert fr.get_backend() == "numpy", "a failed set_backend must leave the default alone"
+    with pytest.raises(RuntimeError, match="pip install"):
+        ops.box_iou(BOXES, BOXES, backend="triton")
+    assert np.array_equal(ops.box_iou(BOXES, BOXES), ops.box_iou(BOXES, BOXES, backend="numpy"))
+
+
+def test_bad_input_is_rejected_before_dispatch():
+    with pytest.raises(ValueError, match="boxes1"):
+        ops.box_iou(np.zeros((2, 3)), BOXES, backend="triton")
+    with pytest.raises(ValueError, match="x2 < x1"):
+        ops.nms(np.array([[2, 0, 1, 1]]), np.ones(1), 0.5, backend="triton")
