@@ -113,8 +113,13 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
         proposals: (P, 4) float32 boxes, highest score first, P <= post_nms_top_n.
         scores: (P,) float32 objectness probabilities.
     """
-    logits = np.asarray(logits, np.float32).reshape(-1)                   # (A,)
-    boxes = decode(np.asarray(deltas, np.float32).reshape(-1, 4), anchors)  # (A, 4)
+    anchors = _checks.as_boxes(anchors, "anchors")                        # (A, 4)
+    logits = _checks.as_float_array(logits, "logits", ndim=1)             # (A,)
+    deltas = _checks.as_float_array(deltas, "deltas", ndim=2, last_dim=4)  # (A, 4)
+    if not len(anchors) == len(logits) == len(deltas):
+        raise ValueError(f"anchors, logits, deltas: expected one row per anchor, got "
+                         f"{len(anchors)}, {len(logits)}, {len(deltas)}")
+    boxes = decode(deltas, anchors)                                       # (A, 4)
     boxes = clip_boxes(boxes, image_shape)
     keep = remove_small_boxes(boxes, min_size)
     boxes, logits = boxes[keep], logits[keep]

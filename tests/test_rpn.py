@@ -156,3 +156,11 @@ def test_proposal_scores_do_not_overflow_for_very_negative_logits():
 def test_anchor_targets_reject_bad_boxes():
     with pytest.raises(ValueError, match="gt_boxes"):
         anchor_targets(ANCHORS, np.array([[5, 5, 1, 1]]), (32, 32))
+
+
+def test_proposals_check_that_rows_match_the_anchors():
+    anchors = np.array([[0, 0, 10, 10], [5, 5, 9, 9]], np.float32)
+    with pytest.raises(ValueError, match="one row per anchor"):
+        generate_proposals(anchors, np.zeros(3), np.zeros((2, 4)), (20, 20), 5, 5)
+    with pytest.raises(ValueError, match="deltas"):
+        generate_proposals(anchors, np.zeros(2), np.zeros((2, 3)), (20, 20), 5, 5)
