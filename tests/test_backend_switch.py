@@ -127,3 +127,11 @@ def test_bad_input_is_rejected_before_dispatch():
         ops.box_iou(np.zeros((2, 3)), BOXES, backend="triton")
     with pytest.raises(ValueError, match="x2 < x1"):
         ops.nms(np.array([[2, 0, 1, 1]]), np.ones(1), 0.5, backend="triton")
+
+
+@pytest.mark.skipif(kernels.device() == "cuda", reason="the interpreter is only used without a GPU")
+def test_triton_imported_before_kernels_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", "import triton; import kernels"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "import kernels" in done.stderr, done.stderr[-500:]

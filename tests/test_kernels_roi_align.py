@@ -157,7 +157,7 @@ _roi = st.tuples(st.integers(0, 1), _coord, _coord, st.sampled_from([0.0, 0.5, 4
                  st.floats(0, 40, width=32), st.floats(0, 40, width=32))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(roi_rows=st.lists(_roi, max_size=3), ph=st.integers(1, 2), pw=st.integers(1, 3),
        scale=st.sampled_from([1 / 4, 1 / 8]), sr=st.sampled_from([-1, 1, 2]),
        aligned=st.booleans(), seed=st.integers(0, 2 ** 16))

@@ -160,7 +160,7 @@ _roi = st.tuples(st.integers(0, 1), _coord, _coord, st.floats(0, 60, width=32),
                  st.floats(0, 60, width=32))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(roi_rows=st.lists(_roi, max_size=4), ph=st.integers(1, 3), pw=st.integers(1, 3),
        scale=st.sampled_from([1.0, 0.5, 1 / 8, 1 / 16]), seed=st.integers(0, 2 ** 16))
 def test_property_equals_reference(roi_rows, ph, pw, scale, seed):
