@@ -6,9 +6,10 @@ grid_h x grid_w samples per bin (sampling_ratio, or ceil(roi_size / pooled) when
 sample s of bin i at start + i * bin + (s + 0.5) * bin / grid, bilinear reads that are 0 outside
 [-1, size] and clamped inside, and out = sum of samples / max(grid_h * grid_w, 1).
 
-Forward: one program per (RoI, bin, block of BLOCK_C channels); it loops over the bin's samples
-and accumulates w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4 per channel (the four neighbouring cells).
-Backward: the same loops, but each sample sends grad * w / count to its four cells with
+Forward: one program per (RoI, bin, block of BLOCK_C channels); it takes the bin's samples
+BLOCK_S at a time, reads w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4 (the four neighbouring cells) for a
+(BLOCK_S, BLOCK_C) tile, and sums the tile over its samples.
+Backward: the same steps, but each sample sends grad / count * w to its four cells with
 tl.atomic_add, since cells are shared between samples, bins and RoIs.
 
 The sample coordinates are computed in the reference's float32 order (and FMA fusion is off), so
@@ -68,7 +69,8 @@ def _linear_1d(y, size):
 def _samples(s, y1, x1, i, j, bin_h, bin_w, grid_h, grid_w, H, W):
     """For a vector of sample numbers s (row-major over the bin's grid_h x grid_w grid): the flat
     offsets within a (H, W) plane of the four cells each sample reads, and their bilinear weights
-    w1..w4 = hy*hx, hy*lx, ly*hx, ly*lx (0 for a sample outside [-1, size])."""
+    w1..w4 = hy*hx, hy*lx, ly*hx, ly*lx, and whether the sample lies inside [-1, size] on both
+    axes (outside, it reads 0: the caller masks it)."""
     sy = s // tl.maximum(grid_w, 1)
     sx = s % tl.maximum(grid_w, 1)
     y = _sample_coord(y1, i, bin_h, sy, grid_h)  # (BLOCK_S,)
