@@ -33,35 +33,6 @@ def cmd_bench(args):
 DEMO_TRAIN_SEED, DEMO_TEST_SEED = 0, 1000  # held-out images come from another seed
 
 
-def single_thread_blas():
-    """Ask numpy's bundled OpenBLAS for one thread, unless the user chose (OPENBLAS_NUM_THREADS).
-
-    The detector's matrix products are small (a 64-channel 16 x 20 map); OpenBLAS's worker threads
-    cost more than they give there: one training step took 0.99 s with its default threads and
-    0.067 s with one, on a busy 2-core machine.  Environment variables only work before numpy is
-    loaded, so this calls OpenBLAS's own setter (as threadpoolctl does).  Best effort: returns
-    whether it found the library.
-    """
-    import ctypes
-    import glob
-    import os
-    if "OPENBLAS_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
-        return False
-    folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    for path in glob.glob(os.path.join(folder, "*openblas*")):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                     "openblas_set_num_threads"):
-            setter = getattr(lib, name, None)
-            if setter is not None:
-                setter(1)
-                return True
-    return False
-
-
 def _parse_overrides(pairs):
     """["pooler=pool", "fc_hidden=256"] -> dict of Config fields, values parsed as JSON when they can be."""
     import json
@@ -165,12 +136,14 @@ def cmd_detect(args):
     import os
     from .data import SHAPE_CLASSES
     from .model import FasterRCNN
+    from .train import blas_threads
     from .viz import save_detections
     model = FasterRCNN.load(args.checkpoint, backend=args.backend)
     images = [(path, read_image(path)) for path in args.images]  # fail before writing anything
     os.makedirs(args.out, exist_ok=True)
     for path, image in images:
-        det = detect_image(model, image, args.min_size, args.max_size)
+        with blas_threads(1):
+            det = detect_image(model, image, args.min_size, args.max_size)
         out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_detections.png")
         save_detections(out, image, det, SHAPE_CLASSES, score_threshold=args.score)
         print(f"{path}: {int((det['scores'] >= args.score).sum())} detections -> {out}")
@@ -287,8 +260,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "eval", "detect", "demo"):
-        single_thread_blas()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:

@@ -115,3 +115,20 @@ def test_evaluate_scores_perfect_and_empty_detections():
                         labels=np.zeros(0, np.int64))
 
     assert evaluate(Blind(), SAMPLES)[0]["mAP"] == 0.0
+
+
+def test_blas_threads_sets_and_restores(monkeypatch):
+    from frcnn_scratch import train as train_module
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    functions = train_module._openblas_thread_functions()
+    if functions is None:
+        pytest.skip("numpy does not use a bundled OpenBLAS here")
+    get, _ = functions
+    before = get()
+    with train_module.blas_threads(1):
+        assert get() == 1
+    assert get() == before
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")          # the user's choice wins: untouched
+    with train_module.blas_threads(1):
+        assert get() == before
