@@ -316,7 +316,7 @@ class FasterRCNN:
         g_features = g_features + self.head.backward(head["grad_cls"], head["grad_bbox"])
         self.backbone.backward(g_features)
         return dict(loss=float(rpn["loss"] + head["loss"]), rpn_cls=float(rpn["loss_cls"]),
-                    rpn_reg=float(rpn["loss_reg"]), head_cls=float(head["loss_cls"]),
+                    rpn_reg=float(cfg.rpn_lambda * rpn["loss_reg"]), head_cls=float(head["loss_cls"]),
                     head_reg=float(head["loss_reg"]))
 
     # -- inference --

@@ -143,7 +143,7 @@ class FastRCNNHead:
         self._rois, self._feature_shape = rois, features.shape
         pooled = self.pool(features, rois)                                # (R, C, ph, pw)
         self._pooled_shape = pooled.shape
-        x = pooled.reshape(len(rois), -1)                                 # (R, C ph pw)
+        x = pooled.reshape(len(rois), int(np.prod(pooled.shape[1:])))     # (R, C ph pw)
         x = self.relu6.forward(self.fc6.forward(x))                       # (R, hidden)
         x = self.relu7.forward(self.fc7.forward(x))                       # (R, hidden)
         return self.cls_score.forward(x), self.bbox_pred.forward(x)

@@ -288,3 +288,14 @@ def test_training_step_rejects_bad_ground_truth(boxes, labels, match):
     with pytest.raises(ValueError, match=match):
         FasterRCNN(tiny_config()).loss_and_grads(tiny_sample()["image"], boxes, labels,
                                                  np.random.default_rng(0))
+
+
+def test_no_proposals_gives_no_detections_and_still_trains():
+    """rpn_min_size larger than the image: the proposal layer keeps nothing."""
+    model = FasterRCNN(tiny_config(rpn_min_size=1000.0, rpn_lambda=2.0))
+    s = tiny_sample()
+    det = model.predict(s["image"])
+    assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,) and det["labels"].shape == (0,)
+    losses = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(0))
+    assert losses["loss"] == pytest.approx(sum(v for k, v in losses.items() if k != "loss"), rel=1e-6)
+    assert np.isfinite(losses["loss"])                     # the head trains on the gt boxes alone
