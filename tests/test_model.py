@@ -299,3 +299,12 @@ def test_no_proposals_gives_no_detections_and_still_trains():
     losses = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(0))
     assert losses["loss"] == pytest.approx(sum(v for k, v in losses.items() if k != "loss"), rel=1e-6)
     assert np.isfinite(losses["loss"])                     # the head trains on the gt boxes alone
+
+
+def test_no_proposals_and_no_objects_train_the_rpn_only():
+    model = FasterRCNN(tiny_config(rpn_min_size=1000.0))
+    losses = model.loss_and_grads(tiny_sample()["image"], np.zeros((0, 4)), np.zeros(0, np.int64),
+                                  np.random.default_rng(0))
+    assert losses["head_cls"] == losses["head_reg"] == 0 and losses["rpn_cls"] > 0
+    grads = model.grads()
+    assert not grads["head.fc6.weight"].any() and grads["rpn.cls.weight"].any()
