@@ -250,7 +250,8 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 
 # ---- the same step on the triton backend -----------------------------------------------------------
 
-def test_triton_backend_matches_numpy_on_a_training_step():
+@pytest.mark.parametrize("pooler", ["align", "pool"])
+def test_triton_backend_matches_numpy_on_a_training_step(pooler):
     """One training step on a tiny input under backend="triton" (the interpreter without a GPU)
     against backend="numpy".  Both run float32; the kernels may sum in another order (RoI Align
     backward uses atomic adds), so values agree to float32 rounding, not bit for bit: losses
@@ -262,7 +263,7 @@ def test_triton_backend_matches_numpy_on_a_training_step():
     s = tiny_sample(seed=3)
     results = {}
     for backend in ("numpy", "triton"):
-        model = FasterRCNN(tiny_config(seed=9), backend=backend)
+        model = FasterRCNN(tiny_config(seed=9, pooler=pooler), backend=backend)
         losses = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(2))
         det = model.predict(s["image"])
         results[backend] = (losses, {k: v.copy() for k, v in model.grads().items()}, det)
