@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _checks, rpn as _rpn
+from . import _checks, ops, rpn as _rpn
 from .anchors import generate_anchors, shift_anchors
 from .losses import rpn_loss
 from .nn import Conv2d, MaxPool2d, ReLU, Sequential
@@ -192,6 +192,11 @@ class FasterRCNN:
 
     def __init__(self, config=None, backend=None):
         self.config = cfg = Config() if config is None else config
+        if not isinstance(cfg, Config):
+            raise ValueError(f"config: expected a model.Config, got {type(cfg).__name__}")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r}; choose one of "
+                             f"{', '.join(ops.BACKENDS)} or None (the current default)")
         self.backend = backend
         rng = np.random.default_rng(cfg.seed)
         self.backbone = build_backbone(cfg.channels, rng)

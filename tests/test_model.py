@@ -309,3 +309,10 @@ def test_no_proposals_and_no_objects_train_the_rpn_only():
     assert losses["head_cls"] == losses["head_reg"] == 0 and losses["rpn_cls"] > 0
     grads = model.grads()
     assert not grads["head.fc6.weight"].any() and grads["rpn.cls.weight"].any()
+
+
+def test_constructor_checks_backend_and_config():
+    with pytest.raises(ValueError, match="backend: unknown backend 'cuda'"):
+        FasterRCNN(tiny_config(), backend="cuda")
+    with pytest.raises(ValueError, match="config: expected a model.Config"):
+        FasterRCNN({"num_classes": 3})
