@@ -4,14 +4,19 @@ Sizes are the paper's (test-time proposals): NMS over 6000 boxes (and 2000 / 120
 clustered like RPN output), box IoU 20000 x 50, RoI pool and RoI Align of 300 RoIs on a
 1 x 512 x 38 x 50 conv5 map (stride 16) into 7 x 7, forward and forward + backward.
 
-Each time is the median over --repeat runs after one warm-up run, in milliseconds.
+Each time is the median over --repeat runs after one warm-up run, in milliseconds.  --threads
+(default 1) sets both numpy's OpenBLAS and torch's intra-op thread count, so that the two sides
+compete on equal terms; the header states both counts and the load average.  --op keeps only the
+lines whose op name contains one of the given words (e.g. --op nms,roi_align).
 numpy goes through ops (backend="numpy").  triton calls the kernel launchers on tensors already on
 kernels.device(); on a GPU it is timed with triton.testing.do_bench, and under the CPU interpreter
 (no GPU) it is skipped at paper size unless --small, since the interpreter runs every program in
 Python.  torchvision uses its C++ CPU ops, and its CUDA ops too when a GPU is present (each triton
 time is compared with torchvision on the same device).
 """
+import contextlib
 import dataclasses
+import os
 import statistics
 import time
 
@@ -111,7 +116,7 @@ def build_cases(small, rng, torch=None, kernels=None, torchvision=None):
 
     # NMS at threshold 0.7 (section 3.3)
     sizes = [(256, "uniform"), (256, "clustered")] if small else \
-        [(6000, "uniform"), (2000, "uniform"), (2000, "clustered"),
+        [(2000, "uniform"), (2000, "clustered"), (6000, "uniform"), (6000, "clustered"),
          (12000, "uniform"), (12000, "clustered")]
     for n, kind in sizes:
         boxes, scores = (uniform_boxes if kind == "uniform" else clustered_boxes)(rng, n)
@@ -222,6 +227,10 @@ def main(args):
     if int(args.repeat) < 1:
         raise ValueError(f"--repeat: expected a positive int, got {args.repeat}")
     repeat = int(args.repeat)
+    threads = int(getattr(args, "threads", 1))
+    if threads < 1:
+        raise ValueError(f"--threads: expected a positive int, got {threads}")
+    op_words = [w.strip() for w in str(getattr(args, "op", None) or "").split(",") if w.strip()]
 
     notes = []
     torch = kernels = torchvision = None
@@ -251,6 +260,11 @@ def main(args):
                      "not a GPU")
 
     cases = build_cases(args.small, np.random.default_rng(0), torch, kernels, torchvision)
+    if op_words:
+        cases = [c for c in cases if any(w in c.op for w in op_words)]
+        if not cases:
+            raise ValueError(f"--op: no op matches {', '.join(op_words)}; the ops are box_iou, "
+                             "nms, roi_pool, roi_align")
     tv_devices = sorted({d for c in cases for d in (c.torchvision or {})})
     on_gpu = kernels is not None and kernels.device() == "cuda"
     header = ["op", "size"]
@@ -265,6 +279,53 @@ def main(args):
     device_text = ("cuda: " + torch.cuda.get_device_name()) if on_gpu else "cpu"
     print(f"frcnn bench: {'small' if args.small else 'paper'} sizes, median of {repeat} runs "
           f"(ms), device {device_text}")
+    with thread_counts(threads, torch) as counts:
+        print(f"threads: numpy (OpenBLAS) {counts['numpy']}, torch {counts['torch']}; "
+              f"load average {load_average()}")
+        rows = time_cases(cases, wanted, kernels, skip_triton, repeat, tv_devices, tv_for_triton)
+    print(format_table(header, rows))
+    print(f"load average after: {load_average()}")
+    ratios = [float(r[header.index("numpy/tv-cpu")]) for r in rows
+              if "numpy/tv-cpu" in header and r[header.index("numpy/tv-cpu")] != "-"]
+    if ratios:
+        print(f"numpy/tv-cpu: worst {max(ratios):.2f}, {sum(r <= 1.0 for r in ratios)} of "
+              f"{len(ratios)} ops at or below 1.0")
+    for note in notes:
+        print("note:", note)
+    return 0
+
+
+@contextlib.contextmanager
+def thread_counts(n, torch=None):
+    """Run a block with numpy's OpenBLAS and torch both at `n` threads; yields the counts in use.
+
+    numpy's count is set by train.blas_threads (which leaves a user's OPENBLAS_NUM_THREADS /
+    OMP_NUM_THREADS alone), torch's by torch.set_num_threads; both are restored afterwards.
+    """
+    from .train import _openblas_thread_functions, blas_threads
+    functions = _openblas_thread_functions()
+    previous = torch.get_num_threads() if torch is not None else None
+    with blas_threads(n):
+        if torch is not None:
+            torch.set_num_threads(n)
+        try:
+            yield {"numpy": functions[0]() if functions else "unknown BLAS",
+                   "torch": torch.get_num_threads() if torch is not None else "-"}
+        finally:
+            if torch is not None:
+                torch.set_num_threads(previous)
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages as text (other work on the machine skews times)."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):
+        return "unknown"
+
+
+def time_cases(cases, wanted, kernels, skip_triton, repeat, tv_devices, tv_for_triton):
+    """One table row per case: the times and the ratios (a dot printed per case)."""
     rows = []
     for case in cases:
         t_np = median_ms(case.numpy, repeat) if "numpy" in wanted else None
@@ -283,7 +344,4 @@ def main(args):
         rows.append(row)
         print(".", end="", flush=True)
     print()
-    print(format_table(header, rows))
-    for note in notes:
-        print("note:", note)
-    return 0
+    return rows

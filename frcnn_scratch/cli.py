@@ -225,6 +225,11 @@ def build_parser():
     b.add_argument("--backends", default="numpy,triton,torchvision",
                    help="comma-separated subset of numpy,triton,torchvision")
     b.add_argument("--small", action="store_true", help="small sizes (for the CPU interpreter)")
+    b.add_argument("--op", default=None, metavar="WORDS",
+                   help="only ops whose name contains one of these comma-separated words "
+                        "(box_iou, nms, roi_pool, roi_align, fwd+bwd)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="threads for numpy's OpenBLAS and for torch alike (default 1)")
     b.set_defaults(func=cmd_bench)
     t = sub.add_parser("train", help="train on the synthetic shapes dataset")
     _add_model_args(t, iters=3000)
