@@ -64,7 +64,7 @@ def as_shape4(shape, name="input_shape"):
     """A 4-tuple (N, C, H, W) of non-negative ints."""
     try:
         s = tuple(int(v) for v in shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"{name}: expected (N, C, H, W), got {shape!r}") from None
     if len(s) != 4 or any(v < 0 for v in s):
         raise ValueError(f"{name}: expected (N, C, H, W) of non-negative ints, got {shape!r}")
@@ -84,15 +84,32 @@ def pair(size, name="output_size"):
     return h, w
 
 
+def _float(x, name, want):
+    """float(x), or a ValueError naming `name` and saying what was wanted (for "a", None, [1, 2])."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {want}, got {x!r}") from None
+
+
 def positive_number(x, name):
-    x = float(x)
+    x = _float(x, name, "a positive finite number")
     if not np.isfinite(x) or x <= 0:
         raise ValueError(f"{name}: expected a positive finite number, got {x}")
     return x
 
 
+def finite_number(x, name, minimum=None):
+    """A finite float (>= minimum when given); NaN, Inf and non-numbers are a ValueError naming it."""
+    want = "a finite number" if minimum is None else f"a finite number >= {minimum}"
+    x = _float(x, name, want)
+    if not np.isfinite(x) or (minimum is not None and x < minimum):
+        raise ValueError(f"{name}: expected {want}, got {x}")
+    return x
+
+
 def unit_interval(x, name):
-    x = float(x)
+    x = _float(x, name, "a number in [0, 1]")
     if not (0.0 <= x <= 1.0):
         raise ValueError(f"{name}: expected a number in [0, 1], got {x}")
     return x
@@ -100,7 +117,11 @@ def unit_interval(x, name):
 
 def sampling_ratio(x, name="sampling_ratio"):
     """RoI Align's samples per bin side: a positive int, or <= 0 for adaptive (ceil(roi / bins))."""
-    if int(x) != x:
+    try:
+        ok = not isinstance(x, bool) and int(x) == x
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
         raise ValueError(f"{name}: expected an int, got {x!r}")
     return int(x)
 
@@ -109,8 +130,42 @@ def whole_number(x, name):
     """An int >= 0 (a count, a feature-map side, a batch size); a ValueError naming it otherwise."""
     try:
         ok = not isinstance(x, bool) and int(x) == x and x >= 0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise ValueError(f"{name}: expected a whole number >= 0, got {x!r}")
     return int(x)
+
+
+def as_labels(x, name, low, high, allow=None, size=None):
+    """(N,) int64 class labels: whole numbers in low..high, or one of the extra values in `allow`.
+
+    Args:
+        x: array-like of labels (ints, or floats that are whole numbers).
+        name: the argument's name, for the error message.
+        low, high: the allowed range, both ends included; high=None means no upper end.
+        allow: extra allowed values outside the range (e.g. (-1,) for "ignored"), or None.
+        size: the expected length N, or None for any length.
+    Returns:
+        (N,) int64 array.
+    """
+    lab = np.asarray(x)
+    if lab.ndim != 1 or (size is not None and lab.shape[0] != size):
+        raise ValueError(f"{name}: expected shape ({'N' if size is None else size},), got {tuple(lab.shape)}")
+    if lab.size and lab.dtype.kind not in "biu":
+        if lab.dtype.kind not in "fO":
+            raise ValueError(f"{name}: expected whole numbers, got {lab.dtype} values {lab[:3].tolist()}")
+        values = as_float_array(lab, name, ndim=1)                     # NaN / Inf / not numbers
+        if np.any(values != np.round(values)):
+            raise ValueError(f"{name}: expected whole numbers, got {values[values != np.round(values)][:3]}")
+        lab = values
+    lab = lab.astype(np.int64)
+    bad = (lab < low) if high is None else (lab < low) | (lab > high)
+    if allow is not None:
+        bad &= ~np.isin(lab, np.asarray(allow, np.int64))
+    if bad.any():
+        want = f"values in [{low}, {high}]" if high is not None else f"values >= {low}"
+        extra = "" if allow is None else f" (or {', '.join(str(int(a)) for a in allow)})"
+        raise ValueError(f"{name}: expected {want}{extra}, "
+                         f"got {int(lab[bad][0])} at index {int(np.flatnonzero(bad)[0])}")
+    return lab
