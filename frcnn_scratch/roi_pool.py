@@ -118,9 +118,14 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
     col_lo, col_hi = bin_bounds(x1, x2, pw, W)                         # (K, pw)
     empty = (row_hi <= row_lo)[:, :, None] | (col_hi <= col_lo)[:, None, :]   # (K, ph, pw)
 
-    argmax = np.empty((K, ph, pw, C), dtype=np.int64)                  # channels last until the end
+    out = np.empty((K, C, ph, pw), dtype=np.float32)
+    argmax = np.empty((K, C, ph, pw), dtype=np.int64)
     keys = max_keys(features)                                          # (N, H, W, C)
-    channel_offset = np.arange(C, dtype=np.int64) * (H * W)            # (C,) flat index of (0, c, 0, 0)
+    # flat index of (batch, c, 0, 0), plus the 2**32 - 1 that key_position subtracts from
+    channel_base = (np.arange(C, dtype=np.int64) * (H * W) + 0xFFFFFFFF)[:, None, None]  # (C, 1, 1)
+    # One RoI's bin keys, channels last.  The spare 8 channels keep its rows from lying a power
+    # of two apart in memory: reading the block channel by channel below is then ~7x faster.
+    bin_max = np.zeros((ph, pw, C + 8), dtype=np.int64)[:, :, :C]     # (ph, pw, C)
     row_lo, row_hi, col_lo, col_hi = (a.tolist() for a in (row_lo, row_hi, col_lo, col_hi))
     for k in range(K):
         if empty[k].all():
@@ -132,15 +137,17 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
         col_max = np.zeros((r1 - r0, pw, C), dtype=np.int64)           # (rows, pw, C)
         for j, (w0, w1) in enumerate(zip(col_lo[k], col_hi[k])):
             if w1 > w0:
-                np.max(plane[r0:r1, w0:w1], axis=1, out=col_max[:, j])
-        bin_max = np.zeros((ph, pw, C), dtype=np.int64)                # (ph, pw, C)
+                np.maximum.reduce(plane[r0:r1, w0:w1], axis=1, out=col_max[:, j])
         for i, (h0, h1) in enumerate(zip(row_lo[k], row_hi[k])):
             if h1 > h0:
-                np.max(col_max[h0 - r0:h1 - r0], axis=0, out=bin_max[i])
-        np.add(key_position(bin_max), batch[k] * C * H * W + channel_offset, out=argmax[k])
-        argmax[k][empty[k]] = -1                                       # empty bins: no maximum
-    argmax = np.ascontiguousarray(argmax.transpose(0, 3, 1, 2))        # (K, C, ph, pw)
-    out = features.reshape(-1)[argmax]                                 # (K, C, ph, pw) the maxima
+                np.maximum.reduce(col_max[h0 - r0:h1 - r0], axis=0, out=bin_max[i])
+        # argmax = flat index of (batch, c, h, w) = batch C H W + c H W + key_position(key),
+        # written channels first: (C, ph, pw)
+        np.bitwise_and(bin_max.transpose(2, 0, 1), 0xFFFFFFFF, out=argmax[k])
+        np.subtract(batch[k] * C * H * W + channel_base, argmax[k], out=argmax[k])
+        if empty[k].any():
+            argmax[k][:, empty[k]] = -1                                # empty bins: no maximum
+    np.take(features.reshape(-1), argmax, out=out)                     # (K, C, ph, pw) the maxima
     if empty.any():
         out[argmax < 0] = 0.0                                          # (index -1 read the last entry)
     return out, argmax
@@ -185,8 +192,9 @@ def roi_pool_backward(grad_out, argmax, input_shape):
         (N, C, H, W) float32, dL/d(features).
     """
     grad_out, argmax, input_shape = check_backward_inputs(grad_out, argmax, input_shape)
-    # grad.reshape(-1)[argmax] += grad_out, adding up repeats (np.add.at); bincount does the same
-    # sum much faster. Indices are shifted by one so that empty bins (-1) land in slot 0, dropped.
-    size = int(np.prod(input_shape))
-    grad = np.bincount(argmax.reshape(-1) + 1, weights=grad_out.reshape(-1), minlength=size + 1)
-    return grad[1:].astype(np.float32).reshape(input_shape)            # (N, C, H, W)
+    # grad.reshape(-1)[argmax] += grad_out, adding up repeats: np.add.at (plain `+=` with fancy
+    # indexing would keep only one of the repeats).  Indices are shifted by one so that empty
+    # bins (argmax -1) land in slot 0, which is dropped.
+    grad = np.zeros(int(np.prod(input_shape)) + 1, dtype=np.float32)   # (1 + N C H W,)
+    np.add.at(grad, argmax.reshape(-1) + 1, grad_out.reshape(-1))
+    return grad[1:].reshape(input_shape)                               # (N, C, H, W)
