@@ -101,7 +101,8 @@ def positive_number(x, name):
 
 def finite_number(x, name, minimum=None):
     """A finite float (>= minimum when given); NaN, Inf and non-numbers are a ValueError naming it."""
-    want = "a finite number" if minimum is None else f"a finite number >= {minimum}"
+    want = ("a finite number" if minimum is None else "a non-negative finite number" if minimum == 0
+            else f"a finite number >= {minimum}")
     x = _float(x, name, want)
     if not np.isfinite(x) or (minimum is not None and x < minimum):
         raise ValueError(f"{name}: expected {want}, got {x}")

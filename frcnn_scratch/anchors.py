@@ -34,7 +34,7 @@ array([[-56., -56.,  72.,  72.]], dtype=float32)
 """
 import numpy as np
 
-from ._checks import as_boxes, as_float_array, positive_number, whole_number
+from ._checks import as_boxes, as_float_array, finite_number, positive_number, whole_number
 from .boxes import check_image_shape
 
 __all__ = ["generate_anchors", "shift_anchors", "anchors_inside"]
@@ -171,7 +171,5 @@ def anchors_inside(anchors, image_shape, allowed_border=0):
     """
     a = as_boxes(anchors, "anchors")                     # (A, 4)
     h, w = check_image_shape(image_shape)
-    b = float(allowed_border)
-    if not np.isfinite(b):
-        raise ValueError(f"allowed_border: expected a finite number, got {allowed_border!r}")
+    b = finite_number(allowed_border, "allowed_border")
     return ((a[:, 0] >= -b) & (a[:, 1] >= -b) & (a[:, 2] <= w + b) & (a[:, 3] <= h + b))

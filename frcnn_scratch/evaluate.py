@@ -24,7 +24,7 @@ project, so IoU is frcnn_scratch.boxes.box_iou.
 """
 import numpy as np
 
-from ._checks import as_boxes, as_float_array, unit_interval
+from ._checks import as_boxes, as_float_array, as_labels, unit_interval
 from .boxes import box_iou
 
 
@@ -78,19 +78,6 @@ def voc_ap(recall, precision, use_07_metric=False):
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
-def _check_labels(x, name, n):
-    """(n,) int64 class labels >= 1 (0 is background and never a detection or a gt class)."""
-    arr = np.asarray(x)
-    if arr.shape != (n,):
-        raise ValueError(f"{name}: expected shape ({n},) to match the boxes, got {arr.shape}")
-    if arr.size and (not np.all(np.isfinite(arr.astype(np.float64))) or np.any(arr != np.round(arr))):
-        raise ValueError(f"{name}: expected whole-number class labels")
-    arr = arr.astype(np.int64)
-    if arr.size and arr.min() < 1:
-        raise ValueError(f"{name}: labels must be >= 1 (0 is background), got {int(arr.min())}")
-    return arr
-
-
 def _check_detection(det, i):
     """One image's detections -> (boxes (D, 4) float32, scores (D,) float32, labels (D,) int64)."""
     if not isinstance(det, dict) or not {"boxes", "scores", "labels"} <= set(det):
@@ -100,7 +87,8 @@ def _check_detection(det, i):
     if scores.shape[0] != boxes.shape[0]:
         raise ValueError(f"detections[{i}]['scores']: expected shape ({boxes.shape[0]},) to match the "
                          f"boxes, got {scores.shape}")
-    labels = _check_labels(det["labels"], f"detections[{i}]['labels']", boxes.shape[0])
+    # labels >= 1: 0 is background, never a detection or a ground-truth class
+    labels = as_labels(det["labels"], f"detections[{i}]['labels']", 1, None, size=len(boxes))
     return boxes, scores, labels
 
 
@@ -109,7 +97,7 @@ def _check_ground_truth(gt, i):
     if not isinstance(gt, dict) or not {"boxes", "labels"} <= set(gt):
         raise ValueError(f"ground_truths[{i}]: expected a dict with boxes and labels (difficult optional)")
     boxes = as_boxes(gt["boxes"], f"ground_truths[{i}]['boxes']")
-    labels = _check_labels(gt["labels"], f"ground_truths[{i}]['labels']", boxes.shape[0])
+    labels = as_labels(gt["labels"], f"ground_truths[{i}]['labels']", 1, None, size=len(boxes))
     difficult = gt.get("difficult")
     if difficult is None:
         difficult = np.zeros(boxes.shape[0], dtype=bool)

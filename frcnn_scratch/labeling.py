@@ -27,7 +27,7 @@ Labels use 1 = positive, 0 = negative, -1 = ignored.
 import numpy as np
 
 from . import ops
-from ._checks import as_boxes, unit_interval, whole_number
+from ._checks import as_boxes, as_labels, unit_interval, whole_number
 from .anchors import anchors_inside
 
 __all__ = ["label_anchors", "sample_labels"]
@@ -116,7 +116,7 @@ def sample_labels(labels, batch_size=256, positive_fraction=0.5, rng=None):
     >>> int((out == 1).sum()), int((out == 0).sum())        # 2 of the 3 positives, 2 negatives
     (2, 2)
     """
-    lab = _check_labels(labels)                          # (A,)
+    lab = as_labels(labels, "labels", -1, 1)             # (A,) in {1, 0, -1}
     batch_size = whole_number(batch_size, "batch_size")
     positive_fraction = unit_interval(positive_fraction, "positive_fraction")
     rng = np.random.default_rng(rng)                     # a Generator passes through unchanged
@@ -132,12 +132,3 @@ def sample_labels(labels, batch_size=256, positive_fraction=0.5, rng=None):
     out[keep_pos] = 1
     out[keep_neg] = 0
     return out
-
-
-def _check_labels(labels):
-    lab = np.asarray(labels)
-    if lab.ndim != 1:
-        raise ValueError(f"labels: expected shape (A,), got {tuple(lab.shape)}")
-    if lab.size and not np.isin(lab, (-1, 0, 1)).all():
-        raise ValueError(f"labels: expected values in {{1, 0, -1}}, got {np.unique(lab).tolist()}")
-    return lab.astype(np.int64)

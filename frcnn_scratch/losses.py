@@ -19,9 +19,9 @@ checked by finite differences in float64).  The loss is returned as a Python flo
 """
 import numpy as np
 
-from ._checks import as_float_array
+from ._checks import as_float_array, as_labels, finite_number, positive_number
 
-__all__ = ["binary_log_loss", "softmax_cross_entropy", "smooth_l1", "rpn_loss"]
+__all__ = ["sigmoid", "softmax", "binary_log_loss", "softmax_cross_entropy", "smooth_l1", "rpn_loss"]
 
 
 # ---- input checks ------------------------------------------------------------------------------
@@ -39,20 +39,8 @@ def _values(x, name, ndim):
 
 
 def _labels(labels, name, n, allowed_min, allowed_max):
-    """(n,) int64 labels, whole numbers in [allowed_min, allowed_max]."""
-    lab = np.asarray(labels)
-    if lab.ndim != 1 or lab.shape[0] != n:
-        raise ValueError(f"{name}: expected shape ({n},), got {tuple(lab.shape)}")
-    if lab.size and not np.issubdtype(lab.dtype, np.integer):
-        as_float_array(lab, name, ndim=1)                              # NaN / Inf / not numbers
-        if np.any(lab != np.round(lab)):
-            raise ValueError(f"{name}: expected whole numbers, got {lab[lab != np.round(lab)][:3]}")
-    lab = lab.astype(np.int64)
-    bad = (lab < allowed_min) | (lab > allowed_max)
-    if bad.any():
-        raise ValueError(f"{name}: expected values in [{allowed_min}, {allowed_max}], "
-                         f"got {int(lab[bad][0])} at index {int(np.flatnonzero(bad)[0])}")
-    return lab
+    """(n,) int64 labels, whole numbers in [allowed_min, allowed_max] (the shared _checks.as_labels)."""
+    return as_labels(labels, name, allowed_min, allowed_max, size=n)
 
 
 # ---- L_cls: log loss ---------------------------------------------------------------------------
@@ -77,14 +65,20 @@ def binary_log_loss(logits, labels):
     y = np.where(counted, y, 0).astype(x.dtype)
     per_anchor = np.maximum(x, 0) - y * x + np.log1p(np.exp(-np.abs(x)))   # softplus(x) - y x
     loss = float(np.sum(per_anchor[counted], dtype=np.float64))
-    grad = np.where(counted, _sigmoid(x) - y, 0).astype(x.dtype)       # (A,)
+    grad = np.where(counted, sigmoid(x) - y, 0).astype(x.dtype)        # (A,)
     return loss, grad
 
 
-def _sigmoid(x):
-    """1 / (1 + exp(-x)) without overflow: exp is only ever taken of -|x|."""
+def sigmoid(x):
+    """The logistic p = 1 / (1 + exp(-x)) without overflow for any x: exp is only taken of -|x|."""
     e = np.exp(-np.abs(x))                                             # in (0, 1]
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def softmax(logits):
+    """Row-wise softmax of (R, C) logits, exp(z - max) / sum exp(z - max) so that no exp overflows."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))             # (R, C), row max is 1
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def softmax_cross_entropy(logits, labels):
@@ -110,7 +104,7 @@ def softmax_cross_entropy(logits, labels):
     log_sum_exp = np.log(np.exp(shifted).sum(axis=1))                  # (R,) in [0, log C]
     target = shifted[rows, np.where(counted, y, 0)]                    # (R,) z_y - max
     loss = float(np.sum((log_sum_exp - target)[counted], dtype=np.float64))
-    grad = np.exp(shifted - log_sum_exp[:, None])                      # (R, C) softmax
+    grad = softmax(z)                                                  # (R, C)
     grad[rows[counted], y[counted]] -= 1                               # - onehot(y)
     grad[~counted] = 0
     return loss, grad.astype(z.dtype)
@@ -140,9 +134,7 @@ def smooth_l1(pred, target, sigma=1.0, weights=None):
     t = _values(target, "target", ndim=p.ndim).astype(p.dtype)
     if t.shape != p.shape:
         raise ValueError(f"target: expected shape {tuple(p.shape)} like pred, got {tuple(t.shape)}")
-    sigma = float(sigma)
-    if not np.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma: expected a positive finite number, got {sigma}")
+    sigma = positive_number(sigma, "sigma")
     w = _weights(weights, p)                                           # like p
     s2 = sigma * sigma
     x = p - t
@@ -211,9 +203,7 @@ def rpn_loss(logits, t_pred, labels, t_target, n_cls=None, n_reg=None, lam=1.0, 
     sampled = int(np.count_nonzero(y >= 0))
     n_cls = _normaliser(n_cls, "n_cls", sampled)
     n_reg = _normaliser(n_reg, "n_reg", sampled)
-    lam = float(lam)
-    if not np.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam: expected a non-negative finite number, got {lam}")
+    lam = finite_number(lam, "lam", minimum=0)
 
     cls_sum, grad_cls = binary_log_loss(x, y)                          # sum over sampled anchors
     positive = (y == 1).astype(t.dtype)                                # p_i*, (A,)
@@ -233,8 +223,5 @@ def _normaliser(n, name, sampled):
     """N_cls or N_reg: given, or the number of sampled anchors (at least 1)."""
     if n is None:
         return float(max(sampled, 1))
-    n = float(n)
-    if not np.isfinite(n) or n <= 0:
-        raise ValueError(f"{name}: expected a positive number or None, got {n}")
-    return n
+    return positive_number(n, name)
 

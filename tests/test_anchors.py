@@ -169,3 +169,9 @@ def test_docstring_examples_run():
     from frcnn_scratch import anchors as module
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0, f"{result.failed} docstring examples failed"
+
+
+@pytest.mark.parametrize("border", ["a", None, float("nan")])
+def test_anchors_inside_bad_border_is_named(border):
+    with pytest.raises(ValueError, match="allowed_border: expected a finite number"):
+        anchors_inside([[0, 0, 1, 1]], (4, 4), allowed_border=border)

@@ -23,10 +23,12 @@ def test_number_helpers_hand_cases():
     assert _checks.positive_number("2.5", "x") == 2.5
     assert _checks.finite_number(-3, "x") == -3.0
     assert _checks.finite_number(0, "x", minimum=0) == 0.0
-    with pytest.raises(ValueError, match=r"x: expected a finite number >= 0, got -1.0"):
+    with pytest.raises(ValueError, match=r"x: expected a non-negative finite number, got -1.0"):
         _checks.finite_number(-1, "x", minimum=0)
-    with pytest.raises(ValueError, match="x: expected a finite number >= 0, got nan"):
+    with pytest.raises(ValueError, match="x: expected a non-negative finite number, got nan"):
         _checks.finite_number(float("nan"), "x", minimum=0)
+    with pytest.raises(ValueError, match=r"x: expected a finite number >= 2, got 1.0"):
+        _checks.finite_number(1, "x", minimum=2)
     assert _checks.sampling_ratio(-1) == -1 and _checks.sampling_ratio(2.0) == 2
     with pytest.raises(ValueError, match="sampling_ratio: expected an int"):
         _checks.sampling_ratio(1.5)

@@ -252,8 +252,9 @@ def test_sample_sizes(labels, batch_size, fraction, seed):
     (lambda: label_anchors([[0, 0, 1, 1]], GT, pos_iou=1.5), "pos_iou: expected a number in"),
     (lambda: label_anchors([[0, 0, 1, 1]], GT, neg_iou=0.8), "neg_iou: expected at most pos_iou"),
     (lambda: label_anchors([[0, 0, 1, 1]], GT, image_shape=(5,)), r"image_shape: expected \(height"),
-    (lambda: sample_labels(np.zeros((2, 2))), r"labels: expected shape \(A,\)"),
-    (lambda: sample_labels([0, 2, 1]), r"labels: expected values in \{1, 0, -1\}"),
+    (lambda: sample_labels(np.zeros((2, 2))), r"labels: expected shape \(N,\), got \(2, 2\)"),
+    (lambda: sample_labels([0, 2, 1]), r"labels: expected values in \[-1, 1\], got 2 at index 1"),
+    (lambda: sample_labels([0, 0.5]), "labels: expected whole numbers"),
     (lambda: sample_labels([0, 1], batch_size=-1), "batch_size: expected a whole number"),
     (lambda: sample_labels([0, 1], positive_fraction=1.5), "positive_fraction: expected a number"),
 ])
