@@ -16,7 +16,7 @@ import numpy as np
 from . import _checks, ops
 from .box_coding import decode, encode
 from .boxes import clip_boxes, remove_small_boxes
-from .losses import smooth_l1, softmax_cross_entropy
+from .losses import smooth_l1, softmax, softmax_cross_entropy
 from .nn import Linear, ReLU
 
 HEAD_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # eq. (2) times these = dividing by stds (0.1, 0.1, 0.2, 0.2)
@@ -44,19 +44,19 @@ def proposal_targets(proposals, gt_boxes, gt_labels, num_classes, batch_size=128
         num_classes: C, object classes (background 0 is extra).
         batch_size, fg_fraction, fg_iou, bg_iou_hi, bg_iou_lo: the sampling (128, 0.25, 0.5, [0.1, 0.5)).
         weights: box-coding weights of the head's t (10, 10, 5, 5).
-        rng: np.random.Generator for the sampling.  backend: passed to ops.box_iou.
+        rng: a np.random.Generator, an int seed, or None (fresh randomness) for the sampling;
+            the same seed gives the same RoIs.  backend: passed to ops.box_iou.
     Returns:
         rois: (R, 4) float32, foreground first.
         labels: (R,) int64 in 0..C (0 = background).
         bbox_targets: (R, 4 (C+1)) float32; row r holds t* in columns 4 l .. 4 l + 3 of its class l.
         bbox_weights: (R, 4 (C+1)) float32; 1 where bbox_targets counts in the loss, else 0.
     """
-    rng = np.random.default_rng() if rng is None else rng
+    rng = np.random.default_rng(rng)                                      # a Generator passes through
     proposals = _checks.as_boxes(proposals, "proposals")
     gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")
-    gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
-    if len(gt_labels) != len(gt_boxes):
-        raise ValueError(f"gt_labels: expected {len(gt_boxes)} labels, got {len(gt_labels)}")
+    num_classes = _checks.whole_number(num_classes, "num_classes")
+    gt_labels = _checks.as_labels(gt_labels, "gt_labels", 1, num_classes, size=len(gt_boxes))  # (G,)
     all_rois = np.concatenate([proposals, gt_boxes], axis=0)              # (P + G, 4)
     if len(gt_boxes):
         iou = ops.box_iou(all_rois, gt_boxes, backend=backend)            # (P + G, G)
@@ -173,13 +173,6 @@ def fast_rcnn_loss(cls_logits, bbox_deltas, labels, bbox_targets, bbox_weights, 
                 grad_bbox=grad_bbox / r)
 
 
-def softmax(logits):
-    """Row-wise softmax of (R, C+1) logits, shifted by the row max for stability."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def postprocess_detections(rois, cls_logits, bbox_deltas, image_shape, score_threshold=0.05,
                            nms_threshold=0.5, max_detections=100, weights=HEAD_BOX_WEIGHTS,
                            backend=None):
@@ -194,7 +187,16 @@ def postprocess_detections(rois, cls_logits, bbox_deltas, image_shape, score_thr
     Returns:
         dict(boxes (D, 4) float32, scores (D,) float32, labels (D,) int64 in 1..C).
     """
+    rois = _checks.as_boxes(rois, "rois")                                 # (R, 4)
+    cls_logits = _checks.as_float_array(cls_logits, "cls_logits", ndim=2)  # (R, C+1)
     r, c1 = cls_logits.shape
+    if r != len(rois) or c1 < 2:
+        raise ValueError(f"cls_logits: expected shape ({len(rois)}, C+1) with C >= 1, one row per RoI, "
+                         f"got {tuple(cls_logits.shape)}")
+    bbox_deltas = _checks.as_float_array(bbox_deltas, "bbox_deltas", ndim=2)
+    if bbox_deltas.shape != (r, 4 * c1):
+        raise ValueError(f"bbox_deltas: expected shape ({r}, {4 * c1}) = (R, 4 (C+1)), "
+                         f"got {tuple(bbox_deltas.shape)}")
     probs = softmax(cls_logits)                                           # (R, C+1)
     anchors = np.repeat(rois, c1, axis=0)                                 # (R (C+1), 4)
     boxes = decode(bbox_deltas.reshape(-1, 4), anchors, weights=weights)  # (R (C+1), 4)

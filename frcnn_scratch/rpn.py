@@ -10,9 +10,11 @@ The RPN slides a small network over the backbone's feature map (Figure 3):
 Outputs are flattened in the anchors' order, index = (y * W + x) * k + a (see anchors.py), so
 that row i of `logits` / `deltas` belongs to anchor i.
 
-Training targets (3.1.2) come from labeling.py: an anchor is positive (1) at IoU >= 0.7 with some
-ground truth box or when it is a box's best anchor, negative (0) at IoU < 0.3 with every box,
-else ignored (-1); a mini-batch samples up to half positives.
+Training targets (3.1.2) come from labeling.py: an anchor is positive (1) at IoU > 0.7 with some
+ground truth box (strictly "higher than 0.7", as section 3.1.2 says; the paper's released code
+used >=, which label_anchors offers as pos_inclusive=True) or when it is a box's best anchor;
+negative (0) at IoU < 0.3 with every box; else ignored (-1).  A mini-batch samples up to half
+positives.
 
 The proposal layer turns (logits, deltas) into boxes for the detection network: decode, clip to
 the image, drop tiny boxes, keep the pre-NMS top N by score, NMS at 0.7, keep the post-NMS top N.
@@ -23,6 +25,7 @@ from . import _checks, ops
 from .box_coding import decode, encode
 from .boxes import clip_boxes, remove_small_boxes
 from .labeling import label_anchors, sample_labels
+from .losses import sigmoid
 from .nn import Conv2d, ReLU
 
 
@@ -104,8 +107,9 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
         logits: (A,) objectness logits (the score is sigmoid(logit); ranking by logit is the same).
         deltas: (A, 4) predicted t for each anchor.
         image_shape: (height, width) to clip to.
-        pre_nms_top_n: highest-scoring boxes kept before NMS (12000 train / 6000 test in the paper).
-        post_nms_top_n: boxes kept after NMS (2000 train / 300 test).
+        pre_nms_top_n: highest-scoring boxes kept before NMS (12000 train / 6000 test in the paper);
+            a whole number >= 0 (0 keeps none: an empty, valid result).
+        post_nms_top_n: boxes kept after NMS (2000 train / 300 test); a whole number >= 0.
         nms_threshold: IoU above which a lower-scoring box is suppressed (0.7).
         min_size: boxes narrower or shorter than this (pixels) are dropped.
         backend: passed to ops.nms.
@@ -119,6 +123,8 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
     if not len(anchors) == len(logits) == len(deltas):
         raise ValueError(f"anchors, logits, deltas: expected one row per anchor, got "
                          f"{len(anchors)}, {len(logits)}, {len(deltas)}")
+    pre_nms_top_n = _checks.whole_number(pre_nms_top_n, "pre_nms_top_n")
+    post_nms_top_n = _checks.whole_number(post_nms_top_n, "post_nms_top_n")
     boxes = decode(deltas, anchors)                                       # (A, 4)
     boxes = clip_boxes(boxes, image_shape)
     keep = remove_small_boxes(boxes, min_size)
@@ -127,9 +133,3 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
     boxes, logits = boxes[order], logits[order]
     keep = ops.nms(boxes, logits, nms_threshold, backend=backend)[:post_nms_top_n]
     return boxes[keep].astype(np.float32), sigmoid(logits[keep]).astype(np.float32)
-
-
-def sigmoid(x):
-    """The logistic objectness p = 1 / (1 + exp(-x)), computed without overflow for any x."""
-    e = np.exp(-np.abs(x))                                                # in (0, 1]
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -340,3 +340,23 @@ def test_rpn_loss_matches_torch(kwargs):
 def test_bad_inputs_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: smooth_l1(np.zeros(2), np.zeros(2), sigma="a"), "sigma: expected a positive finite number"),
+    (lambda: smooth_l1(np.zeros(2), np.zeros(2), sigma=None), "sigma: expected a positive finite number"),
+    (lambda: rpn_loss(np.zeros(2), np.zeros((2, 4)), [1, 0], np.zeros((2, 4)), lam="x"), "lam: expected"),
+    (lambda: rpn_loss(np.zeros(2), np.zeros((2, 4)), [1, 0], np.zeros((2, 4)), n_cls="x"), "n_cls: expected"),
+    (lambda: binary_log_loss([0.0], ["a"]), "labels: expected whole numbers"),
+])
+def test_unconvertible_numbers_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_sigmoid_and_softmax_are_public_and_shared():
+    from frcnn_scratch import losses, roi_head, rpn
+    assert rpn.sigmoid is losses.sigmoid and roi_head.softmax is losses.softmax
+    np.testing.assert_allclose(losses.sigmoid(np.array([-1000.0, 0.0, 1000.0])), [0.0, 0.5, 1.0])
+    p = losses.softmax(np.array([[0.0, np.log(3.0)], [1000.0, 1000.0]]))
+    np.testing.assert_allclose(p, [[0.25, 0.75], [0.5, 0.5]], rtol=1e-12)

@@ -209,3 +209,35 @@ def test_postprocess_of_nothing():
     det = postprocess_detections(np.zeros((0, 4), np.float32), np.zeros((0, 3), np.float32),
                                  np.zeros((0, 12), np.float32), (20, 20))
     assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,) and det["labels"].shape == (0,)
+
+
+def test_proposal_targets_accept_an_int_seed_like_a_generator():
+    proposals = np.concatenate([GT + 1, GT - 1, GT + 30]).astype(np.float32)
+    by_int = proposal_targets(proposals, GT, GT_LABELS, 3, batch_size=4, rng=7)
+    by_gen = proposal_targets(proposals, GT, GT_LABELS, 3, batch_size=4, rng=np.random.default_rng(7))
+    for a, b in zip(by_int, by_gen):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([1.5, 2], "gt_labels: expected whole numbers"),
+    (["a", "b"], "gt_labels: expected whole numbers"),
+    ([0, 2], r"gt_labels: expected values in \[1, 3\]"),
+    ([2, 4], r"gt_labels: expected values in \[1, 3\]"),
+])
+def test_proposal_targets_check_the_label_values(labels, match):
+    with pytest.raises(ValueError, match=match):
+        proposal_targets(GT, GT, labels, 3, rng=0)
+
+
+@pytest.mark.parametrize("rois, cls, bbox, match", [
+    (np.zeros((2, 4)), np.zeros((2, 3)), np.zeros((2, 8)), r"bbox_deltas: expected shape \(2, 12\)"),
+    (np.zeros((2, 4)), np.zeros((2, 3)), np.zeros((3, 12)), r"bbox_deltas: expected shape \(2, 12\)"),
+    (np.zeros((2, 4)), np.zeros((2, 3)), np.zeros(24), r"bbox_deltas: expected shape"),
+    (np.zeros((2, 4)), np.zeros((3, 3)), np.zeros((3, 12)), r"cls_logits: expected shape \(2, C\+1\)"),
+    (np.zeros((2, 4)), np.zeros(6), np.zeros((2, 12)), r"cls_logits: expected shape"),
+    (np.zeros((2, 5)), np.zeros((2, 3)), np.zeros((2, 12)), r"rois: expected shape"),
+])
+def test_postprocess_names_a_wrongly_shaped_argument(rois, cls, bbox, match):
+    with pytest.raises(ValueError, match=match):
+        postprocess_detections(rois, cls, bbox, (20, 20))

@@ -164,3 +164,34 @@ def test_proposals_check_that_rows_match_the_anchors():
         generate_proposals(anchors, np.zeros(3), np.zeros((2, 4)), (20, 20), 5, 5)
     with pytest.raises(ValueError, match="deltas"):
         generate_proposals(anchors, np.zeros(2), np.zeros((2, 3)), (20, 20), 5, 5)
+
+
+@pytest.mark.parametrize("pre, post, match", [
+    (-1, 5, "pre_nms_top_n: expected a whole number >= 0"),
+    (2.5, 5, "pre_nms_top_n: expected a whole number >= 0"),
+    ("a", 5, "pre_nms_top_n: expected a whole number >= 0"),
+    (5, None, "post_nms_top_n: expected a whole number >= 0"),
+    (5, -3, "post_nms_top_n: expected a whole number >= 0"),
+])
+def test_proposals_check_the_top_n_counts(pre, post, match):
+    anchors = np.array([[0, 0, 10, 10]], np.float32)
+    with pytest.raises(ValueError, match=match):
+        generate_proposals(anchors, np.zeros(1), np.zeros((1, 4)), (20, 20), pre, post)
+
+
+def test_proposals_with_zero_top_n_are_empty():
+    anchors = np.array([[0, 0, 10, 10]], np.float32)
+    for pre, post in ((0, 5), (5, 0)):
+        boxes, scores = generate_proposals(anchors, np.zeros(1), np.zeros((1, 4)), (20, 20), pre, post)
+        assert boxes.shape == (0, 4) and scores.shape == (0,)
+
+
+def test_docstring_states_the_strict_positive_rule_the_code_uses():
+    """rpn.py's summary of 3.1.2 must match label_anchors' default (IoU strictly above 0.7)."""
+    from frcnn_scratch import rpn
+    from frcnn_scratch.labeling import label_anchors
+    assert "IoU > 0.7" in rpn.__doc__ and "IoU >= 0.7" not in rpn.__doc__
+    gt = np.array([[0, 0, 10, 10]], np.float32)
+    anchors = np.array([[0, 0, 10, 10], [0, 0, 7, 10]], np.float32)   # IoU 1 (best) and exactly 0.7
+    labels, _ = label_anchors(anchors, gt)
+    assert labels.tolist() == [1, -1]                  # 0.7 is not above 0.7: ignored, not positive
