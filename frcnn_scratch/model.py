@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,31 +83,45 @@ class Config:
     seed: int = 0                               # weight initialisation
 
     def __post_init__(self):
-        for name in ("pixel_mean", "pixel_std", "channels", "anchor_scales", "anchor_ratios"):
-            setattr(self, name, tuple(getattr(self, name)))
+        """Check every field: a bad value (e.g. from `--set`) is one ValueError naming config.<field>.
+
+        Values are normalised to plain Python ints, floats and tuples, so the config always
+        round-trips through JSON (save / load).
+        """
+        self.channels = _numbers(self.channels, "channels", kind=int, positive=True)
+        self.anchor_scales = _numbers(self.anchor_scales, "anchor_scales", positive=True)
+        self.anchor_ratios = _numbers(self.anchor_ratios, "anchor_ratios", positive=True)
+        self.pixel_mean = _numbers(self.pixel_mean, "pixel_mean", length=3)
+        self.pixel_std = _numbers(self.pixel_std, "pixel_std", positive=True, length=3)
         positive_ints = ("num_classes", "rpn_channels", "rpn_batch_size", "rpn_pre_nms_train",
                          "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test",
                          "pooled_size", "fc_hidden", "roi_batch_size", "max_detections")
         for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config.{name}: expected a positive int, got {value!r}")
+            setattr(self, name, _integer(getattr(self, name), name, minimum=1))
+        self.sampling_ratio = _integer(self.sampling_ratio, "sampling_ratio")   # <= 0: adaptive
+        self.seed = _integer(self.seed, "seed", minimum=0)
         fractions = ("rpn_pos_iou", "rpn_neg_iou", "rpn_positive_fraction", "rpn_nms_threshold",
                      "roi_fg_fraction", "roi_fg_iou", "roi_bg_iou_hi", "roi_bg_iou_lo",
                      "score_threshold", "nms_threshold")
         for name in fractions:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"config.{name}: expected a number in [0, 1], got {value!r}")
+            setattr(self, name, _number(getattr(self, name), name, "a number in [0, 1]",
+                                        lambda v: 0.0 <= v <= 1.0))
+        for name in ("rpn_sigma", "rpn_lambda"):
+            setattr(self, name, _number(getattr(self, name), name, "a positive finite number",
+                                        lambda v: 0.0 < v < np.inf))
+        self.rpn_min_size = _number(self.rpn_min_size, "rpn_min_size", "a finite number >= 0",
+                                    lambda v: 0.0 <= v < np.inf)          # NaN fails both tests
+        if not isinstance(self.aligned, (bool, np.bool_)):
+            raise ValueError(f"config.aligned: expected true or false, got {self.aligned!r}")
+        self.aligned = bool(self.aligned)
         if self.pooler not in ("align", "pool"):
             raise ValueError(f"config.pooler: expected 'align' or 'pool', got {self.pooler!r}")
-        if not self.channels or any(int(c) <= 0 for c in self.channels):
-            raise ValueError(f"config.channels: expected positive ints, got {self.channels!r}")
-        for name in ("anchor_scales", "anchor_ratios", "pixel_std"):
-            if not getattr(self, name) or any(float(v) <= 0 for v in getattr(self, name)):
-                raise ValueError(f"config.{name}: expected positive numbers, got {getattr(self, name)!r}")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
-            raise ValueError("config.pixel_mean, config.pixel_std: expected 3 numbers each (RGB)")
+        if self.rpn_neg_iou > self.rpn_pos_iou:
+            raise ValueError(f"config.rpn_neg_iou: expected at most config.rpn_pos_iou = "
+                             f"{self.rpn_pos_iou}, got {self.rpn_neg_iou}")
+        if self.roi_bg_iou_lo > self.roi_bg_iou_hi:
+            raise ValueError(f"config.roi_bg_iou_lo: expected at most config.roi_bg_iou_hi = "
+                             f"{self.roi_bg_iou_hi}, got {self.roi_bg_iou_lo}")
 
     @property
     def stride(self):
@@ -133,6 +148,46 @@ class Config:
     def replace(self, **changes):
         """A copy with some fields changed (checked like a new Config)."""
         return Config.from_dict({**self.to_dict(), **changes})
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v):
+    return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def _integer(value, name, minimum=None):
+    """An int field of Config (>= minimum when given) -> int; a ValueError naming config.<name>."""
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        want = "an int" if minimum is None else "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"config.{name}: expected {want}, got {value!r}")
+    return int(value)
+
+
+def _number(value, name, want, ok):
+    """A float field of Config for which ok(value) holds -> float; a ValueError naming config.<name>."""
+    if not _is_number(value) or not ok(float(value)):
+        raise ValueError(f"config.{name}: expected {want}, got {value!r}")
+    return float(value)
+
+
+def _numbers(value, name, kind=float, positive=False, length=None):
+    """A sequence field of Config -> non-empty tuple of `kind` (finite; > 0 when positive)."""
+    want = ("positive " if positive else "") + ("ints" if kind is int else "finite numbers")
+    want = f"a sequence of {length or 'one or more'} {want}"
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError("a string is not a sequence of numbers")
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"config.{name}: expected {want}, got {value!r}") from None
+    good = all(_is_int(v) if kind is int else _is_number(v) and np.isfinite(v) for v in items)
+    good = good and len(items) == (length or len(items)) > 0 and (not positive or all(v > 0 for v in items))
+    if not good:
+        raise ValueError(f"config.{name}: expected {want}, got {value!r}")
+    return tuple(kind(v) for v in items)
 
 
 # ---- the shared convolutional layers ------------------------------------------------------------
@@ -172,11 +227,30 @@ def read_npz(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if not zipfile.is_zipfile(path):                  # np.load would suggest allow_pickle: not helpful
+        raise ValueError(f"checkpoint {path!r} is not an .npz archive")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ValueError, ...
         raise ValueError(f"checkpoint {path!r} is not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
+def stored_dict(arrays, key, source):
+    """The JSON object saved under `key` of a checkpoint's arrays, as a dict.
+
+    A missing key, text that is not JSON, or JSON that is not an object is one ValueError naming
+    `source` (the checkpoint path).
+    """
+    if key not in arrays:
+        raise ValueError(f"{source}: no {key} in the file; not a frcnn checkpoint")
+    try:
+        value = json.loads(str(arrays[key]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: its {key} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: its {key} is JSON but not an object of fields: {value!r:.80}")
+    return value
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -194,10 +268,7 @@ class FasterRCNN:
         self.config = cfg = Config() if config is None else config
         if not isinstance(cfg, Config):
             raise ValueError(f"config: expected a model.Config, got {type(cfg).__name__}")
-        if backend is not None and backend not in ops.BACKENDS:
-            raise ValueError(f"backend: unknown backend {backend!r}; choose one of "
-                             f"{', '.join(ops.BACKENDS)} or None (the current default)")
-        self.backend = backend
+        self.backend = ops.check_backend(backend, allow_none=True)
         rng = np.random.default_rng(cfg.seed)
         self.backbone = build_backbone(cfg.channels, rng)
         c = int(cfg.channels[-1])
@@ -247,6 +318,9 @@ class FasterRCNN:
                              f"got {image.shape}")
         if not np.all(np.isfinite(image)):
             raise ValueError("image: contains NaN or Inf")
+        if image.size and (image.min() < 0.0 or image.max() > 1.0):
+            raise ValueError(f"image: expected values in [0, 1], got {float(image.min()):g}.."
+                             f"{float(image.max()):g} (an 8-bit image? divide it by 255)")
         mean = np.asarray(self.config.pixel_mean, np.float32)
         std = np.asarray(self.config.pixel_std, np.float32)
         x = (image - mean) / std                                           # (H, W, 3)
@@ -280,7 +354,8 @@ class FasterRCNN:
         Args:
             image: (H, W, 3) float in [0, 1].
             gt_boxes: (G, 4) xyxy in image pixels.  gt_labels: (G,) int64 in 1..C.
-            rng: np.random.Generator for the anchor and RoI sampling.
+            rng: np.random.Generator or int seed for the anchor and RoI sampling (required: an
+                unseeded step could not be repeated).
             proposals: optional (P, 4) boxes to use instead of the RPN's (a test hook: with
                 fixed proposals the loss is a smooth function of the weights).
         Returns:
@@ -288,12 +363,13 @@ class FasterRCNN:
             are left in the layers (read them with grads()).
         """
         cfg = self.config
+        if rng is None:
+            raise ValueError("rng: pass a seed (int) or a np.random.Generator; an unseeded training "
+                             "step cannot be repeated")
+        rng = np.random.default_rng(rng)                                   # a Generator passes through
         gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")                   # (G, 4)
-        gt_labels = np.asarray(gt_labels).reshape(-1)
-        if len(gt_labels) != len(gt_boxes) or np.any(gt_labels < 1) or np.any(gt_labels > cfg.num_classes):
-            raise ValueError(f"gt_labels: expected {len(gt_boxes)} labels in 1..{cfg.num_classes}, "
-                             f"got {gt_labels.tolist()}")
-        gt_labels = gt_labels.astype(np.int64)                             # (G,)
+        gt_labels = _checks.as_labels(gt_labels, "gt_labels", 1, cfg.num_classes,
+                                      size=len(gt_boxes))                  # (G,) int64
         x = self.preprocess(image)                                         # (1, 3, H, W)
         image_shape = x.shape[2:]
         features = self.features(x)                                        # (1, C, H', W')
@@ -359,9 +435,7 @@ class FasterRCNN:
 
     def load_state_arrays(self, arrays, source="checkpoint"):
         """Copy parameters from `arrays` (as written by state_arrays) after checking the config."""
-        if "config" not in arrays:
-            raise ValueError(f"{source}: no config in the file; not a frcnn checkpoint")
-        saved = json.loads(str(arrays["config"]))
+        saved = stored_dict(arrays, "config", source)
         mine = json.loads(json.dumps(self.config.to_dict()))
         differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if differ:
@@ -381,8 +455,12 @@ class FasterRCNN:
     def load(cls, path, backend=None):
         """A new model built from the config stored in `path`, with its weights."""
         arrays = read_npz(path)
-        if "config" not in arrays:
-            raise ValueError(f"checkpoint {os.fspath(path)!r}: no config in the file; not a frcnn checkpoint")
-        model = cls(Config.from_dict(json.loads(str(arrays["config"]))), backend=backend)
-        model.load_state_arrays(arrays, source=f"checkpoint {os.fspath(path)!r}")
+        source = f"checkpoint {os.fspath(path)!r}"
+        saved = stored_dict(arrays, "config", source)
+        try:
+            config = Config.from_dict(saved)
+        except ValueError as e:                           # names the field; add the file
+            raise ValueError(f"{source}: {e}") from None
+        model = cls(config, backend=backend)
+        model.load_state_arrays(arrays, source=source)
         return model

@@ -18,9 +18,16 @@ BACKENDS = ("numpy", "triton")
 _current = None  # set lazily from FRCNN_BACKEND so that importing never fails
 
 
-def _check_name(name):
-    if name not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+def check_backend(name, allow_none=False):
+    """`name` if it is one of BACKENDS (or None, when allow_none); else a ValueError listing the choices.
+
+    Only checks the name: whether triton can be imported is checked when the backend is used.
+    """
+    if name is None and allow_none:
+        return None
+    if not isinstance(name, str) or name not in BACKENDS:
+        choices = ", ".join(BACKENDS) + (" or None (the current default)" if allow_none else "")
+        raise ValueError(f"backend: unknown backend {name!r}; choose one of {choices}")
     return name
 
 
@@ -28,7 +35,7 @@ def get_backend():
     """The backend ops use when called without `backend=`."""
     global _current
     if _current is None:
-        _current = _check_name(os.environ.get("FRCNN_BACKEND", "numpy"))
+        _current = check_backend(os.environ.get("FRCNN_BACKEND", "numpy"))
     return _current
 
 
@@ -77,7 +84,7 @@ def _triton_impl():
 
 
 def _impl(backend):
-    name = get_backend() if backend is None else _check_name(backend)
+    name = get_backend() if backend is None else check_backend(backend)
     return _NumpyImpl if name == "numpy" else _triton_impl()
 
 

@@ -1,5 +1,6 @@
 """FasterRCNN: the whole model's gradient against finite differences, overfitting one image,
 predict, save / load, config checks, and numpy vs triton on one training step."""
+import json
 import os
 
 import numpy as np
@@ -158,6 +159,8 @@ def test_predict_returns_sorted_typed_detections():
     (np.zeros((32, 32, 4)), "image: expected"),
     (np.zeros((2, 2, 3)), "image: expected"),
     (np.full((32, 32, 3), np.nan), "NaN"),
+    (np.full((32, 32, 3), 255, np.uint8), r"image: expected values in \[0, 1\].*divide it by 255"),
+    (np.full((32, 32, 3), -0.5), r"image: expected values in \[0, 1\]"),
 ])
 def test_predict_rejects_bad_images(image, match):
     with pytest.raises(ValueError, match=match):
@@ -177,10 +180,26 @@ def test_roi_pool_head_runs():
 @pytest.mark.parametrize("field, value", [
     ("pooler", "mean"), ("num_classes", 0), ("rpn_pos_iou", 1.5), ("channels", ()),
     ("anchor_scales", (0, 2)), ("fc_hidden", 2.5), ("pixel_std", (1, 1, 0)),
+    # not sequences, or not numbers: each a ValueError naming the field, never a TypeError
+    ("channels", 16), ("channels", "abc"), ("channels", (16, 1.5)), ("channels", None),
+    ("anchor_scales", 2.0), ("anchor_ratios", ("a",)), ("anchor_ratios", (1, np.inf)),
+    ("pixel_mean", 0.5), ("pixel_mean", (0.5, np.nan, 0.5)), ("pixel_mean", (0.5, 0.5)),
+    ("pixel_std", None), ("sampling_ratio", 1.5), ("sampling_ratio", "2"), ("aligned", 1),
+    ("aligned", "yes"), ("rpn_sigma", 0), ("rpn_sigma", "3"), ("rpn_lambda", -1.0),
+    ("rpn_lambda", np.inf), ("rpn_min_size", np.nan), ("rpn_min_size", -1.0), ("rpn_min_size", None),
+    ("seed", "abc"), ("seed", -1), ("seed", 1.5), ("seed", True), ("rpn_pos_iou", True),
+    ("rpn_neg_iou", 0.8), ("roi_bg_iou_lo", 0.6), ("score_threshold", np.nan),
 ])
 def test_config_rejects_bad_values(field, value):
-    with pytest.raises(ValueError, match=f"config.{field}"):
+    with pytest.raises(ValueError, match=f"config.{field}: expected"):
         Config(**{field: value})
+
+
+def test_config_normalises_to_json_friendly_values():
+    cfg = Config(channels=[np.int64(8), 16], pixel_mean=np.array([0.5, 0.4, 0.3]), seed=np.int64(3))
+    assert cfg.channels == (8, 16) and type(cfg.channels[0]) is int and type(cfg.seed) is int
+    assert cfg.pixel_mean == (0.5, 0.4, 0.3) and type(cfg.pixel_mean[0]) is float
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_config_round_trips_through_dict_and_knows_its_stride():
@@ -224,12 +243,31 @@ def test_load_errors_are_clear(tmp_path):
         FasterRCNN.load(tmp_path / "missing.npz")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match=r"bad.npz' is not an .npz archive$"):
         FasterRCNN.load(bad)
     other = tmp_path / "other.npz"
     np.savez(other, x=np.zeros(3))
     with pytest.raises(ValueError, match="not a frcnn checkpoint"):
         FasterRCNN.load(other)
+
+
+@pytest.mark.parametrize("stored, match", [
+    ("{not json", "its config is not valid JSON"),
+    ("[1, 2]", "its config is JSON but not an object"),
+    ('"text"', "its config is JSON but not an object"),
+    ('{"channels": 16}', "config.channels: expected"),
+])
+def test_load_rejects_a_broken_stored_config(tmp_path, stored, match):
+    path = tmp_path / "broken.npz"
+    arrays = FasterRCNN(tiny_config()).state_arrays()
+    arrays["config"] = np.array(stored)
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=f"checkpoint '.*broken.npz'.*{match}"):
+        FasterRCNN.load(path)
+    if stored.startswith("{"):                     # load_weights: a valid dict is compared instead
+        return
+    with pytest.raises(ValueError, match=f"checkpoint '.*broken.npz'.*{match}"):
+        FasterRCNN(tiny_config()).load_weights(path)
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
@@ -284,6 +322,9 @@ def test_triton_backend_matches_numpy_on_a_training_step(pooler):
     (np.array([[1, 1, 5, 5]]), [0], "gt_labels"),
     (np.array([[1, 1, 5, 5]]), [9], "gt_labels"),
     (np.array([[1, 1, 5, 5]]), [1, 2], "gt_labels"),
+    (np.array([[1, 1, 5, 5]]), [1.5], "gt_labels: expected whole numbers"),
+    (np.array([[1, 1, 5, 5]]), ["a"], "gt_labels: expected whole numbers"),
+    (np.array([[1, 1, 5, 5]]), [np.nan], "gt_labels: contains NaN"),
 ])
 def test_training_step_rejects_bad_ground_truth(boxes, labels, match):
     with pytest.raises(ValueError, match=match):
@@ -309,6 +350,16 @@ def test_no_proposals_and_no_objects_train_the_rpn_only():
     assert losses["head_cls"] == losses["head_reg"] == 0 and losses["rpn_cls"] > 0
     grads = model.grads()
     assert not grads["head.fc6.weight"].any() and grads["rpn.cls.weight"].any()
+
+
+def test_training_step_needs_a_seed_or_generator_and_accepts_an_int():
+    s = tiny_sample()
+    with pytest.raises(ValueError, match="rng: pass a seed"):
+        FasterRCNN(tiny_config()).loss_and_grads(s["image"], s["boxes"], s["labels"], None)
+    by_int = FasterRCNN(tiny_config()).loss_and_grads(s["image"], s["boxes"], s["labels"], 5)
+    by_gen = FasterRCNN(tiny_config()).loss_and_grads(s["image"], s["boxes"], s["labels"],
+                                                      np.random.default_rng(5))
+    assert by_int == by_gen
 
 
 def test_constructor_checks_backend_and_config():
