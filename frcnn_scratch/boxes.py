@@ -141,16 +141,12 @@ def box_iou(boxes1, boxes2):
     area_b = _area(b)                                    # (M,)
     # The intersection is the box between the larger top-left and the smaller bottom-right
     # corner; when those cross, the overlap is empty and its sides clamp to 0.
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])        # (N, M)
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)          # (N, M)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])  # (N, M) width
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.maximum(iw, 0) * np.maximum(ih, 0)                    # (N, M)
     union = area_a[:, None] + area_b[None, :] - inter                # (N, M)
-    iou = np.zeros(inter.shape, np.float32)
-    positive = union > 0
-    iou[positive] = inter[positive] / union[positive]
-    return iou
+    # inter / union where union > 0, else 0 (a masked divide: boolean indexing is ~2x slower)
+    return np.divide(inter, union, out=np.zeros(inter.shape, np.float32), where=union > 0)
 
 
 # ---- clipping and filtering ------------------------------------------------------------------
