@@ -3,7 +3,11 @@ cosine learning rate, horizontal flips, a tqdm bar with the four losses, and che
 resume exactly (model, optimizer, random state and iteration in one .npz).
 
 Same seed, same data, same config -> the same run, bit for bit; a run stopped and resumed from a
-checkpoint continues as if it had never stopped.
+checkpoint continues as if it had never stopped.  For that, resuming needs the same TrainConfig as
+the checkpoint in every field but checkpoint_every (see RESUME_MUST_MATCH).  The total iterations
+may change only while every step taken so far lies in the warmup (iteration <= warmup), where the
+learning rate does not depend on the total; after that the cosine stretches over the total, so
+another --iters would have given the steps already taken other learning rates.
 """
 import contextlib
 import ctypes
@@ -17,7 +21,7 @@ import numpy as np
 
 from .data.transforms import hflip
 from .evaluate import evaluate_detections
-from .model import atomic_savez, read_npz
+from .model import atomic_savez, read_npz, stored_dict
 from .nn import SGD
 
 
@@ -45,6 +49,14 @@ class TrainConfig:
                 raise ValueError(f"train config.{name}: expected a number >= 0, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"train config.lr: expected a positive number, got {self.lr!r}")
+
+
+# Every TrainConfig field changes what a step does, except checkpoint_every (only when files are
+# written): seed (image order, flips, sampling), lr / warmup / final_lr_fraction / iterations (the
+# schedule: cosine over `iterations`), momentum / weight_decay (the update), flip (the data).
+# `iterations` may differ while the steps taken are all in the warmup (see the module docstring).
+RESUME_MUST_MATCH = ("iterations", "lr", "momentum", "weight_decay", "warmup", "final_lr_fraction",
+                     "flip", "seed")
 
 
 def learning_rate(iteration, tcfg):
@@ -123,13 +135,30 @@ def save_checkpoint(path, model, optimizer, rng, iteration, tcfg):
     atomic_savez(path, arrays)
 
 
-def load_checkpoint(path, model, optimizer, rng):
-    """Restore model weights, optimizer state and rng state from `path`; returns the iteration."""
+def load_checkpoint(path, model, optimizer, rng, tcfg=None):
+    """Restore model weights, optimizer state and rng state from `path`; returns the iteration.
+
+    With `tcfg`, the checkpoint's train config must agree with it in every field of
+    RESUME_MUST_MATCH (else the resumed run would not be the run that was stopped), `iterations`
+    excepted while the checkpoint's iteration is <= warmup + 1 (all steps taken had
+    iteration <= warmup, where the schedule ignores the total): a ValueError lists the fields that
+    differ.
+    """
     arrays = read_npz(path)
     source = f"checkpoint {os.fspath(path)!r}"
     model.load_state_arrays(arrays, source=source)
     if "iteration" not in arrays or "rng_state" not in arrays:
         raise ValueError(f"{source}: holds weights only (no optimizer / rng state); cannot resume")
+    if tcfg is not None:
+        saved = stored_dict(arrays, "train_config", source)
+        mine = json.loads(json.dumps(asdict(tcfg)))
+        in_warmup = int(arrays["iteration"]) <= tcfg.warmup + 1      # steps 0 .. warmup taken at most
+        differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != mine[k]
+                  and not (k == "iterations" and in_warmup)]
+        if differ:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in differ)
+            raise ValueError(f"{source}: cannot resume exactly with another train config ({detail}); "
+                             "use the checkpoint's values, or start a new run without --resume")
     try:
         optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
     except ValueError as e:
@@ -162,7 +191,7 @@ def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=Tru
                     weight_decay=tcfg.weight_decay)
     start = 0
     if resume and checkpoint is not None and os.path.exists(checkpoint):
-        start = load_checkpoint(checkpoint, model, optimizer, rng)
+        start = load_checkpoint(checkpoint, model, optimizer, rng, tcfg)
     history = []
     bar = None
     if progress:

@@ -132,3 +132,55 @@ def test_blas_threads_sets_and_restores(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")          # the user's choice wins: untouched
     with train_module.blas_threads(1):
         assert get() == before
+
+
+@pytest.mark.parametrize("change", [dict(seed=2), dict(lr=0.02), dict(momentum=0.8),
+                                    dict(weight_decay=0.0), dict(warmup=3), dict(flip=False),
+                                    dict(final_lr_fraction=0.5), dict(iterations=9)])
+def test_resume_refuses_another_train_config_once_past_the_warmup(tmp_path, change):
+    """3 steps with warmup 1 (step 2 is on the cosine): any field that changes a step must match."""
+    path = tmp_path / "r.npz"
+    base = dict(iterations=6, warmup=1, seed=1, checkpoint_every=3)
+    train(FasterRCNN(tiny_config()), SAMPLES[:1], TrainConfig(**{**base, "iterations": 3}),
+          checkpoint=path, progress=False)
+    with np.load(path) as f:                              # make the checkpoint a 6-step run's
+        arrays = dict(f)
+    arrays["train_config"] = np.array(str(arrays["train_config"]).replace('"iterations": 3',
+                                                                          '"iterations": 6'))
+    np.savez(path, **arrays)
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=f"cannot resume exactly.*{name}: checkpoint"):
+        train(FasterRCNN(tiny_config()), SAMPLES[:1], TrainConfig(**{**base, **change}),
+              checkpoint=path, resume=True, progress=False)
+    # checkpoint_every only says when files are written: it may change
+    history = train(FasterRCNN(tiny_config()), SAMPLES[:1], TrainConfig(**{**base, "checkpoint_every": 0}),
+                    checkpoint=path, resume=True, progress=False)
+    assert len(history) == 3
+
+
+def test_resume_may_extend_the_total_while_inside_the_warmup(tmp_path):
+    """Steps 0..2 with warmup 5: their learning rates do not depend on the total, so a longer
+    run resumed from them equals the longer run done straight."""
+    path = tmp_path / "w.npz"
+    train(FasterRCNN(tiny_config()), SAMPLES, TrainConfig(iterations=3, warmup=5, seed=1),
+          checkpoint=path, progress=False)
+    longer = TrainConfig(iterations=8, warmup=5, seed=1)
+    resumed = FasterRCNN(tiny_config())
+    h_resumed = train(resumed, SAMPLES, longer, checkpoint=path, resume=True, progress=False)
+    straight = FasterRCNN(tiny_config())
+    h_straight = train(straight, SAMPLES, longer, progress=False)
+    assert h_resumed == h_straight[3:]
+    _assert_same(_params(resumed), _params(straight))
+
+
+def test_resume_rejects_a_checkpoint_whose_train_config_is_not_json(tmp_path):
+    path = tmp_path / "j.npz"
+    train(FasterRCNN(tiny_config()), SAMPLES[:1], TrainConfig(iterations=1), checkpoint=path,
+          progress=False)
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays["train_config"] = np.array("{oops")
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=r"j.npz'.*train_config is not valid JSON"):
+        train(FasterRCNN(tiny_config()), SAMPLES[:1], TrainConfig(iterations=2), checkpoint=path,
+              resume=True, progress=False)
