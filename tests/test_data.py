@@ -308,3 +308,45 @@ def test_coco_errors(tmp_path):
     (tmp_path / "ok.json").write_text(json.dumps(base))
     with pytest.raises(FileNotFoundError, match="a.png"):
         load_coco(tmp_path / "ok.json", tmp_path)
+
+
+# ---- the writers' shared sample check, and images in [0, 1] everywhere --------------------------------
+
+@pytest.mark.parametrize("write", ["voc", "coco"])
+@pytest.mark.parametrize("change, match", [
+    (dict(labels=np.array([1.5])), r"samples\[0\]\['labels'\]: expected whole numbers"),
+    (dict(labels=np.array([7])), r"samples\[0\]\['labels'\]: expected values in \[1, 4\], got 7"),
+    (dict(labels=np.array([1, 2])), r"samples\[0\]: 1 boxes but 2 labels"),
+    (dict(boxes=np.array([[5, 5, 1, 1]], np.float32)), r"samples\[0\]\['boxes'\]: box 0"),
+])
+def test_writers_check_each_sample_alike(tmp_path, write, change, match):
+    sample = dict(image=np.zeros((8, 8, 3), np.float32), boxes=np.array([[1, 1, 4, 4]], np.float32),
+                  labels=np.array([1]), id="a")
+    sample.update(change)
+    with pytest.raises(ValueError, match=match):
+        if write == "voc":
+            write_voc(tmp_path, [sample], SHAPE_CLASSES)
+        else:
+            write_coco(tmp_path / "ann.json", tmp_path / "images", [sample], SHAPE_CLASSES)
+
+
+def test_loaders_and_shapes_give_float32_images_in_the_unit_range(tmp_path):
+    """The model rejects images outside [0, 1]: every source must give float32 in [0, 1], a JPEG
+    (8-bit) included, and resize / hflip must keep the range."""
+    from PIL import Image
+    samples = make_shapes_dataset(3, seed=0)
+    for s in samples:
+        assert s["image"].dtype == np.float32 and 0 <= s["image"].min() and s["image"].max() <= 1
+        for t in (resize(s, 97, 300)[0], resize(s, 31, 300)[0], hflip(s)):
+            assert 0 <= t["image"].min() and t["image"].max() <= 1
+    write_voc(tmp_path / "voc", samples, SHAPE_CLASSES)
+    jpg = tmp_path / "voc" / "JPEGImages" / f"{samples[0]['id']}.jpg"
+    png = jpg.with_suffix(".png")
+    Image.open(png).save(jpg, quality=90)                 # a real 8-bit JPEG; the loader falls back
+    png.unlink()                                          # to it when the XML's PNG is gone
+    write_coco(tmp_path / "coco.json", tmp_path / "coco", samples, SHAPE_CLASSES)
+    loaded = load_voc(tmp_path / "voc", class_names=SHAPE_CLASSES)
+    loaded += load_coco(tmp_path / "coco.json", tmp_path / "coco")[0]
+    for s in loaded:
+        assert s["image"].dtype == np.float32 and 0 <= s["image"].min() and s["image"].max() <= 1
+    assert loaded[0]["image"].max() > 0.5                 # 0..255 was divided, not clipped to 0..1

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from .._checks import as_boxes
+from ._samples import check_sample
 from .voc import _check_id, read_image, write_image
 
 
@@ -116,15 +117,7 @@ def write_coco(json_path, image_dir, samples, class_names):
         image_id = _check_id(sample.get("id", f"{n:06d}"))
         if any(img["file_name"] == f"{image_id}.png" for img in images):
             raise ValueError(f"samples[{n}]: duplicate id {image_id!r} (its image would be overwritten)")
-        image = np.asarray(sample["image"])
-        boxes = as_boxes(sample.get("boxes", np.zeros((0, 4))), f"samples[{n}]['boxes']")
-        labels = np.asarray(sample.get("labels", np.zeros(0, np.int64))).astype(np.int64)
-        difficult = np.asarray(sample.get("difficult", np.zeros(len(labels), bool)), dtype=bool)
-        if len(labels) != len(boxes) or len(difficult) != len(boxes):
-            raise ValueError(f"samples[{n}]: {len(boxes)} boxes but {len(labels)} labels and "
-                             f"{len(difficult)} difficult flags")
-        if labels.size and (labels.min() < 1 or labels.max() > len(class_names)):
-            raise ValueError(f"samples[{n}]['labels']: expected 1..{len(class_names)}, got {labels.tolist()}")
+        image, boxes, labels, difficult = check_sample(sample, n, class_names)
         file_name = f"{image_id}.png"
         write_image(os.path.join(image_dir, file_name), image)
         images.append(dict(id=n + 1, file_name=file_name, height=int(image.shape[0]),

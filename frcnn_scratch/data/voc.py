@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from .._checks import as_boxes
+from ._samples import check_sample
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -163,15 +164,7 @@ def write_voc(root, samples, class_names, split="trainval"):
         image_id = _check_id(sample.get("id", f"{n:06d}"))
         if image_id in ids:
             raise ValueError(f"samples[{n}]: duplicate id {image_id!r} (its files would be overwritten)")
-        image = np.asarray(sample["image"])
-        boxes = as_boxes(sample.get("boxes", np.zeros((0, 4))), f"samples[{n}]['boxes']")
-        labels = np.asarray(sample.get("labels", np.zeros(0, np.int64))).astype(np.int64)
-        difficult = np.asarray(sample.get("difficult", np.zeros(len(labels), bool)), dtype=bool)
-        if len(labels) != len(boxes) or len(difficult) != len(boxes):
-            raise ValueError(f"samples[{n}]: {len(boxes)} boxes but {len(labels)} labels and "
-                             f"{len(difficult)} difficult flags")
-        if labels.size and (labels.min() < 1 or labels.max() > len(class_names)):
-            raise ValueError(f"samples[{n}]['labels']: expected 1..{len(class_names)}, got {labels.tolist()}")
+        image, boxes, labels, difficult = check_sample(sample, n, class_names)
 
         ann = ET.Element("annotation")
         ET.SubElement(ann, "folder").text = os.path.basename(os.path.abspath(root))
