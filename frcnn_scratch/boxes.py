@@ -141,10 +141,15 @@ def box_iou(boxes1, boxes2):
     area_b = _area(b)                                    # (M,)
     # The intersection is the box between the larger top-left and the smaller bottom-right
     # corner; when those cross, the overlap is empty and its sides clamp to 0.
-    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])  # (N, M) width
-    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.maximum(iw, 0) * np.maximum(ih, 0)                    # (N, M)
-    union = area_a[:, None] + area_b[None, :] - inter                # (N, M)
+    # (In-place steps: each fresh (N, M) array costs more than the arithmetic on it.)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2])                    # (N, M) overlap's right edge
+    iw -= np.maximum(a[:, None, 0], b[None, :, 0])                   # minus its left edge: width
+    ih = np.minimum(a[:, None, 3], b[None, :, 3])                    # (N, M) bottom edge
+    ih -= np.maximum(a[:, None, 1], b[None, :, 1])                   # minus top edge: height
+    inter = np.maximum(iw, 0, out=iw)                                # (N, M) clamp, then
+    inter *= np.maximum(ih, 0, out=ih)                               #   width * height
+    union = area_a[:, None] + area_b[None, :]                        # (N, M)
+    union -= inter
     # inter / union where union > 0, else 0 (a masked divide: boolean indexing is ~2x slower)
     return np.divide(inter, union, out=np.zeros(inter.shape, np.float32), where=union > 0)
 

@@ -179,7 +179,8 @@ class Conv2d(Module):
         if h + 2 * ph < kh or wd + 2 * pw < kw:
             raise ValueError(f"Conv2d x: padded input {(h + 2 * ph, wd + 2 * pw)} is smaller than "
                              f"the kernel {(kh, kw)}; got x of shape {x.shape}")
-        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x  # (N, C, Hp, Wp)
+        xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)  # (N, C, Hp, Wp) zero border
+        xp[:, :, ph:ph + h, pw:pw + wd] = x                           # (np.pad does this, slower)
         # im2col: a view of every kh x kw window, then one copy into columns
         win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # (N, C, Ho, Wo, kh, kw)
         ho, wo = win.shape[2], win.shape[3]
