@@ -57,10 +57,23 @@ def _config(args):
     return Config(**_parse_overrides(args.set))
 
 
+# TrainConfig fields set from the command line, and the options as the user types them
+TRAIN_OPTIONS = {"iterations": "--iters", "lr": "--lr", "seed": "--seed",
+                 "checkpoint_every": "--checkpoint-every"}
+
+
 def _train_config(args):
+    """TrainConfig from the options; a bad value's error names the option (--iters, not iterations)."""
     from .train import TrainConfig
-    return TrainConfig(iterations=args.iters, lr=args.lr, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every)
+    try:
+        return TrainConfig(iterations=args.iters, lr=args.lr, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every)
+    except ValueError as e:
+        for field, option in TRAIN_OPTIONS.items():
+            prefix = f"train config.{field}:"
+            if str(e).startswith(prefix):
+                raise ValueError(option + ":" + str(e)[len(prefix):]) from None
+        raise
 
 
 def _shapes(num_images, seed, what):
@@ -114,7 +127,9 @@ def read_image(path):
         image = np.asarray(mpimg.imread(path))
     except Exception as e:  # PIL / matplotlib raise many kinds
         raise ValueError(f"image {path!r} could not be read ({type(e).__name__}: {e})") from None
-    image = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
+    # PNG comes back as float in [0, 1]; JPEG (and other 8 / 16-bit files) as ints: scale them
+    scale = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
+    image = image.astype(np.float32) / np.float32(scale)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
@@ -138,8 +153,13 @@ def cmd_detect(args):
     from .model import FasterRCNN
     from .train import blas_threads
     from .viz import save_detections
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend)
-    images = [(path, read_image(path)) for path in args.images]  # fail before writing anything
+    if not 0.0 <= args.score <= 1.0:                    # NaN fails too
+        raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
+    for option, value in (("--min-size", args.min_size), ("--max-size", args.max_size)):
+        if not 0.0 < value < float("inf"):
+            raise ValueError(f"{option}: expected a positive number of pixels, got {value}")
+    images = [(path, read_image(path)) for path in args.images]  # the images first: a missing one
+    model = FasterRCNN.load(args.checkpoint, backend=args.backend)  # is named even without a model
     os.makedirs(args.out, exist_ok=True)
     for path, image in images:
         with blas_threads(1):

@@ -39,7 +39,7 @@ class TrainConfig:
     checkpoint_every: int = 500      # iterations between checkpoints (0: only at the end)
 
     def __post_init__(self):
-        for name in ("iterations", "warmup", "checkpoint_every"):
+        for name in ("iterations", "warmup", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"train config.{name}: expected an int >= 0, got {value!r}")

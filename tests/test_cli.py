@@ -57,11 +57,41 @@ def test_missing_image_is_one_line(tmp_path, capsys):
     assert "nope.png" in _error_line(capsys)
 
 
+def test_detect_names_a_missing_image_before_loading_the_checkpoint(tmp_path, capsys):
+    assert main(["detect", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o"),
+                 "--checkpoint", str(tmp_path / "no_model.npz")]) == 2
+    assert "missing.png' does not exist" in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--score", "1.5"], "--score: expected a number in [0, 1], got 1.5"),
+    (["--score", "nan"], "--score: expected a number in [0, 1]"),
+    (["--min-size", "0"], "--min-size: expected a positive number of pixels, got 0.0"),
+    (["--max-size", "-5"], "--max-size: expected a positive number of pixels"),
+])
+def test_detect_checks_its_options_by_the_names_typed(tmp_path, capsys, args, message):
+    assert main(["detect", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                 "--checkpoint", str(tmp_path / "m.npz")] + args) == 2
+    assert message in _error_line(capsys)
+
+
+def test_read_image_scales_an_8_bit_jpeg_to_the_unit_range(tmp_path):
+    from PIL import Image
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8] = 255
+    path = tmp_path / "half.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    image = read_image(str(path))
+    assert image.dtype == np.float32 and image.shape == (16, 16, 3)
+    assert 0 <= image.min() and image.max() <= 1 and image[:, :4].min() > 0.9 and image[:, 12:].max() < 0.1
+
+
 def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     bad.write_text("garbage")
     assert main(["eval", "--checkpoint", str(bad), "--images", "1"]) == 2
-    assert "not a readable .npz" in _error_line(capsys)
+    assert "bad.npz' is not an .npz archive" in _error_line(capsys)
     assert main(["eval", "--checkpoint", str(tmp_path / "none.npz")]) == 2
     assert "does not exist" in _error_line(capsys)
 
@@ -81,9 +111,19 @@ def test_unreadable_image_is_one_line(tmp_path, capsys):
     (["--set", "pooler=mean"], "config.pooler"),
     (["--set", "no_such=1"], "--set 'no_such=1'"),
     (["--set", "fc_hidden"], "KEY=VALUE"),
-    (["--iters", "-3"], "train config.iterations"),
-    (["--lr", "0"], "train config.lr"),
+    (["--iters", "-3"], "--iters: expected an int >= 0, got -3"),
+    (["--lr", "0"], "--lr: expected a positive number"),
+    (["--seed", "-1"], "--seed: expected an int >= 0, got -1"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every: expected an int >= 0"),
     (["--train-images", "0"], "--train-images"),
+    # --set values that are not of the field's kind: one line naming the field, not a traceback
+    (["--set", "channels=16"], "config.channels: expected a sequence of one or more positive ints, got 16"),
+    (["--set", "seed=abc"], "config.seed: expected an int >= 0, got 'abc'"),
+    (["--set", "anchor_scales=2"], "config.anchor_scales: expected a sequence"),
+    (["--set", "pixel_mean=[0.5,0.5]"], "config.pixel_mean: expected a sequence of 3"),
+    (["--set", "sampling_ratio=x"], "config.sampling_ratio: expected an int"),
+    (["--set", "rpn_min_size=NaN"], "config.rpn_min_size: expected a finite number >= 0"),
+    (["--set", "rpn_sigma=0"], "config.rpn_sigma: expected a positive finite number"),
 ])
 def test_bad_values_are_one_line(tmp_path, capsys, args, message):
     rc = main(["train", "--checkpoint", str(tmp_path / "x.npz"), "--iters", "1", "--quiet"] + args)
