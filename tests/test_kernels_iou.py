@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import assert_same
 from frcnn_scratch import ops
 from frcnn_scratch.boxes import box_iou as reference_iou
 from kernels.iou import box_iou as kernel_iou
@@ -20,18 +21,6 @@ DEV = kernels.device()
 def run_kernel(a, b, **blocks):
     out = kernel_iou(torch.tensor(a, device=DEV), torch.tensor(b, device=DEV), **blocks)
     return out.cpu().numpy()
-
-
-def assert_same(got, want, what):
-    """Exact equality; on failure say how many entries differ, where, and by how much."""
-    assert got.shape == want.shape and got.dtype == want.dtype, \
-        f"{what}: got {got.shape} {got.dtype}, want {want.shape} {want.dtype}"
-    diff = got != want
-    if diff.any():
-        i = tuple(int(v) for v in np.argwhere(diff)[0])
-        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.size} entries differ; first at "
-                             f"{i}: kernel {got[i]!r} vs numpy {want[i]!r}; max |diff| "
-                             f"{float(np.abs(got.astype(np.float64) - want).max())}")
 
 
 def random_boxes(rng, n, degenerate=True):

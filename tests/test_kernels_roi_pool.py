@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import assert_same
 from frcnn_scratch import ops
 from frcnn_scratch import roi_pool as ref
 from kernels.roi_pool import roi_pool_backward, roi_pool_forward
@@ -31,17 +32,6 @@ def run_backward(grad_out, argmax, shape):
     grad = roi_pool_backward(torch.tensor(grad_out, device=DEV),
                              torch.tensor(argmax, device=DEV), shape)
     return grad.cpu().numpy()
-
-
-def assert_same(got, want, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, \
-        f"{what}: got {got.shape} {got.dtype}, want {want.shape} {want.dtype}"
-    diff = got != want
-    if diff.any():
-        i = tuple(int(v) for v in np.argwhere(diff)[0])
-        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.size} entries differ; first at "
-                             f"{i}: kernel {got[i]!r} vs numpy {want[i]!r}; max |diff| "
-                             f"{float(np.abs(got.astype(np.float64) - want).max())}")
 
 
 def check_against_reference(features, rois, ph, pw, scale, what):

@@ -10,11 +10,10 @@ import os
 import pathlib
 import sys
 
+import ipykernel  # noqa: F401  (CI installs the [notebooks] extra: plain imports, never a silent skip)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 CHAPTERS = [

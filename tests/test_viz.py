@@ -60,7 +60,14 @@ def test_draw_roi_grid_adds_bins_and_sampling_points():
     assert bins.shape == (2, 3, 4) and len(ax.patches) == 6
     points = [line for line in ax.lines if line.get_marker() == "."]
     assert len(points) == 1 and len(points[0].get_xdata()) == 2 * 3 * 2 * 2
-    draw_roi_grid(new_ax(), [8, 16, 56, 40], 2, 1 / 8, mode="pool")
+    # RoI pool: corners round to cells x 1..7, y 2..5 (7 x 4 cells); bins of 3.5 x 2 cells cover
+    # cells floor(j * 3.5) .. ceil((j + 1) * 3.5) - 1 (x: 1..4 and 4..7; y: 2..3 and 4..5), drawn
+    # as index ranges [c - 0.5, c + 0.5]; no sampling points
+    ax = new_ax()
+    bins = draw_roi_grid(ax, [8, 16, 56, 40], 2, 1 / 8, mode="pool")
+    np.testing.assert_array_equal(bins, [[[0.5, 1.5, 4.5, 3.5], [3.5, 1.5, 7.5, 3.5]],
+                                         [[0.5, 3.5, 4.5, 5.5], [3.5, 3.5, 7.5, 5.5]]])
+    assert len(ax.patches) == 4 and not [line for line in ax.lines if line.get_marker() == "."]
 
 
 def test_save_detections_writes_a_png(tmp_path):
