@@ -22,7 +22,7 @@ array([0, 2])
 """
 import numpy as np
 
-from ._checks import as_boxes, as_float_array
+from ._checks import as_boxes, as_float_array, as_labels
 
 __all__ = ["check_nms_inputs", "nms", "nms_reference", "batched_nms"]
 
@@ -152,15 +152,8 @@ def nms_reference(boxes, scores, iou_threshold):
 
 
 def _as_classes(classes, n):
-    """(N,) int64 class labels; whole numbers only."""
-    c = np.asarray(classes)
-    if c.ndim != 1 or c.shape[0] != n:
-        raise ValueError(f"classes: expected shape ({n},) to match boxes, got {tuple(c.shape)}")
-    if c.size and not np.issubdtype(c.dtype, np.integer):
-        as_float_array(c, "classes", ndim=1)                           # NaN / Inf / not numbers
-        if np.any(c != np.round(c)):
-            raise ValueError("classes: expected whole-number class labels")
-    return c.astype(np.int64)
+    """(N,) int64 class labels, one per box: whole numbers of any sign (_checks.as_labels)."""
+    return as_labels(classes, "classes", low=np.iinfo(np.int64).min, high=None, size=n)
 
 
 def batched_nms(boxes, scores, classes, iou_threshold, nms_fn=nms):

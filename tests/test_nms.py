@@ -141,8 +141,9 @@ def test_bad_inputs_name_the_argument(fn, boxes, scores, thr, match):
 @pytest.mark.parametrize("classes, match", [
     ([0, 1], r"classes: expected shape \(3,\)"),
     ([[0, 1, 2]], r"classes: expected shape \(3,\)"),
-    ([0.0, 1.5, 2.0], "classes: expected whole-number"),
+    ([0.0, 1.5, 2.0], r"classes: expected whole numbers, got \[1.5\]"),
     ([0.0, np.nan, 2.0], "classes: contains NaN or Inf"),
+    (["a", "b", "c"], "classes: expected whole numbers"),
 ])
 def test_batched_nms_bad_classes(classes, match):
     boxes = np.array([[0, 0, 1, 1]] * 3, np.float32)
@@ -150,6 +151,14 @@ def test_batched_nms_bad_classes(classes, match):
         batched_nms(boxes, [0.1, 0.2, 0.3], classes, 0.5)
     with pytest.raises(ValueError, match=match):
         ops.batched_nms(boxes, [0.1, 0.2, 0.3], classes, 0.5, backend="numpy")
+
+
+@pytest.mark.parametrize("classes", [[-7, 2**40, -7], [-7.0, 3.0, -7.0], np.array([-7, 3, -7], np.int8)])
+def test_batched_nms_takes_any_whole_class_labels(classes):
+    # Three identical boxes: 0 and 2 share a class, so 2 (score 0.3) suppresses 0; 1 is alone.
+    boxes = np.array([[0, 0, 1, 1]] * 3, np.float32)
+    got = batched_nms(boxes, [0.1, 0.2, 0.3], classes, 0.5)
+    assert got.tolist() == [2, 1], f"classes {classes!r}: kept {got.tolist()}, expected [2, 1]"
 
 
 # ---- properties over random boxes ------------------------------------------------------------
