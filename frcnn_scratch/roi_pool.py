@@ -18,10 +18,82 @@ The rounding rules are those that torchvision.ops.roi_pool standardised:
 
 The backward (section 2.1, "Back-propagation through RoI pooling layers") routes each
 output gradient to the single input that won the max: the forward's `argmax`.
+
+The file reads top down: roi_pool_reference, the paper's loop over RoIs, bins and cells; the
+small helpers it uses (rounding, bin bounds), which the fast version uses too; then
+roi_pool_forward, the same computation vectorised, which must equal the reference exactly
+(values and argmax; tests/test_roi_pool.py checks it). Read the reference first.
 """
 import numpy as np
 
 from . import _checks
+
+
+# ---- the teaching version: plain loops, as the paper describes it ----------------------------
+
+def roi_pool_reference(features, rois, output_size, spatial_scale):
+    """RoI max pooling (Fast R-CNN 2.1) as plain loops over RoIs, bins and cells.
+
+    The same inputs, outputs and rounding rules as roi_pool_forward, which is this computation
+    vectorised and must return exactly the same `out` and `argmax`. Only the channels are
+    vectorised here: each step below handles all C channels of one cell at once.
+
+    Args:
+        features: (N, C, H, W) float32 feature maps.
+        rois: (K, 5) float32 (batch index, x1, y1, x2, y2) in image pixels.
+        output_size: int or (ph, pw), the bins per RoI.
+        spatial_scale: positive float, feature cells per image pixel (1/16 at stride 16).
+    Returns:
+        out: (K, C, ph, pw) float32, the max of each bin (0 for an empty bin).
+        argmax: (K, C, ph, pw) int64, flat index into features.reshape(-1) of each bin's first
+            maximum in row-major order, -1 for an empty bin.
+    The backward needs no loop of its own: roi_pool_backward adds each grad_out at its argmax.
+    """
+    features, rois, (ph, pw), spatial_scale = check_forward_inputs(
+        features, rois, output_size, spatial_scale)
+    N, C, H, W = features.shape
+    K = len(rois)
+    out = np.zeros((K, C, ph, pw), dtype=np.float32)        # empty bins keep 0 ...
+    argmax = np.full((K, C, ph, pw), -1, dtype=np.int64)    # ... and argmax -1
+    channels = np.arange(C)                                 # (C,)
+
+    batch, x1, y1, x2, y2 = scaled_roi_cells(rois, spatial_scale)   # (K,) each, whole cells
+    row_lo, row_hi = bin_bounds(y1, y2, ph, H)                      # (K, ph) cell ranges [lo, hi)
+    col_lo, col_hi = bin_bounds(x1, x2, pw, W)                      # (K, pw)
+    for k in range(K):                                      # every RoI
+        n = batch[k]
+        for i in range(ph):                                 # every bin (i, j)
+            for j in range(pw):
+                h0, h1 = row_lo[k, i], row_hi[k, i]
+                w0, w1 = col_lo[k, j], col_hi[k, j]
+                if h1 <= h0 or w1 <= w0:
+                    continue                                    # empty bin (outside the map)
+                best = np.full(C, -np.inf, dtype=np.float32)    # (C,) the max so far
+                where = np.full(C, -1, dtype=np.int64)          # (C,) its h * W + w
+                for h in range(h0, h1):                         # every cell of the bin, row-major
+                    for w in range(w0, w1):
+                        value = features[n, :, h, w]            # (C,)
+                        larger = value > best                   # strictly: the first max stays
+                        best[larger] = value[larger]
+                        where[larger] = h * W + w
+                out[k, :, i, j] = best                          # y_rj = max of x_i over bin R(r, j)
+                argmax[k, :, i, j] = (n * C + channels) * (H * W) + where  # flat (n, c, h, w)
+    return out, argmax
+
+
+# ---- the pieces both versions use: corners to cells, bins -------------------------------------
+
+def check_forward_inputs(features, rois, output_size, spatial_scale):
+    """Validate the forward's inputs.
+
+    Returns:
+        features (N, C, H, W) float32, rois (K, 5) float32, (ph, pw), spatial_scale float.
+    """
+    features = _checks.as_features(features)                           # (N, C, H, W)
+    rois = _checks.as_rois(rois, num_images=features.shape[0])          # (K, 5)
+    output_size = _checks.pair(output_size)
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    return features, rois, output_size, spatial_scale
 
 
 def round_half_away(x):
@@ -63,6 +135,8 @@ def bin_bounds(start, end, pooled, limit):
     return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
 
 
+# ---- the same, vectorised: one max over packed keys finds both the value and where it is -----
+
 def max_keys(features):
     """Pack every feature value and its position into one int64 so that ONE max finds both.
 
@@ -91,10 +165,11 @@ def key_position(keys):
 
 
 def roi_pool_forward(features, rois, output_size, spatial_scale):
-    """RoI max pooling (Fast R-CNN 2.1), torchvision.ops.roi_pool semantics.
+    """RoI max pooling (Fast R-CNN 2.1), torchvision.ops.roi_pool semantics, vectorised.
 
     out[k, c, i, j] = max of features[batch_k, c, h, w] over the cells (h, w) of bin (i, j)
-    of RoI k, the bins given by bin_bounds.
+    of RoI k, the bins given by bin_bounds. Exactly equal (values and argmax) to
+    roi_pool_reference, the plain-loop version at the top of this file.
 
     Args:
         features: (N, C, H, W) float32 feature maps.
@@ -106,10 +181,8 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
         argmax: (K, C, ph, pw) int64, the flat index into features.reshape(-1) of each bin's
             first maximum in row-major order, -1 for an empty bin. roi_pool_backward consumes it.
     """
-    features = _checks.as_features(features)                           # (N, C, H, W)
-    rois = _checks.as_rois(rois, num_images=features.shape[0])          # (K, 5)
-    ph, pw = _checks.pair(output_size)
-    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    features, rois, (ph, pw), spatial_scale = check_forward_inputs(
+        features, rois, output_size, spatial_scale)
     N, C, H, W = features.shape
     K = rois.shape[0]
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from frcnn_scratch.roi_pool import (check_backward_inputs, round_half_away, roi_pool_backward,
-                                    roi_pool_forward)
+                                    roi_pool_forward, roi_pool_reference)
 
 # A 4 x 4 map with ties (two 9s, three 8s, two 7s) so the first-maximum rule matters.
 MAP = np.array([[1, 9, 3, 0],
@@ -196,6 +196,35 @@ def test_forward_matches_torch_restatement_including_ties(problem):
     valid = argmax >= 0
     np.testing.assert_array_equal(feats.reshape(-1)[argmax[valid]], out[valid])
     assert np.all(out[~valid] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pool_problems(integer_features=True), st.booleans())
+def test_vectorised_forward_equals_the_plain_loop_reference(problem, distinct):
+    # Bit-exact: both take the same max of the same float32 values, and the same first maximum.
+    # Integer features (many ties) test the first-maximum rule; distinct ones the values.
+    feats, rois, pooled, scale = problem
+    if distinct:
+        feats = (np.random.default_rng(feats.size).permutation(feats.size) * 0.37 - 5)
+        feats = feats.astype(np.float32).reshape(problem[0].shape)
+    out, argmax = roi_pool_forward(feats, rois, pooled, scale)
+    ref_out, ref_argmax = roi_pool_reference(feats, rois, pooled, scale)
+    assert out.shape == ref_out.shape == (len(rois), feats.shape[1]) + pooled
+    assert ref_out.dtype == np.float32 and ref_argmax.dtype == np.int64
+    np.testing.assert_array_equal(out, ref_out, err_msg="roi_pool_forward values != the reference")
+    np.testing.assert_array_equal(argmax, ref_argmax, err_msg="roi_pool_forward argmax != the reference")
+
+
+def test_reference_hand_computed_case_and_empty_rois():
+    # The hand-computed ties case above, through the loop version.
+    out, argmax = roi_pool_reference(MAP, [[0, 0.6, 0.4, 3.4, 2.5]], 2, 1.0)
+    np.testing.assert_array_equal(out[0, 0], [[9, 9], [8, 8]])
+    np.testing.assert_array_equal(argmax[0, 0], [[1, 6], [14, 11]])
+    out, argmax = roi_pool_reference(MAP, np.zeros((0, 5), np.float32), (2, 3), 1.0)
+    assert out.shape == argmax.shape == (0, 1, 2, 3)
+    assert out.dtype == np.float32 and argmax.dtype == np.int64
+    with pytest.raises(ValueError, match="spatial_scale"):
+        roi_pool_reference(MAP, [[0, 0, 0, 1, 1]], 2, 0.0)
 
 
 @settings(max_examples=30, deadline=None)
