@@ -220,6 +220,9 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
         np.subtract(batch[k] * C * H * W + channel_base, argmax[k], out=argmax[k])
         if empty[k].any():
             argmax[k][:, empty[k]] = -1                                # empty bins: no maximum
+    if empty.all():                                                    # (also: a map with no cells)
+        out[:] = 0.0
+        return out, argmax
     np.take(features.reshape(-1), argmax, out=out)                     # (K, C, ph, pw) the maxima
     if empty.any():
         out[argmax < 0] = 0.0                                          # (index -1 read the last entry)

@@ -215,6 +215,14 @@ def test_vectorised_forward_equals_the_plain_loop_reference(problem, distinct):
     np.testing.assert_array_equal(argmax, ref_argmax, err_msg="roi_pool_forward argmax != the reference")
 
 
+@pytest.mark.parametrize("fn", [roi_pool_forward, roi_pool_reference], ids=["vectorised", "reference"])
+@pytest.mark.parametrize("shape", [(1, 2, 0, 3), (1, 2, 3, 0)])
+def test_a_map_with_no_cells_gives_empty_bins(fn, shape):
+    out, argmax = fn(np.zeros(shape, np.float32), [[0, 0, 0, 2, 2]], 2, 1.0)
+    assert out.shape == argmax.shape == (1, 2, 2, 2)
+    assert not out.any() and np.all(argmax == -1), (out, argmax)
+
+
 def test_reference_hand_computed_case_and_empty_rois():
     # The hand-computed ties case above, through the loop version.
     out, argmax = roi_pool_reference(MAP, [[0, 0.6, 0.4, 3.4, 2.5]], 2, 1.0)
