@@ -17,8 +17,14 @@ The details follow torchvision.ops.roi_align:
   and a y at or past the last row reads the last row (the same along x);
 * out = (sum of the bin's samples) / (grid_h * grid_w).
 
-How this file computes it. A bilinear weight is a product of a weight along y and a weight
-along x, and a bin's sampling grid is a product of a y-grid and an x-grid. So for one RoI
+The file reads top down: roi_align_reference and roi_align_backward_reference, the paper's
+loop over RoIs, bins and sampling points; the small helpers they use (RoI geometry, sample
+coordinates, bilinear weights), which the fast version uses too; then roi_align_forward and
+roi_align_backward, the same computation vectorised, which must equal the references to
+float32 rounding (tests/test_roi_align.py checks it). Read the references first.
+
+How the fast version computes it. A bilinear weight is a product of a weight along y and a
+weight along x, and a bin's sampling grid is a product of a y-grid and an x-grid. So for one RoI
 the whole operation is two small matrix products, one per axis:
 
     out[c] = Ay @ F[c] @ Ax.T            Ay: (ph, H), Ax: (pw, W)
@@ -32,6 +38,102 @@ import numpy as np
 
 from . import _checks
 
+
+# ---- the teaching version: plain loops, as the paper describes it ----------------------------
+
+def roi_align_reference(features, rois, output_size, spatial_scale, sampling_ratio=-1,
+                        aligned=False):
+    """RoI Align (Mask R-CNN 3) as plain loops over RoIs, bins and sampling points.
+
+    The same inputs and output as roi_align_forward, which is this computation vectorised and
+    must equal it up to float32 rounding (it adds the same terms in another order). Only the
+    channels are vectorised here: each step below handles all C channels of a cell at once.
+
+    Args:
+        features: (N, C, H, W) float32 feature maps.
+        rois: (K, 5) float32 (batch index, x1, y1, x2, y2) in image pixels.
+        output_size: int or (ph, pw).
+        spatial_scale: positive float, feature cells per image pixel (1/16 at stride 16).
+        sampling_ratio: samples per bin along each axis; <= 0 means adaptive, ceil(roi / bins).
+        aligned: shift the RoI by -0.5 cell (pixel centres on cell centres); no forced 1 x 1.
+    Returns:
+        out: (K, C, ph, pw) float32, the mean of each bin's bilinear samples.
+    """
+    features = _checks.as_features(features)                              # (N, C, H, W)
+    rois, (ph, pw), spatial_scale, sampling_ratio = _check_forward_args(
+        rois, features.shape[0], output_size, spatial_scale, sampling_ratio)
+    N, C, H, W = features.shape
+    out = np.zeros((len(rois), C, ph, pw), dtype=np.float32)
+    if H == 0 or W == 0:
+        return out                                                        # no cell to read
+    batch, grid_h, grid_w, y_taps, x_taps = sampling_points(
+        rois, (H, W), (ph, pw), spatial_scale, sampling_ratio, aligned)
+    y_low, y_high, hy, ly = y_taps                                        # each (K, ph, Gh)
+    x_low, x_high, hx, lx = x_taps                                        # each (K, pw, Gw)
+    for k in range(len(rois)):                                            # every RoI
+        plane = features[batch[k]]                                        # (C, H, W)
+        count = max(grid_h[k] * grid_w[k], 1)                             # samples per bin
+        for i in range(ph):                                               # every bin (i, j)
+            for j in range(pw):
+                total = np.zeros(C, dtype=np.float32)                     # (C,)
+                for sy in range(grid_h[k]):                               # every sample (sy, sx)
+                    r0, r1 = y_low[k, i, sy], y_high[k, i, sy]            # its two rows,
+                    wy0, wy1 = hy[k, i, sy], ly[k, i, sy]                 # their weights
+                    for sx in range(grid_w[k]):
+                        c0, c1 = x_low[k, j, sx], x_high[k, j, sx]        # its two columns
+                        wx0, wx1 = hx[k, j, sx], lx[k, j, sx]
+                        # bilinear interpolation from the four nearest cells (Mask R-CNN Fig. 3)
+                        total += (wy0 * wx0 * plane[:, r0, c0] + wy0 * wx1 * plane[:, r0, c1]
+                                  + wy1 * wx0 * plane[:, r1, c0] + wy1 * wx1 * plane[:, r1, c1])
+                out[k, :, i, j] = total / np.float32(count)                # the bin's mean
+    return out
+
+
+def roi_align_backward_reference(grad_out, rois, input_shape, output_size, spatial_scale,
+                                 sampling_ratio=-1, aligned=False):
+    """Gradient of RoI Align with respect to its features, as plain loops: the forward reversed.
+
+    A bin's output was (sum of weight * cell over its samples) / count, so every cell a sample
+    read gets grad_out * weight / count back. roi_align_backward computes the same, vectorised,
+    and must equal it up to float32 rounding.
+
+    Args:
+        grad_out: (K, C, ph, pw) float32, dL/d(out).
+        rois, output_size, spatial_scale, sampling_ratio, aligned: as given to the forward.
+        input_shape: (N, C, H, W) of the forward's features.
+    Returns:
+        (N, C, H, W) float32, dL/d(features).
+    """
+    input_shape, rois, (ph, pw), spatial_scale, sampling_ratio, grad_out = _check_backward_args(
+        grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio)
+    N, C, H, W = input_shape
+    grad = np.zeros(input_shape, dtype=np.float32)
+    if H == 0 or W == 0:
+        return grad
+    batch, grid_h, grid_w, y_taps, x_taps = sampling_points(
+        rois, (H, W), (ph, pw), spatial_scale, sampling_ratio, aligned)
+    y_low, y_high, hy, ly = y_taps                                        # each (K, ph, Gh)
+    x_low, x_high, hx, lx = x_taps                                        # each (K, pw, Gw)
+    for k in range(len(rois)):
+        grad_plane = grad[batch[k]]                                       # (C, H, W), a view
+        count = max(grid_h[k] * grid_w[k], 1)
+        for i in range(ph):
+            for j in range(pw):
+                g = grad_out[k, :, i, j] / np.float32(count)              # (C,) per sample
+                for sy in range(grid_h[k]):
+                    r0, r1 = y_low[k, i, sy], y_high[k, i, sy]            # its two rows,
+                    wy0, wy1 = hy[k, i, sy], ly[k, i, sy]                 # their weights
+                    for sx in range(grid_w[k]):
+                        c0, c1 = x_low[k, j, sx], x_high[k, j, sx]        # its two columns
+                        wx0, wx1 = hx[k, j, sx], lx[k, j, sx]
+                        grad_plane[:, r0, c0] += wy0 * wx0 * g            # the same four weights
+                        grad_plane[:, r0, c1] += wy0 * wx1 * g
+                        grad_plane[:, r1, c0] += wy1 * wx0 * g
+                        grad_plane[:, r1, c1] += wy1 * wx1 * g
+    return grad
+
+
+# ---- the pieces both versions use: RoI geometry, sampling points, bilinear weights ------------
 
 def roi_geometry(rois, spatial_scale, output_size, sampling_ratio, aligned):
     """Start, bin size and samples per bin of every RoI, along y and along x.
@@ -111,6 +213,28 @@ def bilinear_weights(coord, size):
     return np.clip(low, 0, None), np.clip(high, 0, None), w_low, w_high
 
 
+def sampling_points(rois, map_size, output_size, spatial_scale, sampling_ratio, aligned):
+    """Every sampling point of every bin, with the cells it reads and their weights, per axis.
+
+    Args:
+        rois: (K, 5) float32; map_size: (H, W), both > 0; output_size: (ph, pw);
+        spatial_scale, sampling_ratio, aligned: as in roi_align_forward.
+    Returns:
+        batch (K,) int64; grid_h, grid_w (K,) int64 samples per bin along y and x;
+        y_taps = (y_low, y_high, hy, ly), each (K, ph, Gh): sample sy of bin row i of RoI k
+        reads rows y_low and y_high with weights hy = 1 - ly and ly (bilinear_weights);
+        x_taps the same along x, each (K, pw, Gw). Entries past a RoI's own grid are padding.
+    """
+    (H, W), (ph, pw) = map_size, output_size
+    batch, (y0, bin_h, grid_h), (x0, bin_w, grid_w) = roi_geometry(
+        rois, spatial_scale, output_size, sampling_ratio, aligned)
+    ys, _ = sample_coordinates(y0, bin_h, grid_h, ph)                     # (K, ph, Gh)
+    xs, _ = sample_coordinates(x0, bin_w, grid_w, pw)                     # (K, pw, Gw)
+    return batch, grid_h, grid_w, bilinear_weights(ys, H), bilinear_weights(xs, W)
+
+
+# ---- the same, vectorised: RoI Align as two matrix products per RoI ---------------------------
+
 def interpolation_matrix(start, bin_size, grid, pooled, size):
     """A (K, pooled, size) float32: A[k, i, h] = total weight bin i of RoI k puts on row h, / grid.
 
@@ -139,6 +263,8 @@ def support(A):
     window (first == last + 1 == 0).
     """
     used = (A != 0).any(axis=1)                                             # (K, size)
+    if used.shape[1] == 0:
+        return np.zeros((len(A), 2), dtype=np.int64)                        # a map with no rows
     first = used.argmax(axis=1)
     end = used.shape[1] - used[:, ::-1].argmax(axis=1)
     none = ~used.any(axis=1)
@@ -153,9 +279,22 @@ def _check_forward_args(rois, num_images, output_size, spatial_scale, sampling_r
     return rois, output_size, spatial_scale, sampling_ratio
 
 
+def _check_backward_args(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio):
+    input_shape = _checks.as_shape4(input_shape)
+    rois, output_size, spatial_scale, sampling_ratio = _check_forward_args(
+        rois, input_shape[0], output_size, spatial_scale, sampling_ratio)
+    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
+    expected = (len(rois), input_shape[1]) + output_size
+    if grad_out.shape != expected:
+        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
+    return input_shape, rois, output_size, spatial_scale, sampling_ratio, grad_out
+
+
 def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio=-1,
                       aligned=False):
-    """RoI Align (Mask R-CNN 3), torchvision.ops.roi_align semantics.
+    """RoI Align (Mask R-CNN 3), torchvision.ops.roi_align semantics, vectorised.
+
+    Equal, up to float32 rounding, to roi_align_reference (the plain loops at the top of this file).
 
     Args:
         features: (N, C, H, W) float32 feature maps.
@@ -194,7 +333,9 @@ def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio
 
 def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
                        sampling_ratio=-1, aligned=False):
-    """Gradient of roi_align_forward with respect to its features.
+    """Gradient of roi_align_forward with respect to its features, vectorised.
+
+    Equal, up to float32 rounding, to roi_align_backward_reference at the top of this file.
 
     The forward is out[c] = Ay @ F[c] @ Ax.T per RoI, so dL/dF[c] += Ay.T @ dL/dout[c] @ Ax:
     each output's gradient, divided by the number of samples, goes back to the four cells of
@@ -207,13 +348,8 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
     Returns:
         (N, C, H, W) float32, dL/d(features).
     """
-    input_shape = _checks.as_shape4(input_shape)
-    rois, (ph, pw), spatial_scale, sampling_ratio = _check_forward_args(
-        rois, input_shape[0], output_size, spatial_scale, sampling_ratio)
-    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
-    expected = (len(rois), input_shape[1], ph, pw)
-    if grad_out.shape != expected:
-        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
+    input_shape, rois, (ph, pw), spatial_scale, sampling_ratio, grad_out = _check_backward_args(
+        grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio)
     N, C, H, W = input_shape
     batch, y_axis, x_axis = roi_geometry(rois, spatial_scale, (ph, pw), sampling_ratio, aligned)
     Ay = interpolation_matrix(*y_axis, ph, H)                               # (K, ph, H)
