@@ -193,10 +193,14 @@ def _numbers(value, name, kind=float, positive=False, length=None):
 # ---- the shared convolutional layers ------------------------------------------------------------
 
 def build_backbone(channels, rng):
-    """conv3x3(pad 1) + ReLU per entry of `channels`, with a 2x2 max pool between entries."""
+    """conv3x3(pad 1) + ReLU per entry of `channels`, with a 2x2 max pool between entries.
+
+    The first conv's input is the image, whose gradient nothing uses: need_input_grad=False
+    makes its backward stop after the weight and bias gradients.
+    """
     layers, in_ch = [], 3
     for i, out_ch in enumerate(channels):
-        layers += [Conv2d(in_ch, int(out_ch), 3, padding=1, rng=rng), ReLU()]
+        layers += [Conv2d(in_ch, int(out_ch), 3, padding=1, rng=rng, need_input_grad=i > 0), ReLU()]
         if i < len(channels) - 1:
             layers.append(MaxPool2d(2, 2))
         in_ch = int(out_ch)

@@ -151,14 +151,19 @@ class Conv2d(Module):
         rng: np.random.Generator (or int seed) for the init of `weight`; bias starts at 0.
         std: None -> He-normal (std = sqrt(2 / (in_ch*kh*kw))); a number -> N(0, std^2), as the
             paper code initialises the RPN's conv layers (0.01).
+        need_input_grad: False -> backward fills grads but returns None instead of dx.  For a
+            network's first layer, whose input is the image: nothing learns from dL/d(image),
+            and skipping it saves the dcols product and the col2im loop.
     Params:
         weight (out_ch, in_ch, kh, kw), bias (out_ch,).
     Memory: forward caches the columns, C*kh*kw*Ho*Wo floats per image (32 -> 64 channels, 3x3,
     128x128: 19 MB), so that backward does not rebuild them.
     """
 
-    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, rng=None, std=None):
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, rng=None, std=None,
+                 need_input_grad=True):
         super().__init__()
+        self.need_input_grad = bool(need_input_grad)
         self.in_ch = _int_pair(in_ch, "in_ch", 1)[0]
         self.out_ch = _int_pair(out_ch, "out_ch", 1)[0]
         self.kernel_size = _int_pair(kernel_size, "kernel_size", 1)
@@ -193,7 +198,8 @@ class Conv2d(Module):
         return y.reshape(n, self.out_ch, ho, wo)                      # (N, O, Ho, Wo)
 
     def backward(self, dy):
-        """dy (N, out_ch, Ho, Wo) -> dx (N, in_ch, H, W); fills grads weight, bias."""
+        """dy (N, out_ch, Ho, Wo) -> dx (N, in_ch, H, W), or None if not need_input_grad;
+        fills grads weight, bias."""
         w = self.params["weight"]
         cols, xp_shape, y_shape = self._cache if self._cache is not None else (None, None, None)
         dy = _as_grad(dy, y_shape, w.dtype, "Conv2d")
@@ -207,6 +213,8 @@ class Conv2d(Module):
             dw += dy2[i] @ cols[i].T
         self.grads["weight"] = dw.reshape(w.shape)                    # (O, C, kh, kw)
         self.grads["bias"] = dy.sum(axis=(0, 2, 3))                   # (O,)
+        if not self.need_input_grad:
+            return None                                               # the input is the image
         dcols = np.matmul(w.reshape(o, -1).T, dy2)                    # (N, K, L)
         dcols = dcols.reshape(n, self.in_ch, kh, kw, ho, wo)
         # col2im: each kernel offset (u, v) sent x[.., i*s + u, j*s + v] to column (u, v, i, j);
@@ -396,8 +404,14 @@ class Sequential(Module):
         return x
 
     def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        """dL/d(output) -> dL/d(input), or None when a layer returned no dx (need_input_grad=False)."""
+        for i in reversed(range(len(self.layers))):
+            dy = self.layers[i].backward(dy)
+            if dy is None:                           # no dx: the layers before it get no gradient
+                if any(layer.params for layer in self.layers[:i]):
+                    raise ValueError(f"layers[{i}] returned no input gradient (need_input_grad="
+                                     f"False), but layers before it have parameters to train")
+                return None
         return dy
 
     def __getitem__(self, i):

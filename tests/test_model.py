@@ -85,6 +85,23 @@ def test_loss_is_deterministic_given_the_rng():
         np.testing.assert_array_equal(v, ga[k], err_msg=k)
 
 
+def test_first_conv_skips_the_image_gradient_with_bit_identical_grads():
+    # The backbone's first conv computes no dL/d(image); flipping it back on must change nothing.
+    model = FasterRCNN(tiny_config())
+    first = model.backbone[0]
+    assert first.need_input_grad is False
+    assert all(layer.need_input_grad for layer in model.backbone if hasattr(layer, "need_input_grad")
+               and layer is not first)
+    s = tiny_sample(seed=2)
+    skipped = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(5))
+    g_skipped = {k: v.copy() for k, v in model.grads().items()}
+    first.need_input_grad = True
+    full = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(5))
+    assert skipped == full
+    for k, v in model.grads().items():
+        np.testing.assert_array_equal(g_skipped[k], v, err_msg=k)
+
+
 def test_training_step_shapes_and_dtypes():
     model = FasterRCNN(tiny_config())
     s = tiny_sample(seed=4)

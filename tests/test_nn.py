@@ -359,6 +359,35 @@ def test_sequential_names_and_shared_arrays():
     assert not np.array_equal(before, net[5].params["weight"]), "SGD did not update the layer in place"
 
 
+def test_first_conv_without_input_grad_gives_identical_param_grads():
+    # need_input_grad=False skips dx only: the same weight and bias gradients, bit for bit, and
+    # Sequential stops there (the layers before it would otherwise see dy=None).
+    rng = np.random.default_rng(10)
+
+    def net(need_input_grad):
+        r = np.random.default_rng(11)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=r, need_input_grad=need_input_grad),
+                             nn.ReLU(), nn.MaxPool2d(), nn.Conv2d(4, 2, 3, stride=2, rng=r))
+    full, skip = net(True), net(False)
+    x = rng.standard_normal((2, 3, 9, 10)).astype(np.float32)
+    dy = rng.standard_normal(full.forward(x).shape).astype(np.float32)
+    skip.forward(x)
+    assert full.backward(dy).shape == x.shape
+    assert skip.backward(dy) is None
+    assert list(skip.grads) == list(full.grads)
+    for k in full.grads:
+        np.testing.assert_array_equal(skip.grads[k], full.grads[k], err_msg=k)
+        assert skip.grads[k].dtype == full.grads[k].dtype == np.float32, k
+
+
+def test_sequential_refuses_to_skip_input_grad_before_trainable_layers():
+    rng = np.random.default_rng(12)
+    net = nn.Sequential(nn.Conv2d(1, 2, 1, rng=rng), nn.Conv2d(2, 2, 1, rng=rng, need_input_grad=False))
+    y = net.forward(np.ones((1, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"layers\[1\] returned no input gradient"):
+        net.backward(np.ones_like(y))
+
+
 # ----------------------------------------------------------------------------- SGD vs torch.optim.SGD
 
 def _sgd_pair(lr, momentum, wd):
