@@ -16,23 +16,21 @@ import triton.language as tl
 
 
 @triton.jit
-def box_iou_kernel(a_ptr, b_ptr, out_ptr, N, M,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out[i, j] = IoU(a[i], b[j]) for the BLOCK_N x BLOCK_M block at program id (pid_n, pid_m)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) indices into a
-    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) indices into b
-    row_ok = rows < N
-    col_ok = cols < M
+def load_boxes(ptr, idx, ok):
+    """The four corners of boxes `idx` (masked by `ok`) of an (N, 4) xyxy array."""
+    x1 = tl.load(ptr + idx * 4 + 0, mask=ok, other=0.0)
+    y1 = tl.load(ptr + idx * 4 + 1, mask=ok, other=0.0)
+    x2 = tl.load(ptr + idx * 4 + 2, mask=ok, other=0.0)
+    y2 = tl.load(ptr + idx * 4 + 3, mask=ok, other=0.0)
+    return x1, y1, x2, y2
 
-    ax1 = tl.load(a_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
-    ay1 = tl.load(a_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
-    ax2 = tl.load(a_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
-    ay2 = tl.load(a_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
-    bx1 = tl.load(b_ptr + cols * 4 + 0, mask=col_ok, other=0.0)
-    by1 = tl.load(b_ptr + cols * 4 + 1, mask=col_ok, other=0.0)
-    bx2 = tl.load(b_ptr + cols * 4 + 2, mask=col_ok, other=0.0)
-    by2 = tl.load(b_ptr + cols * 4 + 3, mask=col_ok, other=0.0)
 
+@triton.jit
+def tile_iou(a_ptr, rows, row_ok, b_ptr, cols, col_ok):
+    """IoU of boxes a[rows] against b[cols] -> (len(rows), len(cols)), in the reference's float32
+    order; kernels/nms.py builds its suppression bits on the same tile."""
+    ax1, ay1, ax2, ay2 = load_boxes(a_ptr, rows, row_ok)
+    bx1, by1, bx2, by2 = load_boxes(b_ptr, cols, col_ok)
     area_a = (ax2 - ax1) * (ay2 - ay1)  # (BLOCK_N,)
     area_b = (bx2 - bx1) * (by2 - by1)  # (BLOCK_M,)
 
@@ -43,8 +41,18 @@ def box_iou_kernel(a_ptr, b_ptr, out_ptr, N, M,
 
     union = area_a[:, None] + area_b[None, :] - inter
     safe_union = tl.where(union > 0.0, union, 1.0)
-    iou = tl.where(union > 0.0, tl.math.div_rn(inter, safe_union), 0.0)
+    return tl.where(union > 0.0, tl.math.div_rn(inter, safe_union), 0.0)
 
+
+@triton.jit
+def box_iou_kernel(a_ptr, b_ptr, out_ptr, N, M,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[i, j] = IoU(a[i], b[j]) for the BLOCK_N x BLOCK_M block at program id (pid_n, pid_m)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) indices into a
+    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) indices into b
+    row_ok = rows < N
+    col_ok = cols < M
+    iou = tile_iou(a_ptr, rows, row_ok, b_ptr, cols, col_ok)
     out_mask = row_ok[:, None] & col_ok[None, :]
     tl.store(out_ptr + rows[:, None] * M + cols[None, :], iou, mask=out_mask)
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .iou import tile_iou
+
 WORD_BITS = 64  # boxes per mask word (an int64)
 
 
@@ -40,24 +42,8 @@ def nms_mask_kernel(boxes_ptr, mask_ptr, N, N_WORDS, iou_threshold,
     row_ok = rows < N
     col_ok = cols < N
 
-    ax1 = tl.load(boxes_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
-    ay1 = tl.load(boxes_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
-    ax2 = tl.load(boxes_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
-    ay2 = tl.load(boxes_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
-    bx1 = tl.load(boxes_ptr + cols * 4 + 0, mask=col_ok, other=0.0)
-    by1 = tl.load(boxes_ptr + cols * 4 + 1, mask=col_ok, other=0.0)
-    bx2 = tl.load(boxes_ptr + cols * 4 + 2, mask=col_ok, other=0.0)
-    by2 = tl.load(boxes_ptr + cols * 4 + 3, mask=col_ok, other=0.0)
-
-    # IoU of the tile, in the reference's float32 order (see kernels/iou.py)
-    area_a = (ax2 - ax1) * (ay2 - ay1)  # (WORD,)
-    area_b = (bx2 - bx1) * (by2 - by1)  # (WORD,)
-    iw = tl.minimum(ax2[:, None], bx2[None, :]) - tl.maximum(ax1[:, None], bx1[None, :])
-    ih = tl.minimum(ay2[:, None], by2[None, :]) - tl.maximum(ay1[:, None], by1[None, :])
-    inter = tl.maximum(iw, 0.0) * tl.maximum(ih, 0.0)  # (WORD, WORD)
-    union = area_a[:, None] + area_b[None, :] - inter
-    safe_union = tl.where(union > 0.0, union, 1.0)
-    iou = tl.where(union > 0.0, tl.math.div_rn(inter, safe_union), 0.0)
+    # IoU of the tile, in the reference's float32 order (the same code as kernels/iou.py)
+    iou = tile_iou(boxes_ptr, rows, row_ok, boxes_ptr, cols, col_ok)  # (WORD, WORD)
 
     later = cols[None, :] > rows[:, None]  # only a higher-scored box suppresses
     suppress = (iou > iou_threshold) & later & col_ok[None, :]  # (WORD, WORD) bool
