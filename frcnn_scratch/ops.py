@@ -71,7 +71,7 @@ class _NumpyImpl:
 def _triton_impl():
     try:
         import torch  # noqa: F401
-        import kernels  # noqa: F401  (first: sets TRITON_INTERPRET=1 without a GPU, before triton loads)
+        from . import kernels  # noqa: F401  (first: sets TRITON_INTERPRET=1 without a GPU, before triton loads)
         import triton  # noqa: F401
     except ImportError as e:
         raise RuntimeError(

@@ -1,11 +1,6 @@
 """Shared test helpers (pytest loads this file first; test files import from it by name)."""
 import numpy as np
 
-# Before any test imports torch's optimisers (torch.optim imports triton on first use): without a
-# GPU, kernels switches Triton to its interpreter, which only works if it happens before triton
-# is first imported.  Loading it here makes the suite independent of test order.
-import kernels  # noqa: F401,E402
-
 
 def assert_same(got, want, what):
     """Exact equality of two arrays, shape and dtype included; on failure say how many entries

@@ -1,6 +1,6 @@
 """The backend switch in ops.py: set_backend / get_backend / use_backend / FRCNN_BACKEND / backend=,
 unknown names, and a clear message when triton cannot be imported."""
-import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
+from frcnn_scratch import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
 
 import builtins
 import os
@@ -129,9 +129,40 @@ def test_bad_input_is_rejected_before_dispatch():
         ops.nms(np.array([[2, 0, 1, 1]]), np.ones(1), 0.5, backend="triton")
 
 
+IMPORT_ORDER_SCRIPT = """
+import triton                          # first, as `import torchvision` or torch.optim would
+import numpy as np
+from frcnn_scratch import ops
+rng = np.random.default_rng(0)
+xy = rng.uniform(0, 50, (70, 2)).astype(np.float32)
+boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (70, 2)).astype(np.float32)], axis=1)
+scores = rng.random(70).astype(np.float32)
+features = rng.standard_normal((1, 3, 6, 7)).astype(np.float32)
+rois = np.concatenate([np.zeros((5, 1), np.float32), boxes[:5] / 8], axis=1)
+for name, args in [("box_iou", (boxes, boxes)), ("nms", (boxes, scores, 0.5)),
+                   ("roi_pool", (features, rois, 2, 1.0)), ("roi_align", (features, rois, 2, 1.0))]:
+    got = getattr(ops, name)(*args, backend="triton")
+    want = getattr(ops, name)(*args, backend="numpy")
+    for g, w in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+        assert np.allclose(g, w, rtol=1e-5, atol=1e-6) if name == "roi_align" else np.array_equal(g, w), name
+print("same results")
+"""
+
+
 @pytest.mark.skipif(kernels.device() == "cuda", reason="the interpreter is only used without a GPU")
-def test_triton_imported_before_kernels_is_a_clear_error():
+def test_triton_imported_before_the_kernels_still_works():
+    """Triton imported before the kernels (torchvision and torch.optim import it): the kernels
+    still switch to the interpreter and give the reference's results."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", "import triton; import kernels"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "import kernels" in done.stderr, done.stderr[-500:]
+    done = subprocess.run([sys.executable, "-c", IMPORT_ORDER_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "same results" in done.stdout, done.stderr[-2000:]
+
+
+def test_kernels_are_not_a_top_level_package():
+    """Installed as frcnn_scratch.kernels: no top-level `kernels` to collide with the package of
+    that name on the index (run from another folder, so the checkout itself is not on the path)."""
+    done = subprocess.run([sys.executable, "-c", "import frcnn_scratch.kernels, importlib.util; "
+                           "print(importlib.util.find_spec('kernels'))"],
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(sys.executable))
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stdout + done.stderr[-500:]

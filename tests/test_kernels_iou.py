@@ -3,7 +3,7 @@
 Runs under Triton's interpreter when there is no GPU (kernels sets TRITON_INTERPRET=1 on import),
 so sizes are small.
 """
-import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
+from frcnn_scratch import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import assert_same
 from frcnn_scratch import ops
 from frcnn_scratch.boxes import box_iou as reference_iou
-from kernels.iou import box_iou as kernel_iou
+from frcnn_scratch.kernels.iou import box_iou as kernel_iou
 
 DEV = kernels.device()
 

@@ -313,7 +313,7 @@ def test_triton_backend_matches_numpy_on_a_training_step(pooler):
     within rel 1e-5, gradients within 1e-5 + 1e-4 |g| (a rounding difference of ~1e-7 relative
     amplified through a few layers of the backward)."""
     pytest.importorskip("torch")
-    import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without a GPU; must come before triton)
+    from frcnn_scratch import kernels  # noqa: F401  (sets TRITON_INTERPRET=1 without a GPU; must come before triton)
     pytest.importorskip("triton")
     s = tiny_sample(seed=3)
     results = {}
