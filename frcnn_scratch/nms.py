@@ -11,8 +11,9 @@ Greedy NMS, the rule every function here follows:
        first), so the result never depends on how the sort breaks ties;
     2. take the best box that is still alive and keep it;
     3. suppress every later box whose IoU with it is strictly greater than the threshold
-       (IoU == threshold survives; IoU is computed in float32 like boxes.box_iou, and a pair
-       with zero union has IoU 0, so a zero-area box suppresses nothing);
+       (IoU == threshold survives; IoU is computed in float32 like boxes.box_iou and compared
+       with the threshold as a float64 number, as torchvision's nms does; a pair with zero
+       union has IoU 0, so a zero-area box suppresses nothing);
     4. repeat 2-3 until no box is alive.
 
 >>> import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 
 from ._checks import as_boxes, as_float_array, as_labels
 
-__all__ = ["check_nms_inputs", "nms", "nms_reference", "batched_nms"]
+__all__ = ["check_nms_inputs", "float32_threshold", "nms", "nms_reference", "batched_nms"]
 
 
 def check_nms_inputs(boxes, scores, iou_threshold):
@@ -49,6 +50,24 @@ def check_nms_inputs(boxes, scores, iou_threshold):
     if not 0.0 <= thr <= 1.0:                                          # also rejects NaN
         raise ValueError(f"iou_threshold: expected a number in [0, 1], got {thr}")
     return boxes, scores, thr
+
+
+def float32_threshold(iou_threshold):
+    """The float32 t such that, for every float32 IoU x, x > t exactly when x > iou_threshold
+    compared as float64 numbers.
+
+    IoUs are float32, the threshold a Python float: float32(0.3) rounds up, past 0.3, so an IoU
+    equal to float32(0.3) is above 0.3 and must be suppressed, but would not be if compared with
+    float32(0.3).  The largest float32 not above the threshold gives the float64 answer with a
+    float32 comparison (the kernels use it too).
+
+    >>> float(np.float32(0.3)) > 0.3, float32_threshold(0.3) < 0.3
+    (True, True)
+    """
+    t = np.float32(iou_threshold)
+    if float(t) > float(iou_threshold):
+        t = np.nextafter(t, np.float32(-np.inf))
+    return t
 
 
 def _score_order(scores):
@@ -84,7 +103,7 @@ def nms(boxes, scores, iou_threshold):
         N = 0 gives an empty int64 array.
     """
     boxes, scores, thr = check_nms_inputs(boxes, scores, iou_threshold)
-    thr = np.float32(thr)                       # compare in float32, the precision of the IoU
+    thr = float32_threshold(thr)                # IoU > thr in float32 == IoU > threshold in float64
     order = _score_order(scores)                                       # (N,)
     ranked = boxes[order]                                              # (N, 4) best first
     x1, y1, x2, y2 = (ranked[:, k] for k in range(4))                  # each (N,)
@@ -137,7 +156,7 @@ def nms_reference(boxes, scores, iou_threshold):
     Same arguments and result as `nms`.
     """
     boxes, scores, thr = check_nms_inputs(boxes, scores, iou_threshold)
-    thr = np.float32(thr)
+    thr = float32_threshold(thr)                # IoU > thr in float32 == IoU > threshold in float64
     order = _score_order(scores)
     suppressed = np.zeros(len(boxes), dtype=bool)   # indexed by the original box index
     keep = []

@@ -1,9 +1,11 @@
 """kernels/nms.py against the NumPy reference nms.nms: the same kept indices, exactly.
 
 The bitmask kernel packs "box i suppresses box j" into int64 words; the tests include sizes at and
-around the 64-box word (1, 63, 64, 65, 257) and a word whose bit 63 (the sign bit) is set.
+around the 64-box word (1, 63, 64, 65, 257), a word whose bit 63 (the sign bit) is set, the scan
+kernel on hand-made masks (suppression chains inside a block and across blocks), and an IoU equal
+to float32(threshold), which the float64 comparison must suppress.
 """
-import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
+from frcnn_scratch import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 from frcnn_scratch import ops
 from frcnn_scratch.nms import nms as reference_nms
-from kernels.nms import nms as kernel_nms, scan_mask, suppression_mask
+from frcnn_scratch.kernels.nms import nms as kernel_nms, scan_mask, suppression_mask
+from frcnn_scratch.nms import nms_reference
 
 DEV = kernels.device()
 
@@ -77,10 +80,53 @@ def test_bit_63_of_a_word():
     assert_same_keep(run_kernel(boxes, scores, 0.5), reference_nms(boxes, scores, 0.5), "bit 63")
 
 
+def scan(words):
+    """The scan kernel on a hand-made (N, W) mask -> the kept positions."""
+    flags = scan_mask(torch.tensor(np.array(words, np.int64), device=DEV)).cpu().numpy()
+    assert flags.dtype == np.int8 and set(np.unique(flags)) <= {0, 1}
+    return np.flatnonzero(flags).tolist()
+
+
 def test_scan_mask_by_hand():
     # 3 boxes: 0 suppresses 1 (bit 1), 1 would suppress 2 (bit 2) but 1 is gone -> keep 0, 2
-    mask = np.array([[0b010], [0b100], [0]], np.int64)
-    assert scan_mask(mask) == [0, 2]
+    assert scan([[0b010], [0b100], [0]]) == [0, 2]
+    # a chain inside one word: 0 -> 1 -> 2 -> 3 -> 4: keep 0, 2, 4 (the fixed point needs rounds)
+    assert scan([[0b10], [0b100], [0b1000], [0b10000], [0]]) == [0, 2, 4]
+
+
+def test_scan_mask_across_words():
+    # 130 boxes in 3 words.  Box 0 suppresses box 64 (word 1, bit 0) and box 129 (word 2, bit 1);
+    # box 64 would suppress box 128, but it is gone, so box 128 stays; box 65 suppresses box 66.
+    # Words below the diagonal block are never read: fill them with garbage (all ones).
+    n, garbage = 130, -1
+    mask = np.zeros((n, 3), np.int64)
+    mask[64:, 0] = garbage
+    mask[128:, 1] = garbage
+    mask[0, 1] = 1          # box 0 -> box 64
+    mask[0, 2] = 0b10       # box 0 -> box 129
+    mask[64, 2] = 0b1       # box 64 -> box 128 (box 64 is suppressed: no effect)
+    mask[65, 1] = 0b100     # box 65 -> box 66
+    keep = scan(mask)
+    assert keep == [i for i in range(n) if i not in (64, 66, 129)], keep
+
+
+def test_iou_equal_to_float32_threshold_is_suppressed():
+    # IoU = 3 / 10 exactly as float32, which is float32(0.3) = 0.30000001: above 0.3, so box 1
+    # goes (torchvision compares the float32 IoU with the float64 threshold); at 0.30000002 it stays
+    boxes = np.array([[0, 0, 6, 1], [3, 0, 10, 1]], np.float32)  # inter 3, union 6 + 7 - 3
+    scores = np.array([0.9, 0.8], np.float32)
+    assert np.float32(3) / np.float32(10) == np.float32(0.3) and float(np.float32(0.3)) > 0.3
+    for thr, want in ((0.3, [0]), (float(np.float32(0.3)), [0, 1])):
+        assert_same_keep(run_kernel(boxes, scores, thr), np.array(want), f"kernel thr={thr!r}")
+        for fn in (reference_nms, nms_reference):
+            assert_same_keep(fn(boxes, scores, thr), np.array(want), f"{fn.__name__} thr={thr!r}")
+
+
+def test_suppression_chain_end_to_end():
+    # A suppresses B, so B cannot suppress C: keep A and C (the greedy order matters)
+    boxes = np.array([[0, 0, 10, 10], [4, 0, 14, 10], [8, 0, 18, 10]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)  # IoU(A, B) = IoU(B, C) = 6/14, IoU(A, C) 2/18
+    assert_same_keep(run_kernel(boxes, scores, 0.4), np.array([0, 2]), "chain")
 
 
 # ---- the reference, exactly ------------------------------------------------------------------
