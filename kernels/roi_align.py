@@ -4,17 +4,25 @@ Semantics are torchvision.ops.roi_align's, as in the NumPy reference frcnn_scrat
 corners scaled by spatial_scale (minus 0.5 when aligned), RoI at least 1 x 1 cell unless aligned,
 grid_h x grid_w samples per bin (sampling_ratio, or ceil(roi_size / pooled) when it is <= 0),
 sample s of bin i at start + i * bin + (s + 0.5) * bin / grid, bilinear reads that are 0 outside
-[-1, size] and clamped inside, and out = sum of samples / max(grid_h * grid_w, 1).
+[-1, size] and clamped inside, and out = sum of samples / max(grid_h * grid_w, 1).  A RoI with a
+negative sample count on an axis (aligned, reversed by more than a bin) has no samples: out = 0.
 
-Forward: one program per (RoI, bin, block of BLOCK_C channels); it takes the bin's samples
-BLOCK_S at a time, reads w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4 (the four neighbouring cells) for a
-(BLOCK_S, BLOCK_C) tile, and sums the tile over its samples.
-Backward: the same steps, but each sample sends grad / count * w to its four cells with
-tl.atomic_add, since cells are shared between samples, bins and RoIs.
+Laid out for the GPU.  The launcher makes one channels-last copy of the map, (N, H, W, C), so that
+the C values of a cell are neighbours in memory.  One program takes one row i of bins of one RoI
+and a block of BLOCK_C channels: a (BLOCK_PW, BLOCK_C) tile, bins j down, channels across.  The
+RoI's geometry is computed once per program; a sample row's y, its two rows and their weights are
+scalars shared by the whole tile, a sample column's x is one value per bin j.  Each bilinear read
+is then a load of consecutive channels of one cell: a warp reads neighbouring addresses.
 
-The sample coordinates are computed in the reference's float32 order (and FMA fusion is off), so
-the kernel reads the same cells with the same weights; only the order of the float32 sums differs
-(the reference multiplies interpolation matrices), which is why the tests use a tolerance.
+Forward: for sample (sy, sx) of every bin of the tile, read w1*v1 + w2*v2 + w3*v3 + w4*v4 from the
+four neighbouring cells and add it to the bin's sum: the same float32 operations in the same order
+as roi_align_reference (the plain loops of the NumPy file), with FMA fusion off, so the result is
+the reference's bit for bit.
+Backward: the same walk, adding grad / count * w to each of the four cells with relaxed atomic adds
+(cells are shared between samples, bins and RoIs; the adds need no ordering) into a channels-last
+gradient, which the launcher turns back to (N, C, H, W).
+
+Offsets into every tensor are int64: K * C * PH * PW passes 2**31 at paper sizes times 30.
 """
 from . import device  # noqa: F401  (imports the package first: sets TRITON_INTERPRET=1 without CUDA)
 
@@ -22,10 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .roi_pool import channels_last
+
+LIMIT = tl.constexpr(2.0 ** 30)  # the largest sample count per bin side the kernels compute
+
 
 @triton.jit
-def _roi_geometry(rois_ptr, k, PH, PW, spatial_scale, sampling_ratio, ALIGNED: tl.constexpr):
-    """Batch index, start (y, x), bin size (y, x) and samples per bin (y, x) of RoI k."""
+def roi_geometry(rois_ptr, k, PH, PW, spatial_scale, sampling_ratio, ALIGNED: tl.constexpr):
+    """Batch index, start (y, x), bin size (y, x) and samples per bin (y, x) of RoI k, in the
+    reference's float32 steps (frcnn_scratch.roi_align.roi_geometry)."""
     offset = 0.5 if ALIGNED else 0.0  # aligned: pixel centres land on cell centres
     b = tl.load(rois_ptr + k * 5 + 0).to(tl.int64)
     x1 = tl.load(rois_ptr + k * 5 + 1) * spatial_scale - offset
@@ -37,116 +50,121 @@ def _roi_geometry(rois_ptr, k, PH, PW, spatial_scale, sampling_ratio, ALIGNED: t
     if not ALIGNED:  # malformed RoIs are forced to 1 x 1 cell
         roi_h = tl.maximum(roi_h, 1.0)
         roi_w = tl.maximum(roi_w, 1.0)
-    bin_h = tl.math.div_rn(roi_h, PH.to(tl.float32))  # IEEE division, as NumPy
-    bin_w = tl.math.div_rn(roi_w, PW.to(tl.float32))
-    grid_h = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_h).to(tl.int32))
-    grid_w = tl.where(sampling_ratio > 0, sampling_ratio, tl.ceil(bin_w).to(tl.int32))
+    bin_h = tl.math.div_rn(roi_h, tl.cast(PH, tl.float32))  # IEEE division, as NumPy
+    bin_w = tl.math.div_rn(roi_w, tl.cast(PW, tl.float32))
+    # samples per bin: negative for a reversed aligned RoI, and then no sample runs.  (Bins over
+    # 2**30 cells, where the reference could not allocate its samples, are clamped to keep the
+    # float -> int32 conversion defined.)
+    grid_h = tl.where(sampling_ratio > 0, sampling_ratio,
+                      tl.ceil(tl.minimum(tl.maximum(bin_h, -LIMIT), LIMIT)).to(tl.int32))
+    grid_w = tl.where(sampling_ratio > 0, sampling_ratio,
+                      tl.ceil(tl.minimum(tl.maximum(bin_w, -LIMIT), LIMIT)).to(tl.int32))
     return b, y1, x1, bin_h, bin_w, grid_h, grid_w
 
 
 @triton.jit
-def _sample_coord(start, i, bin_size, s, grid):
+def sample_coord(start, i, bin_size, s, grid):
     """start + i * bin + (s + 0.5) * bin / grid: sample s of bin i, in the reference's order."""
-    g = tl.maximum(grid, 1).to(tl.float32)
-    return start + i.to(tl.float32) * bin_size + tl.math.div_rn((s + 0.5) * bin_size, g)
+    g = tl.cast(tl.maximum(grid, 1), tl.float32)
+    return start + tl.cast(i, tl.float32) * bin_size + tl.math.div_rn(
+        (tl.cast(s, tl.float32) + 0.5) * bin_size, g)
 
 
 @triton.jit
-def _linear_1d(y, size):
-    """One axis of bilinear interpolation: (low, high, w_low, w_high, inside) for coordinate y."""
-    inside = (y >= -1.0) & (y <= size.to(tl.float32))  # else the sample reads 0
-    y = tl.maximum(y, 0.0)
+def linear_taps(coord, size):
+    """One axis of bilinear interpolation, as frcnn_scratch.roi_align.bilinear_weights: the two
+    cells (low, high) a coordinate reads, their weights (w_low, w_high), and whether the
+    coordinate lies in [-1, size] (outside, both weights are 0 and the sample reads 0).  The cells
+    are always inside the map, so loads need no mask; y is clamped to <= size before it becomes an
+    int (the same cells and weights as the reference, without int overflow for huge RoIs)."""
+    fsize = tl.cast(size, tl.float32)
+    inside = (coord >= -1.0) & (coord <= fsize)
+    y = tl.minimum(tl.maximum(coord, 0.0), fsize)
     low = y.to(tl.int32)  # floor, since y >= 0
     at_edge = low >= size - 1
     low = tl.where(at_edge, size - 1, low)
     high = tl.where(at_edge, size - 1, low + 1)
     y = tl.where(at_edge, low.to(tl.float32), y)
     ly = y - low.to(tl.float32)  # distance past low
-    return low, high, 1.0 - ly, ly, inside
-
-
-@triton.jit
-def _samples(s, y1, x1, i, j, bin_h, bin_w, grid_h, grid_w, H, W):
-    """For a vector of sample numbers s (row-major over the bin's grid_h x grid_w grid): the flat
-    offsets within a (H, W) plane of the four cells each sample reads, and their bilinear weights
-    w1..w4 = hy*hx, hy*lx, ly*hx, ly*lx, and whether the sample lies inside [-1, size] on both
-    axes (outside, it reads 0: the caller masks it)."""
-    sy = s // tl.maximum(grid_w, 1)
-    sx = s % tl.maximum(grid_w, 1)
-    y = _sample_coord(y1, i, bin_h, sy, grid_h)  # (BLOCK_S,)
-    x = _sample_coord(x1, j, bin_w, sx, grid_w)
-    y_lo, y_hi, hy, ly, y_in = _linear_1d(y, H)
-    x_lo, x_hi, hx, lx, x_in = _linear_1d(x, W)
-    inside = y_in & x_in
-    cells = (y_lo * W + x_lo, y_lo * W + x_hi, y_hi * W + x_lo, y_hi * W + x_hi)
-    weights = (hy * hx, hy * lx, ly * hx, ly * lx)
-    return cells, weights, inside
+    return low, high, tl.where(inside, 1.0 - ly, 0.0), tl.where(inside, ly, 0.0), inside
 
 
 @triton.jit
 def roi_align_forward_kernel(feat_ptr, rois_ptr, out_ptr, C, H, W, PH, PW,
                              spatial_scale, sampling_ratio,
-                             ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr,
-                             BLOCK_S: tl.constexpr):
-    """out[k, c, i, j] = mean over the bin's samples of the bilinear read of features[b, c].
-
-    The bin's grid_h * grid_w samples are taken BLOCK_S at a time: a (BLOCK_S, BLOCK_C) tile of
-    bilinear reads, summed over the samples."""
-    pid = tl.program_id(0)  # one (RoI k, bin i, bin j)
-    k = pid // (PH * PW)
-    i = (pid // PW) % PH
-    j = pid % PW
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
-    c_ok = c < C
-    b, y1, x1, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
+                             ALIGNED: tl.constexpr, BLOCK_PW: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """out[k, c, i, j] = mean over the bin's samples of the bilinear read of features[b, c], for
+    bin row i of RoI k (program 0) and a block of channels (program 1).  feat_ptr is the
+    channels-last copy (N, H, W, C)."""
+    pid = tl.program_id(0).to(tl.int64)  # one (RoI k, bin row i)
+    k = pid // PH
+    i = pid % PH
+    j = tl.arange(0, BLOCK_PW)  # (BLOCK_PW,) bin columns
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+    ok = (j < PW)[:, None] & (c < C)[None, :]  # (BLOCK_PW, BLOCK_C)
+    b, y1, x1, bin_h, bin_w, grid_h, grid_w = roi_geometry(
         rois_ptr, k, PH, PW, spatial_scale, sampling_ratio, ALIGNED)
-    plane = (b * C + c.to(tl.int64)) * H * W  # (BLOCK_C,) flat offset of features[b, c, 0, 0]
 
-    acc = tl.zeros((BLOCK_C,), tl.float32)
-    n_samples = grid_h * grid_w
-    for s0 in range(0, n_samples, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) sample numbers
-        cells, weights, inside = _samples(s, y1, x1, i, j, bin_h, bin_w, grid_h, grid_w, H, W)
-        ok = (inside & (s < n_samples))[:, None] & c_ok[None, :]  # (BLOCK_S, BLOCK_C)
-        val = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
-        for q in tl.static_range(4):  # the four neighbouring cells, w1 * v1 + ... + w4 * v4
-            v = tl.load(feat_ptr + plane[None, :] + cells[q][:, None], mask=ok, other=0.0)
-            val += weights[q][:, None] * v
-        acc += tl.sum(val, axis=0)
+    acc = tl.zeros((BLOCK_PW, BLOCK_C), tl.float32)
+    for sy in range(0, grid_h):  # sample rows: scalars for the whole tile
+        y = sample_coord(y1, i, bin_h, sy, grid_h)
+        y_lo, y_hi, hy, ly, y_in = linear_taps(y, H)
+        row_lo = (b * H + y_lo) * W  # flat cell index of (b, y_lo, 0)
+        row_hi = (b * H + y_hi) * W
+        for sx in range(0, grid_w):  # sample columns: one per bin j
+            x = sample_coord(x1, j, bin_w, sx, grid_w)  # (BLOCK_PW,)
+            x_lo, x_hi, hx, lx, x_in = linear_taps(x, W)
+            v1 = tl.load(feat_ptr + ((row_lo + x_lo) * C)[:, None] + c[None, :], mask=ok, other=0.0)
+            v2 = tl.load(feat_ptr + ((row_lo + x_hi) * C)[:, None] + c[None, :], mask=ok, other=0.0)
+            v3 = tl.load(feat_ptr + ((row_hi + x_lo) * C)[:, None] + c[None, :], mask=ok, other=0.0)
+            v4 = tl.load(feat_ptr + ((row_hi + x_hi) * C)[:, None] + c[None, :], mask=ok, other=0.0)
+            # bilinear interpolation from the four nearest cells (Mask R-CNN Fig. 3)
+            acc += ((hy * hx)[:, None] * v1 + (hy * lx)[:, None] * v2
+                    + (ly * hx)[:, None] * v3 + (ly * lx)[:, None] * v4)
 
-    count = tl.maximum(n_samples, 1).to(tl.float32)
-    o = ((k * C + c) * PH + i) * PW + j  # (BLOCK_C,) flat index into out (K, C, PH, PW)
-    tl.store(out_ptr + o, tl.math.div_rn(acc, count + tl.zeros_like(acc)), mask=c_ok)
+    count = tl.maximum(grid_h.to(tl.int64) * grid_w, 1).to(tl.float32)
+    o = ((k * C + c[None, :]) * PH + i) * PW + j[:, None]  # (BLOCK_PW, BLOCK_C) into (K, C, PH, PW)
+    tl.store(out_ptr + o, tl.math.div_rn(acc, count + tl.zeros_like(acc)), mask=ok)
 
 
 @triton.jit
 def roi_align_backward_kernel(grad_out_ptr, rois_ptr, grad_ptr, C, H, W, PH, PW,
                               spatial_scale, sampling_ratio,
-                              ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr,
-                              BLOCK_S: tl.constexpr):
-    """grad[b, c] += grad_out[k, c, i, j] / count * (bilinear weight) at each sample's 4 cells."""
-    pid = tl.program_id(0)
-    k = pid // (PH * PW)
-    i = (pid // PW) % PH
-    j = pid % PW
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    b, y1, x1, bin_h, bin_w, grid_h, grid_w = _roi_geometry(
+                              ALIGNED: tl.constexpr, BLOCK_PW: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    """grad[b, :, :, c] += grad_out[k, c, i, j] / count * (bilinear weight) at each sample's four
+    cells, for bin row i of RoI k and a block of channels.  grad_ptr is channels-last (N, H, W, C)."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid // PH
+    i = pid % PH
+    j = tl.arange(0, BLOCK_PW)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (j < PW)[:, None] & (c < C)[None, :]
+    b, y1, x1, bin_h, bin_w, grid_h, grid_w = roi_geometry(
         rois_ptr, k, PH, PW, spatial_scale, sampling_ratio, ALIGNED)
-    plane = (b * C + c.to(tl.int64)) * H * W
 
-    o = ((k * C + c) * PH + i) * PW + j
-    n_samples = grid_h * grid_w
-    count = tl.maximum(n_samples, 1).to(tl.float32)
-    g = tl.load(grad_out_ptr + o, mask=c_ok, other=0.0)
-    g = tl.math.div_rn(g, count + tl.zeros_like(g))  # (BLOCK_C,) each sample's share
-    for s0 in range(0, n_samples, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        cells, weights, inside = _samples(s, y1, x1, i, j, bin_h, bin_w, grid_h, grid_w, H, W)
-        ok = (inside & (s < n_samples))[:, None] & c_ok[None, :]  # (BLOCK_S, BLOCK_C)
-        for q in tl.static_range(4):  # cells are shared by samples, bins and RoIs: atomic adds
-            tl.atomic_add(grad_ptr + plane[None, :] + cells[q][:, None],
-                          weights[q][:, None] * g[None, :], mask=ok)
+    count = tl.maximum(grid_h.to(tl.int64) * grid_w, 1).to(tl.float32)
+    o = ((k * C + c[None, :]) * PH + i) * PW + j[:, None]
+    g = tl.load(grad_out_ptr + o, mask=ok, other=0.0)  # (BLOCK_PW, BLOCK_C)
+    g = tl.math.div_rn(g, count + tl.zeros_like(g))  # each sample's share
+    for sy in range(0, grid_h):
+        y = sample_coord(y1, i, bin_h, sy, grid_h)
+        y_lo, y_hi, hy, ly, y_in = linear_taps(y, H)
+        row_lo = (b * H + y_lo) * W
+        row_hi = (b * H + y_hi) * W
+        for sx in range(0, grid_w):
+            x = sample_coord(x1, j, bin_w, sx, grid_w)
+            x_lo, x_hi, hx, lx, x_in = linear_taps(x, W)
+            send = tl.where(y_in, ok & x_in[:, None], False)  # outside the map: nothing to send
+            tl.atomic_add(grad_ptr + ((row_lo + x_lo) * C)[:, None] + c[None, :],
+                          (hy * hx)[:, None] * g, mask=send, sem="relaxed")
+            tl.atomic_add(grad_ptr + ((row_lo + x_hi) * C)[:, None] + c[None, :],
+                          (hy * lx)[:, None] * g, mask=send, sem="relaxed")
+            tl.atomic_add(grad_ptr + ((row_hi + x_lo) * C)[:, None] + c[None, :],
+                          (ly * hx)[:, None] * g, mask=send, sem="relaxed")
+            tl.atomic_add(grad_ptr + ((row_hi + x_hi) * C)[:, None] + c[None, :],
+                          (ly * lx)[:, None] * g, mask=send, sem="relaxed")
 
 
 def _check(x, name, ndim):
@@ -167,7 +185,7 @@ def _check_rois(rois, pooled_h, pooled_w):
 
 
 def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio=-1,
-                      aligned=False, block_c=64, block_s=16):
+                      aligned=False, block_c=128, num_warps=8):
     """RoI Align on the device.
 
     Args:
@@ -178,7 +196,6 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
         sampling_ratio: samples per bin side; <= 0 is adaptive, ceil(roi_size / pooled).
         aligned: shift by -0.5 cell and do not force a 1 x 1 RoI.
         block_c: channels per program (a power of two).
-        block_s: bilinear samples per step of a program's loop (a power of two).
     Returns:
         (K, C, pooled_h, pooled_w) float32 tensor.
     """
@@ -186,20 +203,20 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
     rois = _check_rois(rois, pooled_h, pooled_w)
     n, c, h, w = features.shape
     k = rois.shape[0]
-    out = torch.zeros((k, c, pooled_h, pooled_w), dtype=torch.float32, device=features.device)
-    if k == 0 or c == 0 or h == 0 or w == 0:
-        return out
+    if k == 0 or c == 0 or h == 0 or w == 0:  # no RoI, or no cell to read: zeros
+        return torch.zeros((k, c, pooled_h, pooled_w), dtype=torch.float32, device=features.device)
+    out = torch.empty((k, c, pooled_h, pooled_w), dtype=torch.float32, device=features.device)
     block_c = min(block_c, triton.next_power_of_2(c))
-    grid = (k * pooled_h * pooled_w, triton.cdiv(c, block_c))
-    roi_align_forward_kernel[grid](features, rois, out, c, h, w, pooled_h, pooled_w,
+    grid = (k * pooled_h, triton.cdiv(c, block_c))
+    roi_align_forward_kernel[grid](channels_last(features), rois, out, c, h, w, pooled_h, pooled_w,
                                    float(spatial_scale), int(sampling_ratio),
-                                   ALIGNED=bool(aligned), BLOCK_C=block_c, BLOCK_S=block_s,
-                                   enable_fp_fusion=False)
+                                   ALIGNED=bool(aligned), BLOCK_PW=triton.next_power_of_2(pooled_w),
+                                   BLOCK_C=block_c, num_warps=num_warps, enable_fp_fusion=False)
     return out
 
 
 def roi_align_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spatial_scale,
-                       sampling_ratio=-1, aligned=False, block_c=64, block_s=16):
+                       sampling_ratio=-1, aligned=False, block_c=128, num_warps=8):
     """Gradient of roi_align_forward with respect to its features.
 
     Args:
@@ -216,13 +233,14 @@ def roi_align_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spatial_
     if tuple(grad_out.shape) != (k, c, pooled_h, pooled_w):
         raise ValueError(f"grad_out: expected shape {(k, c, pooled_h, pooled_w)}, "
                          f"got {tuple(grad_out.shape)}")
-    grad = torch.zeros((n, c, h, w), dtype=torch.float32, device=grad_out.device)
-    if k == 0 or c == 0 or h == 0 or w == 0:
-        return grad
-    block_c = min(block_c, triton.next_power_of_2(c))
-    grid = (k * pooled_h * pooled_w, triton.cdiv(c, block_c))
-    roi_align_backward_kernel[grid](grad_out, rois, grad, c, h, w, pooled_h, pooled_w,
-                                    float(spatial_scale), int(sampling_ratio),
-                                    ALIGNED=bool(aligned), BLOCK_C=block_c, BLOCK_S=block_s,
-                                    enable_fp_fusion=False)
-    return grad
+    grad = torch.zeros((n, h, w, c), dtype=torch.float32, device=grad_out.device)  # channels last
+    if k > 0 and c > 0 and h > 0 and w > 0:
+        block_c = min(block_c, triton.next_power_of_2(c))
+        grid = (k * pooled_h, triton.cdiv(c, block_c))
+        roi_align_backward_kernel[grid](grad_out, rois, grad, c, h, w, pooled_h, pooled_w,
+                                        float(spatial_scale), int(sampling_ratio),
+                                        ALIGNED=bool(aligned),
+                                        BLOCK_PW=triton.next_power_of_2(pooled_w),
+                                        BLOCK_C=block_c, num_warps=num_warps,
+                                        enable_fp_fusion=False)
+    return grad.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)

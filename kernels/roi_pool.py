@@ -5,10 +5,20 @@ corners times spatial_scale rounded half away from zero, roi size max(end - star
 bin i covering floor(i * size / n) .. ceil((i + 1) * size / n) after the start, clipped to the map,
 empty bin -> 0 and argmax -1, first maximum in row-major order.
 
-Forward: one program per (RoI, bin, block of BLOCK_C channels); it walks the bin's cells in
-row-major order, BLOCK_HW cells at a time, takes each step's max and the first cell holding it, and
-keeps a running max with a strict `>`, so the first maximum in row-major order wins.
-Backward: one program per BLOCK outputs; each adds its gradient at its argmax with tl.atomic_add.
+Forward, laid out for the GPU.  The launcher makes one channels-last copy of the map, (N, H, W, C),
+so that the C values of a cell are neighbours in memory.  One program takes one row i of bins of
+one RoI and a block of BLOCK_C channels: a (BLOCK_PW, BLOCK_C) tile, bins j down, channels across.
+The bin's rows [h0, h1) are the same for the whole tile (scalars, computed once); its columns
+[w0, w1) are one per bin j.  The program walks the cells of its bins in row-major order; at each
+cell a warp loads consecutive channels of one cell (consecutive addresses) and keeps a running
+max with a strict `>`, so the first maximum in row-major order wins.  Stores go to (K, C, PH, PW):
+the PW bins of a channel are consecutive.
+
+Backward: dL/dx = sum of grad_out over the outputs whose argmax is x.  One lane per output, in
+the output's order (neighbouring lanes: neighbouring bins of one channel plane), each adding its
+gradient at its argmax with a relaxed atomic add (outputs may share an argmax; no ordering needed).
+
+Offsets into every tensor are int64: K * C * PH * PW passes 2**31 at paper sizes times 30.
 """
 from . import device  # noqa: F401  (imports the package first: sets TRITON_INTERPRET=1 without CUDA)
 
@@ -18,76 +28,82 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_half_away(x):
-    """C's round(): 2.5 -> 3, -2.5 -> -3.  x - trunc(x) is exact in float32, so no x + 0.5 error."""
+def round_half_away(x):
+    """C's round() as int64: 2.5 -> 3, -2.5 -> -3.  x - trunc(x) is exact in float32."""
     t = tl.where(x >= 0.0, tl.floor(x), tl.ceil(x))
     step = tl.where(x >= 0.0, 1.0, -1.0)
-    return tl.where(tl.abs(x - t) >= 0.5, t + step, t).to(tl.int32)
+    return tl.where(tl.abs(x - t) >= 0.5, t + step, t).to(tl.int64)
+
+
+@triton.jit
+def bin_bounds(start, end, idx, pooled, limit):
+    """Cells [lo, hi) of bin(s) `idx` along one axis of a RoI from cell `start` to `end`, clipped
+    to [0, limit]: floor(idx * size / pooled) .. ceil((idx + 1) * size / pooled) after `start`,
+    in the reference's float32 steps (frcnn_scratch.roi_pool.bin_bounds)."""
+    size = tl.maximum(end - start + 1, 1).to(tl.float32)  # cells in the RoI (at least one)
+    bin_size = tl.math.div_rn(size, tl.cast(pooled, tl.float32))  # IEEE division, as NumPy's
+    i = idx.to(tl.float32)
+    lo = tl.floor(i * bin_size).to(tl.int64) + start
+    hi = tl.ceil((i + 1.0) * bin_size).to(tl.int64) + start
+    return tl.minimum(tl.maximum(lo, 0), limit), tl.minimum(tl.maximum(hi, 0), limit)
 
 
 @triton.jit
 def roi_pool_forward_kernel(feat_ptr, rois_ptr, out_ptr, argmax_ptr,
                             C, H, W, PH, PW, spatial_scale,
-                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """out[k, c, i, j] = max of features[b, c] over bin (i, j) of RoI k; argmax = its flat index."""
-    pid = tl.program_id(0)  # one (RoI k, bin i, bin j)
-    k = pid // (PH * PW)
-    i = (pid // PW) % PH
-    j = pid % PW
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+                            BLOCK_PW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[k, c, i, j] = max of features[b, c] over bin (i, j) of RoI k; argmax = its flat index
+    into the (N, C, H, W) features.  feat_ptr is the channels-last copy (N, H, W, C)."""
+    pid = tl.program_id(0).to(tl.int64)  # one (RoI k, bin row i)
+    k = pid // PH
+    i = pid % PH
+    j = tl.arange(0, BLOCK_PW)  # (BLOCK_PW,) bin columns
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+    j_ok = j < PW
     c_ok = c < C
 
-    # RoI corners in feature cells: image pixels * spatial_scale, rounded half away from zero
+    # the RoI in feature cells: image pixels * spatial_scale, rounded half away from zero
     b = tl.load(rois_ptr + k * 5 + 0).to(tl.int64)
-    x1 = _round_half_away(tl.load(rois_ptr + k * 5 + 1) * spatial_scale)
-    y1 = _round_half_away(tl.load(rois_ptr + k * 5 + 2) * spatial_scale)
-    x2 = _round_half_away(tl.load(rois_ptr + k * 5 + 3) * spatial_scale)
-    y2 = _round_half_away(tl.load(rois_ptr + k * 5 + 4) * spatial_scale)
-    # cells per bin, float32; div_rn is IEEE division (a GPU's default may be approximate)
-    bin_h = tl.math.div_rn(tl.maximum(y2 - y1 + 1, 1).to(tl.float32), PH.to(tl.float32))
-    bin_w = tl.math.div_rn(tl.maximum(x2 - x1 + 1, 1).to(tl.float32), PW.to(tl.float32))
+    x1 = round_half_away(tl.load(rois_ptr + k * 5 + 1) * spatial_scale)
+    y1 = round_half_away(tl.load(rois_ptr + k * 5 + 2) * spatial_scale)
+    x2 = round_half_away(tl.load(rois_ptr + k * 5 + 3) * spatial_scale)
+    y2 = round_half_away(tl.load(rois_ptr + k * 5 + 4) * spatial_scale)
+    h0, h1 = bin_bounds(y1, y2, i, PH, H)  # scalars: the rows of this bin row
+    w0, w1 = bin_bounds(x1, x2, j, PW, W)  # (BLOCK_PW,): the columns of each bin
+    width = tl.where(j_ok, tl.maximum(w1 - w0, 0), 0)
+    max_width = tl.max(width)  # the widest bin of the row sets the steps (others mask)
 
-    # bin (i, j) covers rows [h0, h1) and columns [w0, w1), clipped to the map
-    h0 = tl.minimum(tl.maximum(tl.floor(i * bin_h).to(tl.int32) + y1, 0), H)
-    h1 = tl.minimum(tl.maximum(tl.ceil((i + 1) * bin_h).to(tl.int32) + y1, 0), H)
-    w0 = tl.minimum(tl.maximum(tl.floor(j * bin_w).to(tl.int32) + x1, 0), W)
-    w1 = tl.minimum(tl.maximum(tl.ceil((j + 1) * bin_w).to(tl.int32) + x1, 0), W)
+    best = tl.full((BLOCK_PW, BLOCK_C), float("-inf"), tl.float32)
+    best_cell = tl.full((BLOCK_PW, BLOCK_C), -1, tl.int32)  # h * W + w of the max so far
+    for h in range(h0, h1):  # the bins' cells in row-major order
+        row = (b * H + h) * W  # flat index of cell (b, h, 0) in the channels-last map
+        for dw in range(0, max_width):
+            w = w0 + dw  # (BLOCK_PW,) this step's column of each bin
+            ok = (dw < width)[:, None] & c_ok[None, :]
+            v = tl.load(feat_ptr + ((row + w) * C)[:, None] + c[None, :], mask=ok,
+                        other=float("-inf"))  # (BLOCK_PW, BLOCK_C): consecutive channels
+            better = v > best  # strict: an earlier equal maximum stays
+            best = tl.where(better, v, best)
+            best_cell = tl.where(better, (h * W + w).to(tl.int32)[:, None], best_cell)
 
-    plane = (b * C + c.to(tl.int64)) * H * W  # (BLOCK_C,) flat offset of features[b, c, 0, 0]
-    bin_cols = tl.maximum(w1 - w0, 1)
-    n_cells = tl.maximum(h1 - h0, 0) * tl.maximum(w1 - w0, 0)  # 0 for an empty bin
-    best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-    best_at = tl.full((BLOCK_C,), -1, tl.int64)
-    # the bin's cells in row-major order, BLOCK_HW at a time: a (BLOCK_HW, BLOCK_C) tile each step
-    for t0 in range(0, n_cells, BLOCK_HW):
-        t = t0 + tl.arange(0, BLOCK_HW)  # (BLOCK_HW,) cell numbers, row-major in the bin
-        at = plane[None, :] + ((h0 + t // bin_cols) * W + (w0 + t % bin_cols))[:, None]
-        ok = (t < n_cells)[:, None] & c_ok[None, :]
-        v = tl.load(feat_ptr + at, mask=ok, other=float("-inf"))  # (BLOCK_HW, BLOCK_C)
-        top = tl.max(v, axis=0)  # (BLOCK_C,)
-        # the first cell holding the max (lowest t), then its flat index into features
-        first = tl.min(tl.where(v == top[None, :], t[:, None], n_cells), axis=0)
-        first_at = plane + (h0 + first // bin_cols) * W + (w0 + first % bin_cols)
-        better = top > best  # strict: an earlier step's equal maximum stays
-        best = tl.where(better, top, best)
-        best_at = tl.where(better, first_at, best_at)
-
-    best = tl.where(best_at >= 0, best, 0.0)  # an empty bin outputs 0 (argmax stays -1)
-    o = ((k * C + c) * PH + i) * PW + j  # (BLOCK_C,) flat index into out (K, C, PH, PW)
-    tl.store(out_ptr + o, best, mask=c_ok)
-    tl.store(argmax_ptr + o, best_at, mask=c_ok)
+    found = best_cell >= 0  # an empty bin outputs 0 and argmax -1
+    argmax = tl.where(found, (b * C + c[None, :]) * H * W + best_cell, -1)
+    o = ((k * C + c[None, :]) * PH + i) * PW + j[:, None]  # (BLOCK_PW, BLOCK_C) into (K, C, PH, PW)
+    ok = j_ok[:, None] & c_ok[None, :]
+    tl.store(out_ptr + o, tl.where(found, best, 0.0), mask=ok)
+    tl.store(argmax_ptr + o, argmax, mask=ok)
 
 
 @triton.jit
 def roi_pool_backward_kernel(grad_out_ptr, argmax_ptr, grad_ptr, TOTAL,
                              BLOCK: tl.constexpr):
     """grad.flat[argmax[t]] += grad_out.flat[t] for the BLOCK outputs t of this program."""
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = t < TOTAL
     g = tl.load(grad_out_ptr + t, mask=ok, other=0.0)
     at = tl.load(argmax_ptr + t, mask=ok, other=-1)
     won = ok & (at >= 0)  # empty bins (argmax -1) send nothing
-    tl.atomic_add(grad_ptr + tl.where(won, at, 0), g, mask=won)
+    tl.atomic_add(grad_ptr + tl.where(won, at, 0), g, mask=won, sem="relaxed")
 
 
 def _check(x, name, dtype, ndim):
@@ -98,8 +114,13 @@ def _check(x, name, dtype, ndim):
     return x.contiguous()
 
 
+def channels_last(features):
+    """(N, C, H, W) -> a contiguous (N, H, W, C) copy: a cell's C values side by side."""
+    return features.permute(0, 2, 3, 1).contiguous()
+
+
 def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=64,
-                     block_hw=16):
+                     num_warps=8):
     """RoI max pooling on the device.
 
     Args:
@@ -108,7 +129,6 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
         pooled_h, pooled_w: bins per RoI.
         spatial_scale: feature cells per image pixel.
         block_c: channels per program (a power of two).
-        block_hw: bin cells per step of a program's loop (a power of two).
     Returns:
         out (K, C, pooled_h, pooled_w) float32 and argmax (same shape) int64: the flat index into
         features of each bin's first maximum, -1 for an empty bin.
@@ -120,20 +140,25 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
     if pooled_h <= 0 or pooled_w <= 0:
         raise ValueError(f"pooled_h, pooled_w: expected positive ints, got {(pooled_h, pooled_w)}")
     n, c, h, w = features.shape
+    if h * w >= 2 ** 31:  # the kernel keeps a bin's best cell, h * W + w, as an int32
+        raise ValueError(f"features: a map of {h} x {w} cells is more than the kernel's 2**31")
     k = rois.shape[0]
-    out = torch.zeros((k, c, pooled_h, pooled_w), dtype=torch.float32, device=features.device)
-    argmax = torch.full((k, c, pooled_h, pooled_w), -1, dtype=torch.int64, device=features.device)
-    if k == 0 or c == 0:
-        return out, argmax
+    shape = (k, c, pooled_h, pooled_w)
+    if k == 0 or c == 0 or h == 0 or w == 0:  # no RoI, or no cell: every bin is empty
+        return (torch.zeros(shape, dtype=torch.float32, device=features.device),
+                torch.full(shape, -1, dtype=torch.int64, device=features.device))
+    out = torch.empty(shape, dtype=torch.float32, device=features.device)  # every bin is written
+    argmax = torch.empty(shape, dtype=torch.int64, device=features.device)
     block_c = min(block_c, triton.next_power_of_2(c))
-    grid = (k * pooled_h * pooled_w, triton.cdiv(c, block_c))
-    roi_pool_forward_kernel[grid](features, rois, out, argmax, c, h, w, pooled_h, pooled_w,
-                                  float(spatial_scale), BLOCK_C=block_c, BLOCK_HW=block_hw,
-                                  enable_fp_fusion=False)
+    grid = (k * pooled_h, triton.cdiv(c, block_c))
+    roi_pool_forward_kernel[grid](channels_last(features), rois, out, argmax, c, h, w,
+                                  pooled_h, pooled_w, float(spatial_scale),
+                                  BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_C=block_c,
+                                  num_warps=num_warps, enable_fp_fusion=False)
     return out, argmax
 
 
-def roi_pool_backward(grad_out, argmax, input_shape, block=256):
+def roi_pool_backward(grad_out, argmax, input_shape, block=128):
     """Gradient of roi_pool_forward with respect to its features: scatter-add at argmax.
 
     Args:
@@ -149,7 +174,7 @@ def roi_pool_backward(grad_out, argmax, input_shape, block=256):
     if argmax.shape != grad_out.shape:
         raise ValueError(f"argmax: expected shape {tuple(grad_out.shape)}, got {tuple(argmax.shape)}")
     grad = torch.zeros(tuple(int(v) for v in input_shape), dtype=torch.float32,
-                       device=grad_out.device)
+                       device=grad_out.device)  # zeros: the kernel only adds
     total = grad_out.numel()
     if total == 0:
         return grad

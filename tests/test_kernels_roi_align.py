@@ -1,11 +1,14 @@
-"""kernels/roi_align.py against the NumPy reference roi_align.py, within a stated tolerance.
+"""kernels/roi_align.py against the NumPy reference roi_align.py.
 
-Tolerance, and why: the kernel reads the same cells with the same float32 weights (coordinates are
-computed in the reference's order, FMA fusion off), but sums them in another order: the reference
-multiplies interpolation matrices (Ay @ F @ Ax.T), the kernel adds w1*v1 + ... + w4*v4 per sample
-and reduces the samples as a tree, and the backward's atomic adds land in any order.  Each result
-is a sum of at most a few hundred float32 terms, so any two orders agree to within a few hundred
-ulps of the sum of the terms' magnitudes.  We require, elementwise,
+Forward, exactly: the kernel does the float32 operations of roi_align_reference (the plain loops)
+in the same order (coordinates, weights, w1*v1 + w2*v2 + w3*v3 + w4*v4 per sample, samples added
+row by row, FMA fusion off), so the two are equal bit for bit.
+
+Against the vectorised roi_align_forward / roi_align_backward, and for the backward (whose atomic
+adds land in any order), within a stated tolerance: the same cells with the same float32 weights,
+summed in another order (the reference multiplies interpolation matrices, Ay @ F @ Ax.T).  Each
+result is a sum of at most a few hundred float32 terms, so any two orders agree to within a few
+hundred ulps of the sum of the terms' magnitudes.  We require, elementwise,
 
     |kernel - numpy| <= RTOL * magnitude + ATOL,   RTOL = 1e-5, ATOL = 1e-6,
 
@@ -13,16 +16,17 @@ where magnitude is the same op applied to |features| (forward) or |grad_out| (ba
 of |terms|.  Observed errors are about 2e-7 of the magnitude, so 1e-5 leaves a 50x margin and still
 catches any wrong weight or cell (those are O(1) of the magnitude).
 """
-import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
+from frcnn_scratch import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import assert_same
 from frcnn_scratch import ops
 from frcnn_scratch import roi_align as ref
-from kernels.roi_align import roi_align_backward, roi_align_forward
+from frcnn_scratch.kernels.roi_align import roi_align_backward, roi_align_forward
 
 DEV = kernels.device()
 RTOL, ATOL = 1e-5, 1e-6
@@ -56,6 +60,7 @@ def assert_close(got, want, magnitude, what):
 def check_against_reference(features, rois, ph, pw, scale, sr, aligned, what, seed=0):
     args = ((ph, pw), scale, sr, aligned)
     out = run_forward(features, rois, ph, pw, scale, sr, aligned)
+    assert_same(out, ref.roi_align_reference(features, rois, *args), f"{what}: forward, exact")
     assert_close(out, ref.roi_align_forward(features, rois, *args),
                  ref.roi_align_forward(np.abs(features), rois, *args), f"{what}: forward")
     g = np.random.default_rng(seed).standard_normal(out.shape).astype(np.float32)
@@ -104,6 +109,31 @@ def test_samples_outside_the_map_read_zero():
     assert (run_forward(features, rois, 2, 2, 1.0) == 0).all()
 
 
+def test_huge_roi_reads_zero_not_nan():
+    # corners at 1e30 pixels: weights of samples far outside must be 0, not inf * 0 = NaN
+    features = np.ones((1, 2, 4, 4), np.float32)
+    rois = np.array([[0, -1e30, -1e30, 1e30, 1e30], [0, 1e30, 1e30, 2e30, 2e30]], np.float32)
+    out = run_forward(features, rois, 2, 2, 1.0, sampling_ratio=2)
+    assert np.isfinite(out).all() and (out == 0).all(), out.ravel()
+    grad = run_backward(np.ones_like(out), rois, features.shape, 2, 2, 1.0, 2)
+    assert np.isfinite(grad).all() and (grad == 0).all(), grad.ravel()
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 0])
+def test_rois_reversed_on_both_axes_have_no_samples(sampling_ratio):
+    # aligned, adaptive: x2 < x1 and y2 < y1 by at least the pooled size make both sample counts
+    # negative; their product is positive, but no sample exists: out and gradient are 0, as in
+    # NumPy and torchvision (the kernel once averaged real cells here)
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    rois = np.array([[0, 7, 7, 1, 1], [0, 6, 7, 2, 0.5], [0, 5, 5, 1, 5]], np.float32)
+    out, g, grad = check_against_reference(features, rois, 2, 2, 1.0, sampling_ratio, True,
+                                           "reversed RoIs")
+    assert (out[:2] == 0).all(), out[:2].ravel()
+    want = ref.roi_align_backward(g[2:], rois[2:], features.shape, 2, 1.0, sampling_ratio, True)
+    assert np.allclose(grad, want, rtol=0, atol=1e-6), "reversed RoIs send no gradient"
+
+
 # ---- the reference, within tolerance ---------------------------------------------------------
 
 @pytest.mark.parametrize("sampling_ratio", [1, 2, -1])
@@ -150,11 +180,11 @@ def test_empty_rois():
     assert grad.shape == features.shape and grad.dtype == np.float32 and not grad.any()
 
 
-# ---- hypothesis: RoIs outside the map, tiny, zero-size, on the border -----------------------
+# ---- hypothesis: RoIs outside the map, tiny, zero-size, reversed, on the border ------------
 
 _coord = st.one_of(st.integers(-16, 80).map(float), st.floats(-16, 80, width=32))
-_roi = st.tuples(st.integers(0, 1), _coord, _coord, st.sampled_from([0.0, 0.5, 4.0]) |
-                 st.floats(0, 40, width=32), st.floats(0, 40, width=32))
+_side = st.sampled_from([0.0, 0.5, 4.0, -4.0, -24.0]) | st.floats(-40, 40, width=32)
+_roi = st.tuples(st.integers(0, 1), _coord, _coord, _side, _side)  # sides < 0: reversed RoIs
 
 
 @settings(max_examples=20, deadline=None)

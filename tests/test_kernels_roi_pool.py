@@ -7,7 +7,7 @@ bit-identical; on a GPU the order is not fixed, so random float gradients are co
 float32 rounding of the sum of |terms| there, and integer-valued gradients (whose sums are exact
 in any order) must be bit-identical everywhere.
 """
-import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
+from frcnn_scratch import kernels  # noqa: F401  (first: switches the interpreter on before triton is imported)
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import assert_same
 from frcnn_scratch import ops
 from frcnn_scratch import roi_pool as ref
-from kernels.roi_pool import roi_pool_backward, roi_pool_forward
+from frcnn_scratch.kernels.roi_pool import roi_pool_backward, roi_pool_forward
 
 DEV = kernels.device()
 
@@ -82,6 +82,15 @@ def test_first_maximum_and_empty_bins():
     assert grad.sum() == 2, "empty bins send no gradient"
 
 
+def test_rois_reversed_on_both_axes_are_one_cell():
+    # x2 < x1 and y2 < y1: the RoI is forced to one cell at (y1, x1), as in NumPy and torchvision
+    features = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
+    rois = np.array([[0, 5, 6, 1, 2]], np.float32)
+    check_against_reference(features, rois, 2, 2, 1.0, "reversed RoI")
+    out, argmax = run_forward(features, rois, 2, 2, 1.0)
+    assert (argmax[0, 0] == 6 * 8 + 5).all() and (out[0, 0] == 53).all(), argmax
+
+
 def test_rounding_half_away_from_zero():
     # x2 * scale = 2.5 rounds to 3 (C's round; numpy's round-half-even gives 2): the bin reaches
     # column 3, where the largest value sits.
@@ -143,11 +152,11 @@ def test_empty_rois():
     assert grad.shape == features.shape and not grad.any()
 
 
-# ---- hypothesis: RoIs outside the map, tiny, zero-size, reversed-by-rounding ------------------
+# ---- hypothesis: RoIs outside the map, tiny, zero-size, reversed on both axes -------------
 
 _coord = st.one_of(st.integers(-20, 90).map(float), st.floats(-20, 90, width=32))
-_roi = st.tuples(st.integers(0, 1), _coord, _coord, st.floats(0, 60, width=32),
-                 st.floats(0, 60, width=32))
+_side = st.floats(-60, 60, width=32)  # < 0: RoIs reversed on one axis or both
+_roi = st.tuples(st.integers(0, 1), _coord, _coord, _side, _side)
 
 
 @settings(max_examples=20, deadline=None)
@@ -172,3 +181,23 @@ def test_launcher_rejects_bad_inputs():
     with pytest.raises(ValueError, match="argmax"):
         roi_pool_backward(torch.zeros((1, 1, 2, 2), device=DEV),
                           torch.zeros((1, 1, 2, 2), device=DEV), (1, 1, 4, 4))
+
+
+def test_argmax_goes_back_without_a_copy():
+    """ops.roi_pool (triton) returns a read-only argmax whose device copy is reused by
+    ops.roi_pool_backward: the backward moves grad_out only, not argmax (twice its bytes)."""
+    from frcnn_scratch import _triton_bridge as bridge
+    rng = np.random.default_rng(4)
+    features, rois = random_case(rng)
+    out, argmax = ops.roi_pool(features, rois, 2, 1 / 8, backend="triton")
+    assert not argmax.flags.writeable, "argmax must be read-only so that its device copy stays valid"
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    bridge.moved_bytes(reset=True)
+    got = ops.roi_pool_backward(g, argmax, features.shape, backend="triton")
+    assert bridge.moved_bytes()["to_device"] == g.nbytes, bridge.moved_bytes()
+    assert_same(got, ops.roi_pool_backward(g, argmax, features.shape, backend="numpy"), "cached")
+    # a writable copy is an ordinary input: copied, and still right
+    bridge.moved_bytes(reset=True)
+    again = ops.roi_pool_backward(g, np.array(argmax), features.shape, backend="triton")
+    assert bridge.moved_bytes()["to_device"] == g.nbytes + argmax.nbytes
+    assert_same(again, got, "copied argmax")

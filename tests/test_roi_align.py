@@ -196,11 +196,13 @@ def align_problems(draw):
     # a cell, some of zero area, some with x2 < x1; some on the half-cell grid (exact borders).
     lo = np.array([W, H]) * -0.5 / scale
     xy = rng.uniform(lo, -2 * lo, size=(K, 2, 2))
-    kind = rng.integers(0, 5, size=K)
+    kind = rng.integers(0, 6, size=K)
     xy[kind == 1, 1] = xy[kind == 1, 0] + rng.uniform(0, 1 / scale, size=((kind == 1).sum(), 2))
     xy[kind == 2, 1] = xy[kind == 2, 0]
     xy[kind == 3] = np.sort(xy[kind == 3], axis=1)
     xy[kind == 4] = np.round(np.sort(xy[kind == 4], axis=1) * scale * 2) / (scale * 2)
+    # reversed on both axes by at least 3 cells (more than a pooled size): no samples if aligned
+    xy[kind == 5, 1] = xy[kind == 5, 0] - rng.uniform(3, 6, size=((kind == 5).sum(), 2)) / scale
     rois = np.concatenate([rng.integers(0, N, size=(K, 1)), xy.reshape(K, 4)], axis=1)
     pooled = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     sampling_ratio = draw(st.sampled_from([-1, 0, 1, 2, 3]))

@@ -174,10 +174,12 @@ def pool_problems(draw, integer_features=False):
     # RoIs smaller than one cell, some of zero area, some with x2 < x1 (made 1 cell wide).
     lo = np.array([W, H]) * -0.5 / scale
     xy = rng.uniform(lo, -2 * lo, size=(K, 2, 2))
-    kind = rng.integers(0, 4, size=K)
+    kind = rng.integers(0, 5, size=K)
     xy[kind == 1, 1] = xy[kind == 1, 0] + rng.uniform(0, 1 / scale, size=((kind == 1).sum(), 2))
     xy[kind == 2, 1] = xy[kind == 2, 0]
     xy[kind == 3] = np.sort(xy[kind == 3], axis=1)
+    # reversed on both axes by at least 3 cells
+    xy[kind == 4, 1] = xy[kind == 4, 0] - rng.uniform(3, 6, size=((kind == 4).sum(), 2)) / scale
     rois = np.concatenate([rng.integers(0, N, size=(K, 1)), xy.reshape(K, 4)], axis=1)
     pooled = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     return feats, rois.astype(np.float32), pooled, scale
