@@ -28,6 +28,42 @@ def cmd_bench(args):
     return bench.main(args)
 
 
+def cmd_kernels(args):
+    """Compile every Triton kernel for real GPUs (no GPU needed) and report what the compiler made.
+
+    Exit status 1 if any launch fails to compile or breaks a check (kernels/compile_report.py)."""
+    import dataclasses
+    import json
+    import os
+    if "frcnn_scratch.kernels" not in sys.modules:      # kernels defined for the compiler,
+        os.environ["TRITON_INTERPRET"] = "0"            # not for the CPU interpreter
+    from .kernels import compile_report as report
+    missing = report.check_api()
+    if missing:
+        raise RuntimeError(f"cannot compile the kernels ahead of time: {missing}")
+    try:
+        archs = tuple(int(a) for a in str(args.arch).split(",") if a.strip())
+    except ValueError:
+        archs = ()
+    if not archs or any(a not in report.SM_LIMITS for a in archs):
+        raise ValueError(f"--arch: expected a comma-separated subset of "
+                         f"{','.join(map(str, report.SM_LIMITS))}, got {args.arch!r}")
+    launches = report.compile_all(archs, select=args.select)
+    if not launches:
+        raise ValueError(f"--select: no launch matches {args.select!r}")
+    print(report.format_report(launches, paper_only=not args.all))
+    bad = [launch for launch in launches if launch.problems]
+    print(f"\n{len(launches)} kernel launches compiled for "
+          f"{', '.join(f'sm_{a}' for a in archs)} through the launchers; {len(bad)} with problems")
+    for launch in bad:
+        print(f"  {launch.case} / {launch.kernel} sm_{launch.arch}: {'; '.join(launch.problems)}"
+              + (f" ({launch.error})" if launch.error else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(launch) for launch in launches], f, indent=1)
+    return 1 if bad else 0
+
+
 # ---- the detector: train / eval / detect / demo ---------------------------------------------------
 
 DEMO_TRAIN_SEED, DEMO_TEST_SEED = 0, 1000  # held-out images come from another seed
@@ -251,6 +287,15 @@ def build_parser():
     b.add_argument("--threads", type=int, default=1,
                    help="threads for numpy's OpenBLAS and for torch alike (default 1)")
     b.set_defaults(func=cmd_bench)
+    k = sub.add_parser("kernels", help="compile the Triton kernels for real GPUs (no GPU needed): "
+                                       "registers, spills, occupancy, instruction mix, checks")
+    k.add_argument("--arch", default="80,90", help="compute capabilities, e.g. 80 or 80,90")
+    k.add_argument("--all", action="store_true",
+                   help="a line for every launch (default: the paper-size launches)")
+    k.add_argument("--select", default=None, metavar="TEXT",
+                   help="only the launches whose case name contains TEXT (e.g. roi_align)")
+    k.add_argument("--json", default=None, metavar="PATH", help="write every launch as JSON")
+    k.set_defaults(func=cmd_kernels)
     t = sub.add_parser("train", help="train on the synthetic shapes dataset")
     _add_model_args(t, iters=3000)
     t.add_argument("--checkpoint", default="frcnn.npz", help="checkpoint path (.npz)")
