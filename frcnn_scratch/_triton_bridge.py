@@ -5,24 +5,62 @@ calls one of these functions with exactly the NumPy reference's signature.  Each
 arrays to torch tensors on kernels.device() (CUDA on a GPU machine, else the CPU, where Triton's
 interpreter runs the kernels), calls the kernel launcher, and brings the result back as NumPy.
 Only ops.py imports this module (only ops.py chooses a backend).
+
+What a call moves (on a GPU, host <-> device copies cost more than the kernels):
+  box_iou       in: both box sets            out: the (N, M) matrix
+  nms           in: boxes, scores            out: the kept indices
+  roi_pool      in: features, rois           out: out and argmax (int64, twice out's bytes)
+  roi_pool_bwd  in: grad_out (argmax: no, see below)                out: the features' gradient
+  roi_align     in: features, rois           out: out
+  roi_align_bwd in: grad_out, rois           out: the features' gradient
+roi_pool's argmax goes straight back into roi_pool_backward, so the device copy of every array this
+module returns is remembered (weakly: it goes when the array goes), and that array, passed back
+unchanged, is not copied again.  Returned arrays are read-only so that "unchanged" holds; a
+writable copy (np.array(a)) is copied to the device like any input.  moved_bytes() counts the
+bytes copied each way, for `frcnn bench`.
 """
+import weakref
+
 import numpy as np
 import torch
 
-import kernels
-from kernels import iou as _iou, nms as _nms, roi_align as _roi_align, roi_pool as _roi_pool
+from . import kernels
+from .kernels import iou as _iou, nms as _nms, roi_align as _roi_align, roi_pool as _roi_pool
+
+_moved = {"to_device": 0, "to_host": 0}
+_on_device = {}  # id(returned array) -> (weakref to it, its device tensor)
+
+
+def moved_bytes(reset=False):
+    """{"to_device": bytes, "to_host": bytes} copied by the calls so far (reset: start again)."""
+    counts = dict(_moved)
+    if reset:
+        _moved.update(to_device=0, to_host=0)
+    return counts
 
 
 def _to_device(array, dtype=torch.float32):
-    """A copy of a NumPy array as a contiguous torch tensor on the kernels' device.
+    """The array as a contiguous torch tensor on the kernels' device: the remembered device copy
+    of an array this module returned, else a copy (the kernels never see the caller's memory; the
+    interpreter copies a tensor's whole storage, which must not be part of a larger array)."""
+    entry = _on_device.get(id(array))
+    if entry is not None and entry[0]() is array and not array.flags.writeable:
+        return entry[1]
+    tensor = torch.tensor(np.ascontiguousarray(array), dtype=dtype, device=kernels.device())
+    _moved["to_device"] += tensor.numel() * tensor.element_size()
+    return tensor
 
-    Always a copy: the kernels never see the caller's memory (and the interpreter, which copies
-    a tensor's whole storage, cannot trip over a tensor that views part of a larger array)."""
-    return torch.tensor(np.asarray(array), dtype=dtype, device=kernels.device())
 
-
-def _to_numpy(tensor):
-    return tensor.detach().cpu().numpy()
+def _to_numpy(tensor, remember=False):
+    """The tensor as a NumPy array (read-only when remembered for _to_device)."""
+    array = tensor.detach().cpu().numpy()
+    _moved["to_host"] += array.nbytes
+    if remember:
+        array.flags.writeable = False
+        key = id(array)
+        _on_device[key] = (weakref.ref(array, lambda _, key=key: _on_device.pop(key, None)),
+                           tensor)
+    return array
 
 
 def box_iou(boxes1, boxes2):
@@ -41,7 +79,7 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
     ph, pw = output_size
     out, argmax = _roi_pool.roi_pool_forward(_to_device(features), _to_device(rois), ph, pw,
                                              float(spatial_scale))
-    return _to_numpy(out), _to_numpy(argmax)
+    return _to_numpy(out), _to_numpy(argmax, remember=True)
 
 
 def roi_pool_backward(grad_out, argmax, input_shape):

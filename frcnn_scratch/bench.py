@@ -13,6 +13,10 @@ kernels.device(); on a GPU it is timed with triton.testing.do_bench, and under t
 (no GPU) it is skipped at paper size unless --small, since the interpreter runs every program in
 Python.  torchvision uses its C++ CPU ops, and its CUDA ops too when a GPU is present (each triton
 time is compared with torchvision on the same device).
+
+The triton times leave out what `ops.<op>(..., backend="triton")` adds on top: NumPy in and out,
+so copies to the device and back.  The "moves MB" column says how much such a call copies each way
+(host -> device / device -> host), counted by running it once (frcnn_scratch/_triton_bridge.py).
 """
 import contextlib
 import dataclasses
@@ -35,6 +39,7 @@ class Case:
     numpy: object = None
     triton: object = None       # (fn, device) or None
     torchvision: object = None  # {device: fn}
+    ops_triton: object = None   # the same work through ops with backend="triton" (NumPy in / out)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -105,9 +110,10 @@ def build_cases(small, rng, torch=None, kernels=None, torchvision=None):
     n_iou = 500 if small else 20000
     a, _ = uniform_boxes(rng, n_iou)
     b, _ = uniform_boxes(rng, 50)
-    case = Case("box_iou", f"{n_iou} x 50", numpy=lambda: ops.box_iou(a, b, backend="numpy"))
+    case = Case("box_iou", f"{n_iou} x 50", numpy=lambda: ops.box_iou(a, b, backend="numpy"),
+                ops_triton=lambda: ops.box_iou(a, b, backend="triton"))
     if kernels is not None:
-        from kernels.iou import box_iou as k_iou
+        from .kernels.iou import box_iou as k_iou
         ta, tb = on(dev, a, b)
         case.triton = (lambda: k_iou(ta, tb), dev)
     case.torchvision = {d: (lambda ta, tb: lambda: torchvision.ops.box_iou(ta, tb))(*on(d, a, b))
@@ -121,9 +127,10 @@ def build_cases(small, rng, torch=None, kernels=None, torchvision=None):
     for n, kind in sizes:
         boxes, scores = (uniform_boxes if kind == "uniform" else clustered_boxes)(rng, n)
         case = Case("nms 0.7", f"{n} {kind}",
-                    numpy=lambda bx=boxes, sc=scores: ops.nms(bx, sc, 0.7, backend="numpy"))
+                    numpy=lambda bx=boxes, sc=scores: ops.nms(bx, sc, 0.7, backend="numpy"),
+                    ops_triton=lambda bx=boxes, sc=scores: ops.nms(bx, sc, 0.7, backend="triton"))
         if kernels is not None:
-            from kernels.nms import nms as k_nms
+            from .kernels.nms import nms as k_nms
             tbx, tsc = on(dev, boxes, scores)
             case.triton = (lambda tbx=tbx, tsc=tsc: k_nms(tbx, tsc, 0.7), dev)
         case.torchvision = {d: (lambda tbx, tsc: lambda: torchvision.ops.nms(tbx, tsc, 0.7))(
@@ -147,24 +154,25 @@ def roi_cases(features, rois, grad, pooled, scale, size, torch, kernels, torchvi
     """RoI pool / RoI Align, forward and forward + backward, for every backend present."""
     shape = features.shape
 
-    def np_pool_fb():
-        out, argmax = ops.roi_pool(features, rois, pooled, scale, backend="numpy")
-        return ops.roi_pool_backward(grad, argmax, shape, backend="numpy")
+    def pool_fb(backend):
+        out, argmax = ops.roi_pool(features, rois, pooled, scale, backend=backend)
+        return ops.roi_pool_backward(grad, argmax, shape, backend=backend)
 
-    def np_align_fb():
-        ops.roi_align(features, rois, pooled, scale, backend="numpy")
-        return ops.roi_align_backward(grad, rois, shape, pooled, scale, backend="numpy")
+    def align_fb(backend):
+        ops.roi_align(features, rois, pooled, scale, backend=backend)
+        return ops.roi_align_backward(grad, rois, shape, pooled, scale, backend=backend)
 
-    cases = [
-        Case("roi_pool fwd", size, numpy=lambda: ops.roi_pool(features, rois, pooled, scale,
-                                                               backend="numpy")),
-        Case("roi_pool fwd+bwd", size, numpy=np_pool_fb),
-        Case("roi_align fwd", size, numpy=lambda: ops.roi_align(features, rois, pooled, scale,
-                                                                 backend="numpy")),
-        Case("roi_align fwd+bwd", size, numpy=np_align_fb),
-    ]
+    def pool_f(backend):
+        return ops.roi_pool(features, rois, pooled, scale, backend=backend)
+
+    def align_f(backend):
+        return ops.roi_align(features, rois, pooled, scale, backend=backend)
+
+    cases = [Case(op, size, numpy=lambda fn=fn: fn("numpy"), ops_triton=lambda fn=fn: fn("triton"))
+             for op, fn in (("roi_pool fwd", pool_f), ("roi_pool fwd+bwd", pool_fb),
+                            ("roi_align fwd", align_f), ("roi_align fwd+bwd", align_fb))]
     if kernels is not None:
-        from kernels import roi_align as k_align, roi_pool as k_pool
+        from .kernels import roi_align as k_align, roi_pool as k_pool
         tf, tr, tg = on(dev, features, rois, grad)
 
         def tr_pool_fb():
@@ -240,7 +248,7 @@ def main(args):
         notes.append("torch not importable: triton and torchvision columns skipped")
     if torch is not None and "triton" in wanted:
         try:
-            import kernels  # sets TRITON_INTERPRET=1 before triton loads when there is no GPU
+            from . import kernels  # sets TRITON_INTERPRET=1 before triton loads when there is no GPU
             import triton  # noqa: F401
         except ImportError as e:
             kernels = None
@@ -275,6 +283,7 @@ def main(args):
     tv_for_triton = "cuda" if on_gpu else "cpu"
     header += [f"triton/tv-{tv_for_triton}"] if kernels is not None and \
         tv_for_triton in tv_devices else []
+    header += ["moves MB"] if kernels is not None else []
 
     device_text = ("cuda: " + torch.cuda.get_device_name()) if on_gpu else "cpu"
     print(f"frcnn bench: {'small' if args.small else 'paper'} sizes, median of {repeat} runs "
@@ -324,6 +333,17 @@ def load_average():
         return "unknown"
 
 
+def moved_megabytes(ops_call):
+    """"in / out": MB one ops call with backend="triton" copies to the device and back."""
+    if ops_call is None:
+        return "-"
+    from . import _triton_bridge
+    _triton_bridge.moved_bytes(reset=True)
+    ops_call()
+    moved = _triton_bridge.moved_bytes(reset=True)
+    return f"{moved['to_device'] / 1e6:.3g} / {moved['to_host'] / 1e6:.3g}"
+
+
 def time_cases(cases, wanted, kernels, skip_triton, repeat, tv_devices, tv_for_triton):
     """One table row per case: the times and the ratios (a dot printed per case)."""
     rows = []
@@ -341,6 +361,8 @@ def time_cases(cases, wanted, kernels, skip_triton, repeat, tv_devices, tv_for_t
         row += [_ratio(t_np, t_tv.get("cpu"))] if "numpy" in wanted and "cpu" in tv_devices else []
         row += [_ratio(t_tr, t_tv.get(tv_for_triton))] if kernels is not None and \
             tv_for_triton in tv_devices else []
+        row += [moved_megabytes(case.ops_triton) if not skip_triton else "-"] \
+            if kernels is not None else []
         rows.append(row)
         print(".", end="", flush=True)
     print()
