@@ -167,12 +167,12 @@ def roi_align_backward_kernel(grad_out_ptr, rois_ptr, grad_ptr, C, H, W, PH, PW,
                           (ly * lx)[:, None] * g, mask=send, sem="relaxed")
 
 
-def _check(x, name, ndim):
+def _check(x, name, ndim, contiguous=True):
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32 or x.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D float32 tensor, got {x.dim()}-D {x.dtype}")
-    return x.contiguous()
+    return x.contiguous() if contiguous else x
 
 
 def _check_rois(rois, pooled_h, pooled_w):
@@ -189,7 +189,8 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
     """RoI Align on the device.
 
     Args:
-        features: (N, C, H, W) float32 tensor.
+        features: (N, C, H, W) float32 tensor; stored channels last (torch.channels_last), it is
+            read in place, else copied to that layout once.
         rois: (K, 5) float32 tensor (batch index, x1, y1, x2, y2) in image pixels, same device.
         pooled_h, pooled_w: bins per RoI.
         spatial_scale: feature cells per image pixel.
@@ -199,7 +200,7 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
     Returns:
         (K, C, pooled_h, pooled_w) float32 tensor.
     """
-    features = _check(features, "features", 4)
+    features = _check(features, "features", 4, contiguous=False)  # any layout: see channels_last
     rois = _check_rois(rois, pooled_h, pooled_w)
     n, c, h, w = features.shape
     k = rois.shape[0]

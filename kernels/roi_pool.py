@@ -106,16 +106,17 @@ def roi_pool_backward_kernel(grad_out_ptr, argmax_ptr, grad_ptr, TOTAL,
     tl.atomic_add(grad_ptr + tl.where(won, at, 0), g, mask=won, sem="relaxed")
 
 
-def _check(x, name, dtype, ndim):
+def _check(x, name, dtype, ndim, contiguous=True):
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype != dtype or x.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D {dtype} tensor, got {x.dim()}-D {x.dtype}")
-    return x.contiguous()
+    return x.contiguous() if contiguous else x
 
 
 def channels_last(features):
-    """(N, C, H, W) -> a contiguous (N, H, W, C) copy: a cell's C values side by side."""
+    """(N, C, H, W) -> a contiguous (N, H, W, C) tensor: a cell's C values side by side.  A copy,
+    unless the features are already stored channels last (torch.channels_last): then a view."""
     return features.permute(0, 2, 3, 1).contiguous()
 
 
@@ -124,7 +125,8 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
     """RoI max pooling on the device.
 
     Args:
-        features: (N, C, H, W) float32 tensor.
+        features: (N, C, H, W) float32 tensor; stored channels last (torch.channels_last), it is
+            read in place, else copied to that layout once.
         rois: (K, 5) float32 tensor (batch index, x1, y1, x2, y2) in image pixels, same device.
         pooled_h, pooled_w: bins per RoI.
         spatial_scale: feature cells per image pixel.
@@ -133,7 +135,7 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
         out (K, C, pooled_h, pooled_w) float32 and argmax (same shape) int64: the flat index into
         features of each bin's first maximum, -1 for an empty bin.
     """
-    features = _check(features, "features", torch.float32, 4)
+    features = _check(features, "features", torch.float32, 4, contiguous=False)  # any layout
     rois = _check(rois, "rois", torch.float32, 2)
     if rois.shape[1] != 5:
         raise ValueError(f"rois: expected shape (K, 5), got {tuple(rois.shape)}")

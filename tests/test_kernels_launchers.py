@@ -59,3 +59,18 @@ def test_gradients_start_from_zeros(no_launch):
     argmax = torch.zeros((1, 8, 7, 7), dtype=torch.int64)
     assert len(fills_in(lambda: roi_pool.roi_pool_backward(g, argmax, f.shape))) == 1
     assert len(fills_in(lambda: roi_align.roi_align_backward(g, r, f.shape, 7, 7, 0.25, 2))) == 1
+
+
+def test_channels_last_features_are_read_in_place(no_launch):
+    """The RoI forwards read a channels-last map; given one (torch.channels_last), no copy is made."""
+    f = torch.randn(1, 8, 6, 7).to(memory_format=torch.channels_last)
+    r = torch.tensor([[0, 1.0, 1, 30, 40]])
+    for call in (lambda: roi_pool.roi_pool_forward(f, r, 7, 7, 0.25),
+                 lambda: roi_align.roi_align_forward(f, r, 7, 7, 0.25, 2)):
+        with Recorder() as rec:
+            call()
+        assert not {"clone", "copy_", "_to_copy", "contiguous"} & set(rec.ops), rec.ops
+    nchw = f.contiguous()
+    with Recorder() as rec:                   # an ordinary (N, C, H, W) map is copied once
+        roi_align.roi_align_forward(nchw, r, 7, 7, 0.25, 2)
+    assert rec.ops.count("clone") + rec.ops.count("copy_") == 1, rec.ops
