@@ -22,9 +22,11 @@ Each compiled launch is checked:
 
 Must run in a process where the kernels were defined for the compiler (TRITON_INTERPRET=0 before
 frcnn_scratch.kernels is first imported); `frcnn kernels` starts with that.  Relies on triton
-internals (pinned by the project's torch: triton 3.x): `triton.runtime.jit.JITFunction` with
-`_pack_args`, `create_function_from_signature`, `triton.compiler.ASTSource`, `make_backend` and
-`triton.backends.compiler.GPUTarget`; `check_api()` says what is missing on another version.
+internals: `triton.runtime.jit.JITFunction` with `_pack_args`, `create_function_from_signature`,
+`triton.compiler.ASTSource`, `make_backend` and `triton.backends.compiler.GPUTarget` (used as in
+triton 3.6 and 3.9, both checked: 3.9 comes with torch 2.13, 3.6 with the CUDA torch 2.11 of the
+GPU machine the figures were measured on); `check_api()` says what is missing on another version,
+and the tests skip with that reason.
 """
 import contextlib
 import dataclasses
