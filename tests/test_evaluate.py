@@ -174,3 +174,98 @@ def test_map_ignores_image_order_and_stays_in_unit_interval(seed):
     for k in res["ap"]:
         assert abs(res["ap"][k] - shuffled["ap"][k]) < TOL, f"class {k}: AP changed with image order"
         assert 0.0 <= res["ap"][k] <= 1.0
+
+
+# ---- COCO metrics --------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+
+from pycocotools.coco import COCO  # noqa: E402  (the dev extra: a plain import, never a silent skip)
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
+from frcnn_scratch.evaluate import COCO_METRICS, coco_evaluate, coco_iou, xyxy_to_xywh  # noqa: E402
+
+
+def test_coco_one_detection_by_hand():
+    # IoU 0.78: a match at the thresholds 0.50 .. 0.75 (6 of 10), precision 1 there, 0 above
+    gt = [dict(boxes=np.array([[0, 0, 10, 10]], np.float32), labels=np.array([1]))]
+    det = [dict(boxes=np.array([[0, 0, 10, 7.8]], np.float32), scores=np.array([0.9]),
+                labels=np.array([1]))]
+    r = coco_evaluate(det, gt)   # (precision = TP / (TP + FP + 2.2e-16), as pycocotools)
+    assert abs(r["AP"] - 0.6) < 1e-12 and abs(r["AP50"] - 1) < 1e-12 and abs(r["AP75"] - 1) < 1e-12
+    assert abs(r["AR100"] - 0.6) < 1e-12 and abs(r["AR1"] - 0.6) < 1e-12
+    assert r["APs"] == r["AP"] and r["APm"] == -1 and r["APl"] == -1   # area 100: small only
+
+
+def test_coco_crowd_region_absorbs_detections():
+    # a crowd box: IoU against it is intersection / detection area, and matches are ignored
+    iou = coco_iou([[10, 10, 10, 10]], [[0, 0, 100, 100]], [True])
+    assert iou[0, 0] == 1.0, iou
+    gt = [dict(boxes=np.array([[0, 0, 100, 100], [200, 200, 240, 240]], np.float32),
+               labels=np.array([1, 1]), crowd=np.array([True, False]))]
+    det = [dict(boxes=np.array([[10, 10, 20, 20], [30, 30, 40, 40], [200, 200, 240, 240]],
+                               np.float32), scores=np.array([0.9, 0.8, 0.7]), labels=np.array([1, 1, 1]))]
+    r = coco_evaluate(det, gt)
+    # the two inside the crowd are neither TP nor FP
+    assert abs(r["AP"] - 1) < 1e-12 and r["AR100"] == 1.0, r
+
+
+def _random_case(rng, n_images=6, C=3):
+    """Images of several sizes, some empty, crowds, jittered and stray detections, tied scores;
+    class C has no ground truth."""
+    ids = rng.permutation(np.arange(1, n_images + 1) * 7)
+    gts, dets = [], []
+    for k in range(n_images):
+        H, W = rng.integers(50, 400, 2)
+        g = int(rng.integers(0, 6)) if k % 3 else 0
+        xy = rng.uniform(0, [W, H], (g, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(2, 150, (g, 2))], 1).astype(np.float32)
+        labels = rng.integers(1, C, g)
+        gts.append(dict(boxes=boxes, labels=labels, crowd=rng.random(g) < 0.2))
+        d = int(rng.integers(0, 12)) if k % 4 else 0
+        src = rng.integers(0, max(g, 1), d)
+        base = boxes[src] if g else np.concatenate([rng.uniform(0, 100, (d, 2)),
+                                                   rng.uniform(100, 200, (d, 2))], 1)
+        jit = base + rng.normal(0, 6, (d, 4))
+        jit[:, 2:] = np.maximum(jit[:, 2:], jit[:, :2] + 0.5)
+        own = labels[src] if g else rng.integers(1, C + 1, d)
+        dets.append(dict(boxes=jit.astype(np.float32), scores=np.round(rng.random(d), 1),
+                         labels=np.where(rng.random(d) < 0.8, own, rng.integers(1, C + 1, d))))
+    return ids, gts, dets, C
+
+
+def _pycocotools_stats(ids, gts, dets, C):
+    images, anns, results = [], [], []
+    for i, g, d in zip(ids, gts, dets):
+        images.append(dict(id=int(i), width=500, height=500, file_name=f"{i}.png"))
+        for b, label, crowd in zip(xyxy_to_xywh(g["boxes"]).tolist(), g["labels"].tolist(),
+                                   g["crowd"].tolist()):
+            anns.append(dict(id=len(anns) + 1, image_id=int(i), category_id=int(label), bbox=b,
+                             area=b[2] * b[3], iscrowd=int(crowd)))
+        for b, s, label in zip(xyxy_to_xywh(d["boxes"]).tolist(), d["scores"].tolist(),
+                               d["labels"].tolist()):
+            results.append(dict(image_id=int(i), category_id=int(label), bbox=b, score=s))
+    coco = COCO()
+    coco.dataset = dict(images=images, annotations=anns,
+                        categories=[dict(id=k, name=str(k)) for k in range(1, C + 1)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        e = COCOeval(coco, coco.loadRes(results), "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return e.stats
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_coco_metrics_equal_pycocotools(seed):
+    rng = np.random.default_rng(seed)
+    ids, gts, dets, C = _random_case(rng)
+    if not any(len(d["scores"]) for d in dets):
+        dets[1] = dict(boxes=np.array([[1, 1, 30, 30]], np.float32), scores=np.array([0.5]),
+                       labels=np.array([1]))                   # pycocotools needs one result
+    want = _pycocotools_stats(ids, gts, dets, C)
+    got = coco_evaluate(dets, gts, num_classes=C, image_ids=ids)
+    for name, w in zip(COCO_METRICS, want):
+        assert abs(got[name] - w) <= 1e-6, f"seed {seed}: {name} {got[name]} vs pycocotools {w}"
