@@ -1,5 +1,6 @@
 """The `frcnn` command.  Each subcommand is a small function; errors are one clear line."""
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -112,44 +113,131 @@ def _train_config(args):
         raise
 
 
-def _shapes(num_images, seed, what):
-    from .data import make_shapes_dataset
-    if num_images <= 0:
-        raise ValueError(f"--{what}: expected a positive number of images, got {num_images}")
-    return make_shapes_dataset(num_images, seed=seed)
+# Images of folder datasets are rescaled by the paper's rule to sizes that suit the default model
+# (stride 8, anchors of 16 to 64 pixels); the synthetic shapes already come at such sizes.
+FOLDER_MIN_SIZE, FOLDER_MAX_SIZE = 128, 256
+
+
+def _train_scale(args, data_spec):
+    """(min_size, max_size) a model is trained at: --min-size / --max-size, else 0 / 0 (images as
+    they come) for the shapes and 128 / 256 for VOC and COCO folders."""
+    from .data.dataset import parse_spec
+    folder = parse_spec(data_spec)[0] != "shapes"
+    lo = args.min_size if args.min_size is not None else (FOLDER_MIN_SIZE if folder else 0)
+    hi = args.max_size if args.max_size is not None else (FOLDER_MAX_SIZE if folder else 0)
+    return _scale_options(lo, hi)
+
+
+def _scale_options(lo, hi):
+    for option, value in (("--min-size", lo), ("--max-size", hi)):
+        if not 0.0 <= value < float("inf"):               # NaN fails too
+            raise ValueError(f"{option}: expected a number of pixels >= 0, got {value}")
+    if (lo > 0) != (hi > 0) or hi < lo:
+        raise ValueError(f"--min-size, --max-size: expected both 0 (images as they come) or "
+                         f"0 < --min-size <= --max-size, got {lo:g} and {hi:g}")
+    return float(lo), float(hi)
+
+
+def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, seed=0,
+               images_option="--train-images"):
+    """open_dataset with the command line's names in its errors."""
+    from .data.dataset import open_dataset, parse_spec
+    if parse_spec(spec)[0] == "shapes" and num_images <= 0:
+        raise ValueError(f"{images_option}: expected a positive number of images, got {num_images}")
+    return open_dataset(spec, split=split, class_names=class_names, min_size=scale[0] or None,
+                        max_size=scale[1] or None, num_images=num_images, seed=seed)
+
+
+def _check_model_options(args):
+    """Every --set value checked before any data is read (a typo fails at once)."""
+    from .model import Config
+    Config(**_parse_overrides(args.set))
+
+
+def _model_for(args, data, scale):
+    """A new model for `data`: its class names and number of classes, the training scale."""
+    from .model import FasterRCNN
+    overrides = _parse_overrides(args.set)
+    n = len(data.class_names)
+    if overrides.get("num_classes", n) != n:
+        raise ValueError(f"--set num_classes={overrides['num_classes']}: the data has {n} classes "
+                         f"({', '.join(data.class_names)})")
+    overrides.update(num_classes=n, min_size=scale[0], max_size=scale[1])
+    from .model import Config
+    return FasterRCNN(Config(**overrides), backend=args.backend, class_names=data.class_names)
+
+
+def _test_overrides(args):
+    """--set fields and --min-size / --max-size for a trained model (Config.TEST_TIME_FIELDS)."""
+    overrides = _parse_overrides(args.set)
+    if args.min_size is not None or args.max_size is not None:
+        if args.min_size is None or args.max_size is None:
+            raise ValueError("--min-size, --max-size: give both (or neither: the model's own)")
+        overrides["min_size"], overrides["max_size"] = _scale_options(args.min_size, args.max_size)
+    return overrides
 
 
 def _report(result, class_names):
-    print(f"VOC mAP@0.5 = {result['mAP']:.4f}")
-    for label, ap in sorted(result["ap"].items()):
-        name = class_names[label - 1] if 0 < label <= len(class_names) else str(label)
-        print(f"  AP {name:>10s}: {ap:.4f}")
+    """The metrics table: VOC AP at IoU 0.5 (all-point and 11-point) and the COCO numbers."""
+    coco = result["coco"]
+    print(f"VOC mAP@0.5 = {result['mAP']:.4f} (all-point; 11-point VOC07: {result['mAP_07']:.4f})")
+    print("COCO: " + "  ".join(f"{k} {coco[k]:.3f}" for k in
+                               ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    print("      " + "  ".join(f"{k} {coco[k]:.3f}" for k in
+                               ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")))
+    width = max([len(n) for n in class_names] + [5])
+    print(f"  {'class':>{width}s}  objects  AP50 VOC  AP50 VOC07  AP@[.5:.95]")
+    for label, name in enumerate(class_names, start=1):
+        if label not in result["ap"]:
+            print(f"  {name:>{width}s}        0         -           -            -")
+            continue
+        print(f"  {name:>{width}s}  {result['npos'][label]:7d}  {result['ap'][label]:8.4f}  "
+              f"{result['ap_07'][label]:10.4f}  {coco['ap_per_class'].get(label, -1):11.4f}")
 
 
 def cmd_train(args):
-    """Train on the synthetic shapes dataset; checkpoints go to --checkpoint."""
-    from .model import FasterRCNN
+    """Train on --data (shapes, voc:ROOT or coco:ANN.json:IMAGES); checkpoints go to --checkpoint."""
     from .train import train
-    model = FasterRCNN(_config(args), backend=args.backend)
     tcfg = _train_config(args)                          # check every value before building data
-    samples = _shapes(args.train_images, args.data_seed, "train-images")
-    history = train(model, samples, tcfg, checkpoint=args.checkpoint,
-                    resume=args.resume, progress=not args.quiet)
+    _check_model_options(args)
+    scale = _train_scale(args, args.data)
+    data = _open_data(args.data, args.split or "trainval", scale=scale,
+                      num_images=args.train_images, seed=args.data_seed)
+    model = _model_for(args, data, scale)
+    print(f"{args.data}: {len(data)} training images, classes {', '.join(data.class_names)}")
+    history = train(model, data, tcfg, checkpoint=args.checkpoint, resume=args.resume,
+                    progress=not args.quiet)
     if history:
         print(f"final loss {history[-1]['loss']:.4f}; checkpoint {args.checkpoint}")
     return 0
 
 
+def _eval_data(args, model, split):
+    return _open_data(args.data, split, class_names=model.class_names,
+                      scale=(model.config.min_size, model.config.max_size),
+                      num_images=args.images, seed=args.data_seed, images_option="--images")
+
+
 def cmd_eval(args):
-    """VOC mAP of a checkpoint on held-out shapes images."""
-    from .data import SHAPE_CLASSES
+    """VOC AP and COCO metrics of a checkpoint (or of a --detections file) on --data."""
+    from .data.coco import read_coco_results
     from .model import FasterRCNN
-    from .train import evaluate
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend)
-    samples = _shapes(args.images, args.data_seed, "images")
-    result, _ = evaluate(model, samples, progress=not args.quiet)
-    print(f"{len(samples)} images (shapes, seed {args.data_seed})")
-    _report(result, SHAPE_CLASSES)
+    from .train import detect_all, score
+    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=_test_overrides(args))
+    data = _eval_data(args, model, args.split or "test")
+    if args.detections:
+        detections = read_coco_results(args.detections, data.image_ids, data.category_ids)
+        source = f"detections {args.detections}"
+    else:
+        detections = detect_all(model, data, progress=not args.quiet)
+        source = f"checkpoint {args.checkpoint}"
+    result = score(detections, data, model.config.num_classes)
+    print(f"{len(data)} images ({args.data}), {source}")
+    _report(result, model.class_names)
+    plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_pr.png"
+    from .viz import save_pr_curves
+    save_pr_curves(plot, result, model.class_names)
+    print(f"precision-recall curves: {plot}")
     return 0
 
 
@@ -183,26 +271,53 @@ def detect_image(model, image, min_size, max_size):
 
 
 def cmd_detect(args):
-    """Draw detections on each IMAGE into --out DIR as PNGs."""
-    import os
-    from .data import SHAPE_CLASSES
+    """Detect objects in IMAGE files or in --data; pictures into --out, COCO results into --json."""
+    from .data.coco import write_coco_results
     from .model import FasterRCNN
-    from .train import blas_threads
+    from .train import blas_threads, detect_all
     from .viz import save_detections
     if not 0.0 <= args.score <= 1.0:                    # NaN fails too
         raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
-    for option, value in (("--min-size", args.min_size), ("--max-size", args.max_size)):
-        if not 0.0 < value < float("inf"):
-            raise ValueError(f"{option}: expected a positive number of pixels, got {value}")
-    images = [(path, read_image(path)) for path in args.images]  # the images first: a missing one
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend)  # is named even without a model
-    os.makedirs(args.out, exist_ok=True)
-    for path, image in images:
+    if not args.out and not args.json:
+        raise ValueError("--out, --json: give at least one (pictures, or a COCO results file)")
+    if bool(args.images) == bool(args.data):
+        raise ValueError("IMAGE, --data: give image files or --data, not both (nor neither)")
+    overrides = _test_overrides(args)
+    images = [(path, read_image(path)) for path in args.images]   # the images first: a missing
+    model = FasterRCNN.load(args.checkpoint, backend=args.backend,  # one is named even without
+                            overrides=overrides)                    # a model
+    if images and model.config.min_size == 0 and "min_size" not in overrides:
+        # a model trained on images as they came: rescale files to the default folder sizes
+        model.config = model.config.replace(min_size=FOLDER_MIN_SIZE, max_size=FOLDER_MAX_SIZE)
+    if args.data:
+        data = _eval_data(args, model, args.split or "test")
+        detections = detect_all(model, data)
+        names = [r["id"] for r in data.records]
+        ids, category_ids = data.image_ids, data.category_ids
+        pictures = ((name, lambda i=i: data.original_image(i)) for i, name in enumerate(names))
+    else:
         with blas_threads(1):
-            det = detect_image(model, image, args.min_size, args.max_size)
-        out = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_detections.png")
-        save_detections(out, image, det, SHAPE_CLASSES, score_threshold=args.score)
-        print(f"{path}: {int((det['scores'] >= args.score).sum())} detections -> {out}")
+            detections = [model.detect(image) for _, image in images]
+        names = [os.path.basename(path) for path, _ in images]
+        ids, category_ids = list(range(1, len(images) + 1)), list(range(1, model.config.num_classes + 1))
+        pictures = ((name, lambda image=image: image) for name, (_, image) in zip(names, images))
+    if args.json:
+        results = write_coco_results(args.json, detections, ids, category_ids,
+                                     file_names=None if args.data else names)
+        print(f"{len(results)} detections in {len(detections)} images -> {args.json}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        written = set()
+        for (name, image), det in zip(pictures, detections):
+            stem = os.path.splitext(name)[0]
+            out = os.path.join(args.out, stem + "_detections.png")
+            k = 1
+            while out in written:                         # two inputs of the same name
+                k += 1
+                out = os.path.join(args.out, f"{stem}_{k}_detections.png")
+            written.add(out)
+            save_detections(out, image(), det, model.class_names, score_threshold=args.score)
+            print(f"{name}: {int((det['scores'] >= args.score).sum())} detections -> {out}")
     return 0
 
 
@@ -226,29 +341,42 @@ def save_demo_figure(path, samples, detections, class_names, score=0.5, cols=4):
 
 
 def cmd_demo(args):
-    """The main job: build shapes data, train, evaluate on held-out images, draw detections."""
-    import os
+    """The main job: build (or read) data, train, evaluate on held-out images, draw detections."""
     import time
-    from .data import SHAPE_CLASSES
-    from .model import FasterRCNN
+    from .data.dataset import parse_spec
     from .train import evaluate, train
     start = time.time()
-    model = FasterRCNN(_config(args), backend=args.backend)
     tcfg = _train_config(args)                          # check every value before building data
+    _check_model_options(args)
+    scale = _train_scale(args, args.data)
     os.makedirs(args.out, exist_ok=True)
-    train_set = _shapes(args.train_images, DEMO_TRAIN_SEED, "train-images")
-    test_set = _shapes(args.test_images, DEMO_TEST_SEED, "test-images")
-    print(f"shapes data: {len(train_set)} training images (seed {DEMO_TRAIN_SEED}), "
-          f"{len(test_set)} held-out images (seed {DEMO_TEST_SEED})")
+    train_set = _open_data(args.data, args.split or "trainval", scale=scale,
+                           num_images=args.train_images, seed=DEMO_TRAIN_SEED)
+    model = _model_for(args, train_set, scale)
+    test_spec = args.test_data or args.data
+    if parse_spec(test_spec)[0] == "coco" and not args.test_data:
+        raise ValueError("--test-data: a COCO file has no split; name the held-out images' "
+                         "coco:ANNOTATIONS.json:IMAGE_DIR")
+    test_set = _open_data(test_spec, args.test_split or "test", class_names=model.class_names,
+                          scale=scale, num_images=args.test_images, seed=DEMO_TEST_SEED,
+                          images_option="--test-images")
+    if parse_spec(args.data)[0] == "shapes":
+        print(f"shapes data: {len(train_set)} training images (seed {DEMO_TRAIN_SEED}), "
+              f"{len(test_set)} held-out images (seed {DEMO_TEST_SEED})")
+    else:
+        print(f"{args.data}: {len(train_set)} training images; {test_spec}: {len(test_set)} "
+              f"held-out images; classes {', '.join(model.class_names)}")
     checkpoint = os.path.join(args.out, "model.npz")
     train(model, train_set, tcfg, checkpoint=checkpoint, resume=args.resume,
           progress=not args.quiet)
     trained = time.time()
     result, detections = evaluate(model, test_set, progress=not args.quiet)
     print(f"evaluated on {len(test_set)} held-out images")
-    _report(result, SHAPE_CLASSES)
+    _report(result, model.class_names)
     figure = os.path.join(args.out, "detections.png")
-    save_demo_figure(figure, test_set[:8], detections[:8], SHAPE_CLASSES)
+    shown = range(min(8, len(test_set)))
+    save_demo_figure(figure, [dict(image=test_set.original_image(i)) for i in shown],
+                     [detections[i] for i in shown], model.class_names)
     print(f"checkpoint {checkpoint}; picture {figure}")
     print(f"train {trained - start:.0f} s, total {time.time() - start:.0f} s")
     return 0
@@ -262,6 +390,26 @@ def _add_model_args(p, iters):
     p.add_argument("--seed", type=int, default=0, help="seed of image order, flips and sampling")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+
+
+def _add_data(p, split, shapes_images, default="shapes"):
+    """--data and its options: --split for VOC, the shapes' image count and seed."""
+    p.add_argument("--data", default=default, metavar="SPEC",
+                   help="shapes (synthetic), voc:ROOT (VOCdevkit layout) or "
+                        "coco:ANNOTATIONS.json:IMAGE_DIR" + (" (default shapes)" if default else ""))
+    p.add_argument("--split", default=None,
+                   help=f"VOC split, ImageSets/Main/<split>.txt (default {split})")
+    option, count, seed = shapes_images
+    p.add_argument(option, type=int, default=count, dest=option[2:].replace("-", "_"),
+                   help="number of shapes images")
+    if seed is not None:
+        p.add_argument("--data-seed", type=int, default=seed, help="seed of the shapes data")
+
+
+def _add_scale(p, what):
+    p.add_argument("--min-size", type=float, default=None,
+                   help=f"shorter image side in pixels; {what}")
+    p.add_argument("--max-size", type=float, default=None, help="longer image side at most")
 
 
 def _add_common(p):
@@ -296,33 +444,52 @@ def build_parser():
                    help="only the launches whose case name contains TEXT (e.g. roi_align)")
     k.add_argument("--json", default=None, metavar="PATH", help="write every launch as JSON")
     k.set_defaults(func=cmd_kernels)
-    t = sub.add_parser("train", help="train on the synthetic shapes dataset")
+    t = sub.add_parser("train", help="train on the shapes, a VOC folder or a COCO file (--data)")
     _add_model_args(t, iters=3000)
     t.add_argument("--checkpoint", default="frcnn.npz", help="checkpoint path (.npz)")
-    t.add_argument("--train-images", type=int, default=1000, help="shapes images to train on")
-    t.add_argument("--data-seed", type=int, default=DEMO_TRAIN_SEED, help="seed of the shapes data")
+    _add_data(t, "trainval", shapes_images=("--train-images", 1000, DEMO_TRAIN_SEED))
+    _add_scale(t, "train at this scale (default: the shapes as they come; VOC / COCO 128 / 256)")
     _add_common(t)
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="VOC mAP@0.5 of a checkpoint on held-out shapes images")
+    e = sub.add_parser("eval", help="VOC AP and COCO metrics of a checkpoint on --data")
     e.add_argument("--checkpoint", default="frcnn.npz", help="checkpoint path (.npz)")
-    e.add_argument("--images", type=int, default=200, help="held-out shapes images")
-    e.add_argument("--data-seed", type=int, default=DEMO_TEST_SEED, help="seed of the shapes data")
+    _add_data(e, "test", shapes_images=("--images", 200, DEMO_TEST_SEED))
+    e.add_argument("--detections", default=None, metavar="JSON",
+                   help="score this COCO results file (frcnn detect --json) instead of running "
+                        "the model")
+    e.add_argument("--plot", default=None, metavar="PNG",
+                   help="precision-recall curves, one panel per class (default: next to the "
+                        "checkpoint, <checkpoint>_pr.png)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change a test-time field, e.g. --set score_threshold=0.01 (repeatable)")
+    _add_scale(e, "evaluate at this scale (default: the checkpoint's)")
     _add_common(e)
     e.set_defaults(func=cmd_eval)
-    d = sub.add_parser("detect", help="draw detections on images")
-    d.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG)")
-    d.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs")
+    d = sub.add_parser("detect", help="detect objects in image files or in --data")
+    d.add_argument("images", nargs="*", metavar="IMAGE", help="image files (PNG, JPEG)")
+    d.add_argument("--out", default=None, metavar="DIR", help="folder for the PNGs")
+    d.add_argument("--json", default=None, metavar="PATH",
+                   help="write the detections as a COCO results file (image_id, category_id, "
+                        "bbox [x, y, w, h], score)")
     d.add_argument("--checkpoint", default="frcnn.npz", help="checkpoint path (.npz)")
     d.add_argument("--score", type=float, default=0.5, help="draw detections scoring at least this")
-    d.add_argument("--min-size", type=float, default=128, help="rescale: shorter side (pixels)")
-    d.add_argument("--max-size", type=float, default=256, help="rescale: longest side at most")
+    _add_data(d, "test", shapes_images=("--images", 200, DEMO_TEST_SEED), default=None)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change a test-time field, e.g. --set nms_threshold=0.3 (repeatable)")
+    _add_scale(d, "detect at this scale (default: the checkpoint's; files of a model trained on "
+                  "images as they came: 128 / 256)")
     _add_common(d)
     d.set_defaults(func=cmd_detect)
-    m = sub.add_parser("demo", help="build shapes data, train, evaluate, draw (the main job)")
+    m = sub.add_parser("demo", help="data, train, evaluate, draw (the main job; shapes by default)")
     _add_model_args(m, iters=3000)
     m.add_argument("--out", default="frcnn-demo", metavar="DIR", help="folder for checkpoint + picture")
-    m.add_argument("--train-images", type=int, default=1000, help="shapes images to train on")
+    _add_data(m, "trainval", shapes_images=("--train-images", 1000, None))
     m.add_argument("--test-images", type=int, default=200, help="held-out shapes images to evaluate on")
+    m.add_argument("--test-data", default=None, metavar="SPEC",
+                   help="held-out data (default: the shapes' held-out seed, or --data's --test-split)")
+    m.add_argument("--test-split", default=None, help="VOC split to evaluate on (default test)")
+    _add_scale(m, "train and evaluate at this scale (default: shapes as they come; VOC / COCO "
+                  "128 / 256)")
     _add_common(m)
     m.set_defaults(func=cmd_demo)
     return p

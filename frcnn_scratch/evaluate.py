@@ -347,7 +347,8 @@ def coco_evaluate(detections, ground_truths, num_classes=None, image_ids=None):
 
     Args:
         detections: list, one dict per image: boxes (D, 4) xyxy, scores (D,), labels (D,) in 1..C;
-            or boxes_xywh (D, 4) float64 instead of boxes (COCO results files hold those).
+            boxes_xywh (D, 4) float64, when given, is used instead of boxes (a COCO results file
+            holds those: the same numbers as in memory, so file and memory score alike).
         ground_truths: list (same order), one dict per image: boxes (G, 4), labels (G,), and
             optional crowd (G,) bool (default: difficult, else False) and area (G,) (default: the
             box area).
@@ -409,18 +410,18 @@ def coco_evaluate(detections, ground_truths, num_classes=None, image_ids=None):
 
 def _coco_detection(det, i):
     """One image's detections -> (xywh (D, 4) float64, scores (D,) float64, labels (D,) int64)."""
-    if isinstance(det, dict) and "boxes_xywh" in det and "boxes" not in det:
+    if isinstance(det, dict) and "boxes_xywh" in det:           # as a results file holds them
         xywh = np.asarray(det["boxes_xywh"], np.float64).reshape(-1, 4)
         if not np.all(np.isfinite(xywh)) or np.any(xywh[:, 2:] < 0):
             raise ValueError(f"detections[{i}]['boxes_xywh']: expected finite [x, y, w, h] with "
                              f"w, h >= 0")
-        scores = as_float_array(det.get("scores", []), f"detections[{i}]['scores']", ndim=1)
+        scores = np.asarray(det.get("scores", []), np.float64)     # as written: no rounding
+        if scores.shape != (len(xywh),) or not np.all(np.isfinite(scores)):
+            raise ValueError(f"detections[{i}]['scores']: expected ({len(xywh)},) finite numbers, "
+                             f"got shape {scores.shape}")
         labels = as_labels(det.get("labels", []), f"detections[{i}]['labels']", 1, None,
                            size=len(xywh))
-        if len(scores) != len(xywh):
-            raise ValueError(f"detections[{i}]['scores']: expected shape ({len(xywh)},), got "
-                             f"{scores.shape}")
-        return xywh, scores.astype(np.float64), labels
+        return xywh, scores, labels
     boxes, scores, labels = _check_detection(det, i)
     return xyxy_to_xywh(boxes), scores.astype(np.float64), labels
 

@@ -80,6 +80,9 @@ class Config:
     score_threshold: float = 0.05
     nms_threshold: float = 0.5                  # class-wise NMS of the final detections
     max_detections: int = 100
+    # input scale (section 4: shorter side 600, longer at most 1000); 0 = images as they come
+    min_size: float = 0.0
+    max_size: float = 0.0
     seed: int = 0                               # weight initialisation
 
     def __post_init__(self):
@@ -109,8 +112,13 @@ class Config:
         for name in ("rpn_sigma", "rpn_lambda"):
             setattr(self, name, _number(getattr(self, name), name, "a positive finite number",
                                         lambda v: 0.0 < v < np.inf))
-        self.rpn_min_size = _number(self.rpn_min_size, "rpn_min_size", "a finite number >= 0",
-                                    lambda v: 0.0 <= v < np.inf)          # NaN fails both tests
+        for name in ("rpn_min_size", "min_size", "max_size"):
+            setattr(self, name, _number(getattr(self, name), name, "a finite number >= 0",
+                                        lambda v: 0.0 <= v < np.inf))    # NaN fails both tests
+        if (self.min_size > 0) != (self.max_size > 0) or self.max_size < self.min_size:
+            raise ValueError(f"config.max_size: expected both sizes 0 (images as they come) or "
+                             f"0 < min_size <= max_size, got min_size {self.min_size}, "
+                             f"max_size {self.max_size}")
         if not isinstance(self.aligned, (bool, np.bool_)):
             raise ValueError(f"config.aligned: expected true or false, got {self.aligned!r}")
         self.aligned = bool(self.aligned)
@@ -122,6 +130,19 @@ class Config:
         if self.roi_bg_iou_lo > self.roi_bg_iou_hi:
             raise ValueError(f"config.roi_bg_iou_lo: expected at most config.roi_bg_iou_hi = "
                              f"{self.roi_bg_iou_hi}, got {self.roi_bg_iou_lo}")
+
+    # Fields a trained model may change: they act after the network (NMS, thresholds, how many
+    # detections) or before it (the input scale), never on what the weights compute.  `frcnn eval
+    # / detect --set` may change these; FasterRCNN.load refuses a change of any other field.
+    TEST_TIME_FIELDS = ("score_threshold", "nms_threshold", "max_detections", "rpn_pre_nms_test",
+                        "rpn_post_nms_test", "rpn_nms_threshold", "rpn_min_size", "min_size",
+                        "max_size")
+    # Fields only training reads (sampling, loss weights, train-time proposal counts, the seed of
+    # the initial weights): weights trained with other values load all the same.
+    TRAINING_FIELDS = ("rpn_pos_iou", "rpn_neg_iou", "rpn_batch_size", "rpn_positive_fraction",
+                       "rpn_sigma", "rpn_lambda", "rpn_pre_nms_train", "rpn_post_nms_train",
+                       "roi_batch_size", "roi_fg_fraction", "roi_fg_iou", "roi_bg_iou_hi",
+                       "roi_bg_iou_lo", "seed")
 
     @property
     def stride(self):
@@ -266,13 +287,20 @@ class FasterRCNN:
         config: a Config (defaults if None).
         backend: "numpy", "triton", or None (the current default of frcnn_scratch.ops);
             passed unchanged to every ops.* call.
+        class_names: the names of labels 1..C (saved with the weights); default "class 1", ...
     """
 
-    def __init__(self, config=None, backend=None):
+    def __init__(self, config=None, backend=None, class_names=None):
         self.config = cfg = Config() if config is None else config
         if not isinstance(cfg, Config):
             raise ValueError(f"config: expected a model.Config, got {type(cfg).__name__}")
         self.backend = ops.check_backend(backend, allow_none=True)
+        if class_names is None:
+            class_names = tuple(f"class {k}" for k in range(1, cfg.num_classes + 1))
+        self.class_names = tuple(str(n) for n in class_names)
+        if len(self.class_names) != cfg.num_classes or len(set(self.class_names)) != cfg.num_classes:
+            raise ValueError(f"class_names: expected {cfg.num_classes} distinct names "
+                             f"(config.num_classes), got {list(self.class_names)}")
         rng = np.random.default_rng(cfg.seed)
         self.backbone = build_backbone(cfg.channels, rng)
         c = int(cfg.channels[-1])
@@ -425,23 +453,46 @@ class FasterRCNN:
                                       cfg.score_threshold, cfg.nms_threshold, cfg.max_detections,
                                       HEAD_BOX_WEIGHTS, backend=self.backend)
 
+    def detect(self, image):
+        """`predict` on an image of any size: rescaled by config.min_size / max_size (the paper's
+        rule, when set), detected, and the boxes mapped back to the image's own pixels."""
+        from .data.transforms import compute_scale, resize_image
+        cfg = self.config
+        image = np.asarray(image, np.float32)
+        scale = 1.0
+        if cfg.min_size > 0 and image.ndim == 3:
+            scale, h, w = compute_scale(image.shape[0], image.shape[1], cfg.min_size, cfg.max_size)
+            if (h, w) != image.shape[:2]:
+                image = resize_image(image, h, w)
+        det = self.predict(image)
+        det["boxes"] = (det["boxes"] / np.float32(scale)).astype(np.float32)
+        return det
+
     # -- save / load: weights and config in one .npz --
 
     def state_arrays(self):
         """The arrays `save` writes: every parameter under "param/<name>" and the config as JSON."""
         arrays = {f"param/{k}": v for k, v in self.params().items()}
         arrays["config"] = np.array(json.dumps(self.config.to_dict()))
+        arrays["class_names"] = np.array(json.dumps(list(self.class_names)))
         return arrays
 
     def save(self, path):
         """Write weights + config to `path` (.npz), atomically."""
         atomic_savez(path, self.state_arrays())
 
-    def load_state_arrays(self, arrays, source="checkpoint"):
-        """Copy parameters from `arrays` (as written by state_arrays) after checking the config."""
+    def load_state_arrays(self, arrays, source="checkpoint", strict=True):
+        """Copy parameters from `arrays` (as written by state_arrays) after checking the config.
+
+        strict: every config field must match (resuming a run); else only the fields that make
+        the network what it is (not Config.TEST_TIME_FIELDS or Config.TRAINING_FIELDS).
+        """
         saved = stored_dict(arrays, "config", source)
+        saved = {**Config().to_dict(), **saved}     # files from before a field existed: its default
         mine = json.loads(json.dumps(self.config.to_dict()))
-        differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        free = () if strict else Config.TEST_TIME_FIELDS + Config.TRAINING_FIELDS
+        differ = sorted(k for k in set(saved) | set(mine)
+                        if saved.get(k) != mine.get(k) and k not in free)
         if differ:
             detail = ", ".join(f"{k}: file {saved.get(k)!r} vs model {mine.get(k)!r}" for k in differ[:4])
             raise ValueError(f"{source}: saved with a different config ({detail})")
@@ -452,19 +503,42 @@ class FasterRCNN:
             param[...] = arrays[key]
 
     def load_weights(self, path):
-        """Load weights saved by `save`; refuses a file written with another config."""
-        self.load_state_arrays(read_npz(path), source=f"checkpoint {os.fspath(path)!r}")
+        """Load weights saved by `save`; refuses a file whose network differs (any config field
+        but the test-time and training-only ones)."""
+        self.load_state_arrays(read_npz(path), source=f"checkpoint {os.fspath(path)!r}",
+                               strict=False)
 
     @classmethod
-    def load(cls, path, backend=None):
-        """A new model built from the config stored in `path`, with its weights."""
+    def load(cls, path, backend=None, overrides=None):
+        """A new model built from the config and class names stored in `path`, with its weights.
+
+        overrides: dict of Config.TEST_TIME_FIELDS to change (score and NMS thresholds, test-time
+            proposal counts, max detections, the input scale); a field that changes the network
+            is refused, named.
+        """
         arrays = read_npz(path)
         source = f"checkpoint {os.fspath(path)!r}"
         saved = stored_dict(arrays, "config", source)
+        overrides = dict(overrides or {})
+        fixed = sorted(k for k in overrides if k not in Config.TEST_TIME_FIELDS)
+        if fixed:
+            raise ValueError(f"--set {', '.join(fixed)}: fixed by the trained network; a trained "
+                             f"model can change only {', '.join(Config.TEST_TIME_FIELDS)}")
         try:
-            config = Config.from_dict(saved)
+            config = Config.from_dict({**saved, **overrides})
         except ValueError as e:                           # names the field; add the file
             raise ValueError(f"{source}: {e}") from None
-        model = cls(config, backend=backend)
-        model.load_state_arrays(arrays, source=source)
+        names = None
+        if "class_names" in arrays:
+            try:
+                names = json.loads(str(arrays["class_names"]))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}: its class_names are not valid JSON ({e})") from None
+            if not isinstance(names, list):
+                raise ValueError(f"{source}: its class_names are not a list of names")
+        try:
+            model = cls(config, backend=backend, class_names=names)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        model.load_state_arrays(arrays, source=source, strict=False)
         return model

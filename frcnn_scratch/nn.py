@@ -473,9 +473,14 @@ class SGD:
     def _decays(self, name):
         return self.weight_decay > 0 and (self.decay_bias or not name.endswith("bias"))
 
-    def step(self, grads):
-        """Update every parameter in place from grads (dict with the same keys and shapes)."""
-        for k, p in self.params.items():
+    def step(self, grads, names=None):
+        """Update parameters in place from grads (dict with the same keys and shapes).
+
+        names: update only these parameters (the others, and their velocities, stay as they are:
+            frozen layers); None updates all.
+        """
+        chosen = self.params if names is None else {k: self.params[k] for k in names}
+        for k, p in chosen.items():
             if k not in grads:
                 raise ValueError(f"grads: missing gradient for parameter {k!r}")
             g = np.asarray(grads[k])

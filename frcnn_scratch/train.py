@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .data.transforms import hflip
-from .evaluate import evaluate_detections
+from .evaluate import coco_evaluate, evaluate_detections
 from .model import atomic_savez, read_npz, stored_dict
 from .nn import SGD
 
@@ -70,11 +70,80 @@ def learning_rate(iteration, tcfg):
 
 
 def training_sample(samples, rng, flip):
-    """Draw the next image (uniformly) and flip it with probability 0.5."""
+    """Draw the next image (uniformly) and flip it with probability 0.5.  Difficult (VOC) and
+    crowd (COCO) objects are left out of the targets, as the paper's code does."""
     sample = samples[int(rng.integers(len(samples)))]
     if flip and rng.random() < 0.5:
         sample = hflip(sample)
+    difficult = np.asarray(sample.get("difficult", np.zeros(len(sample["labels"]), bool)), bool)
+    if difficult.any():
+        keep = ~difficult
+        sample = dict(sample, boxes=np.asarray(sample["boxes"])[keep],
+                      labels=np.asarray(sample["labels"])[keep], difficult=difficult[keep])
     return sample
+
+
+# ---- one step at a time ------------------------------------------------------------------------------
+
+class Trainer:
+    """Training one step at a time, the public step API; `train` is a loop over `step`.
+
+        trainer = Trainer(model, samples, TrainConfig(iterations=1000))
+        losses = trainer.step()                    # draw an image, forward, the four losses,
+                                                   # backward, one SGD update
+        losses = trainer.step(sample, trainable=lambda name: name.startswith("rpn."))
+                                                   # a given image; update the RPN only
+
+    A step's learning rate follows the schedule of tcfg (learning_rate) at `iteration`, which each
+    step advances; set it to run another schedule.  With `trainable`, the other parameters (and
+    their momentum) stay as they are: alternating schedules such as the paper's 4-step training
+    (section 3.2) freeze parts this way.
+
+    Args:
+        model: a FasterRCNN.
+        samples: sample dicts (a list, or a data.Dataset).
+        tcfg: a TrainConfig (defaults if None): seed, lr schedule, momentum, weight decay, flips.
+    """
+
+    def __init__(self, model, samples, tcfg=None):
+        self.tcfg = TrainConfig() if tcfg is None else tcfg
+        if len(samples) == 0:
+            raise ValueError("samples: expected at least one training image")
+        self.model, self.samples = model, samples
+        self.rng = np.random.default_rng(self.tcfg.seed)
+        self.optimizer = SGD(model.params(), lr=self.tcfg.lr, momentum=self.tcfg.momentum,
+                             weight_decay=self.tcfg.weight_decay)
+        self.iteration = 0
+
+    def next_sample(self):
+        """The next training image: drawn uniformly, flipped with p = 0.5 (tcfg.flip)."""
+        return training_sample(self.samples, self.rng, self.tcfg.flip)
+
+    def step(self, sample=None, trainable=None):
+        """One step on `sample` (default: next_sample()); returns the loss dict of
+        FasterRCNN.loss_and_grads.  trainable: a predicate on parameter names ("backbone...",
+        "rpn...", "head...") choosing which to update; None updates all."""
+        if sample is None:
+            sample = self.next_sample()
+        losses = self.model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"],
+                                           self.rng)
+        if not math.isfinite(losses["loss"]):
+            raise RuntimeError(f"training diverged at iteration {self.iteration} (loss "
+                               f"{losses['loss']}); try a lower learning rate")
+        self.optimizer.set_lr(learning_rate(self.iteration, self.tcfg))
+        names = None if trainable is None else [k for k in self.model.params() if trainable(k)]
+        self.optimizer.step(self.model.grads(), names=names)
+        self.iteration += 1
+        return losses
+
+    def save(self, path):
+        """A checkpoint (weights, optimizer, random state, iteration) that `resume` continues."""
+        save_checkpoint(path, self.model, self.optimizer, self.rng, self.iteration, self.tcfg)
+
+    def resume(self, path):
+        """Continue from a checkpoint of the same run (the same TrainConfig, see load_checkpoint)."""
+        self.iteration = load_checkpoint(path, self.model, self.optimizer, self.rng, self.tcfg)
+        return self.iteration
 
 
 # ---- BLAS threads ------------------------------------------------------------------------------------
@@ -170,57 +239,47 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None):
 # ---- the loop ----------------------------------------------------------------------------------------
 
 def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=True):
-    """Train `model` on `samples` (dicts with image, boxes, labels).
+    """Train `model` on `samples` (dicts with image, boxes, labels), one Trainer.step at a time.
 
     Args:
         model: a FasterRCNN.
-        samples: list of sample dicts (see frcnn_scratch.data).
+        samples: list of sample dicts (see frcnn_scratch.data), or a data.Dataset.
         tcfg: a TrainConfig (defaults if None).
         checkpoint: path of the checkpoint .npz (written every tcfg.checkpoint_every iterations and
             at the end); None writes none.
         resume: continue from `checkpoint` if it exists.
-        progress: show a tqdm bar with the losses.
+        progress: show a tqdm bar with the losses and images per second.
     Returns:
         list of per-iteration loss dicts (of this call's iterations).
     """
-    tcfg = TrainConfig() if tcfg is None else tcfg
-    if not samples:
-        raise ValueError("samples: expected at least one training image")
-    rng = np.random.default_rng(tcfg.seed)
-    optimizer = SGD(model.params(), lr=tcfg.lr, momentum=tcfg.momentum,
-                    weight_decay=tcfg.weight_decay)
-    start = 0
+    trainer = Trainer(model, samples, tcfg)
+    tcfg = trainer.tcfg
     if resume and checkpoint is not None and os.path.exists(checkpoint):
-        start = load_checkpoint(checkpoint, model, optimizer, rng, tcfg)
+        trainer.resume(checkpoint)
     history = []
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=tcfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=tcfg.iterations, initial=trainer.iteration, desc="train", unit="img",
+                   dynamic_ncols=True)
     try:
         with blas_threads(1):
-            _loop(model, samples, tcfg, optimizer, rng, start, checkpoint, history, bar)
+            _loop(trainer, checkpoint, history, bar)
     finally:
         if bar is not None:
             bar.close()
     return history
 
 
-def _loop(model, samples, tcfg, optimizer, rng, start, checkpoint, history, bar):
-    """Iterations start .. tcfg.iterations - 1: sample, forward + backward, SGD step, checkpoint."""
-    for it in range(start, tcfg.iterations):
-        sample = training_sample(samples, rng, tcfg.flip)
-        losses = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng)
-        if not math.isfinite(losses["loss"]):
-            raise RuntimeError(f"training diverged at iteration {it} (loss {losses['loss']}); "
-                               "try a lower learning rate")
-        optimizer.set_lr(learning_rate(it, tcfg))
-        optimizer.step(model.grads())
-        history.append(losses)
-        done = it + 1
+def _loop(trainer, checkpoint, history, bar):
+    """Steps until tcfg.iterations: Trainer.step, checkpoints, the progress bar."""
+    tcfg = trainer.tcfg
+    while trainer.iteration < tcfg.iterations:
+        history.append(trainer.step())
+        done = trainer.iteration
         if checkpoint is not None and (done == tcfg.iterations or
                                        (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0)):
-            save_checkpoint(checkpoint, model, optimizer, rng, done, tcfg)
+            trainer.save(checkpoint)
         if bar is not None:
             bar.update(1)
             if done % 10 == 0 or done == tcfg.iterations:
@@ -230,19 +289,59 @@ def _loop(model, samples, tcfg, optimizer, rng, start, checkpoint, history, bar)
                                 refresh=False)
 
 
-def evaluate(model, samples, iou_threshold=0.5, progress=False):
-    """Run `model.predict` on every sample and score it with VOC AP (evaluate_detections).
+def ground_truths(samples):
+    """The objects of every image, in the image's own pixels: a Dataset's ground_truth(i), or a
+    list of samples' boxes, labels and difficult flags."""
+    if hasattr(samples, "ground_truth"):
+        return [samples.ground_truth(i) for i in range(len(samples))]
+    return [dict(boxes=s["boxes"], labels=s["labels"], difficult=s.get("difficult"))
+            for s in samples]
+
+
+def image_ids(samples):
+    """The ids a results file uses for the images: a Dataset's, else 1..N."""
+    return list(samples.image_ids) if hasattr(samples, "image_ids") else list(range(1, len(samples) + 1))
+
+
+def detect_all(model, samples, progress=False):
+    """model.predict on every sample; boxes mapped back to the image's own pixels (/ its scale)."""
+    items = range(len(samples))
+    if progress:
+        from tqdm.auto import tqdm
+        items = tqdm(items, desc="detect", unit="img", dynamic_ncols=True)
+    detections = []
+    with blas_threads(1):
+        for i in items:
+            sample = samples[i]
+            det = model.predict(sample["image"])
+            det["boxes"] = (det["boxes"] / np.float32(sample.get("scale", 1.0))).astype(np.float32)
+            detections.append(det)
+    return detections
+
+
+def score(detections, samples, num_classes, iou_threshold=0.5):
+    """VOC AP at iou_threshold (all-point and the VOC07 11-point) and the COCO metrics.
 
     Returns:
-        (result dict(mAP, ap), detections list).
+        dict(mAP, ap, pr, npos: VOC all-point; mAP_07, ap_07: 11-point; coco: coco_evaluate's dict).
     """
-    items = samples
-    if progress:
-        from tqdm import tqdm
-        items = tqdm(samples, desc="eval", unit="img", dynamic_ncols=True)
-    with blas_threads(1):
-        detections = [model.predict(s["image"]) for s in items]
-    truths = [dict(boxes=s["boxes"], labels=s["labels"], difficult=s.get("difficult")) for s in samples]
-    result = evaluate_detections(detections, truths, iou_threshold=iou_threshold,
-                                 num_classes=model.config.num_classes)
-    return result, detections
+    truths = ground_truths(samples)
+    voc = evaluate_detections(detections, truths, iou_threshold=iou_threshold,
+                              num_classes=num_classes)
+    voc07 = evaluate_detections(detections, truths, iou_threshold=iou_threshold,
+                                use_07_metric=True, num_classes=num_classes)
+    coco = coco_evaluate(detections, truths, num_classes=num_classes, image_ids=image_ids(samples))
+    return dict(voc, mAP_07=voc07["mAP"], ap_07=voc07["ap"], coco=coco)
+
+
+def evaluate(model, samples, iou_threshold=0.5, progress=False):
+    """Run the model on every sample and score it (`score`: VOC AP and the COCO metrics).
+
+    Args:
+        samples: a list of sample dicts, or a data.Dataset (images at the model's scale; detections
+            are scored in each image's own pixels).
+    Returns:
+        (result dict, detections list in the images' own pixels).
+    """
+    detections = detect_all(model, samples, progress)
+    return score(detections, samples, model.config.num_classes, iou_threshold), detections

@@ -25,12 +25,13 @@ def class_color(label):
     return colormaps["tab10"](int(label) % 10)
 
 
-def show_image(ax, image):
+def show_image(ax, image, extent=None):
     """Show an (H, W, 3) image in [0, 1] (or (H, W) grey) without axis ticks; returns the AxesImage.
 
     Args:
         ax: matplotlib Axes.
         image: (H, W, 3) or (H, W) float array; values are clipped to [0, 1].
+        extent: matplotlib's (left, right, bottom, top); default: pixel i centred on i.
     """
     image = as_float_array(image, "image")
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
@@ -38,7 +39,7 @@ def show_image(ax, image):
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     shown = ax.imshow(np.clip(image, 0.0, 1.0), cmap="gray" if image.ndim == 2 else None,
-                      vmin=0.0, vmax=1.0, interpolation="nearest")
+                      vmin=0.0, vmax=1.0, interpolation="nearest", extent=extent)
     ax.set_axis_off()
     return shown
 
@@ -228,6 +229,12 @@ def draw_roi_grid(ax, roi, output_size, spatial_scale, mode="align", aligned=Fal
     return bins
 
 
+# The picture save_detections writes: about 4 output pixels per image pixel for small images, and
+# never more than this many pixels on its longer side, so that a camera photo (6000 x 4000) is
+# drawn from a reduced copy and the drawing costs a few tens of MB, not gigabytes.
+MAX_PICTURE_SIDE = 1600
+
+
 def save_detections(path, image, detections, class_names, gt=None, score_threshold=0.0, title=None,
                     dpi=100):
     """Write a PNG of an image with its detections (solid, coloured per class) and optional gts (dashed).
@@ -240,18 +247,23 @@ def save_detections(path, image, detections, class_names, gt=None, score_thresho
         gt: optional dict(boxes (G, 4), labels (G,)) (a sample works), drawn white and dashed.
         score_threshold: hide detections scoring below it.
         title: optional title.
-        dpi: resolution; the figure is sized so one image pixel is about 4 output pixels.
+        dpi: resolution; the picture has about 4 output pixels per image pixel, its longer side at
+            most MAX_PICTURE_SIDE (a larger image is drawn from a reduced copy, boxes unchanged).
     Returns:
         path.
     """
+    from .data.transforms import resize_image
     image = as_float_array(image, "image", ndim=3)
     height, width = image.shape[:2]
-    inches = max(width, height) * 4 / dpi
-    fig = Figure(figsize=(inches * width / max(width, height), inches * height / max(width, height)),
-                 dpi=dpi)
+    longest = max(width, height)
+    side = min(4 * longest, MAX_PICTURE_SIDE)                     # output pixels, longer side
+    if side < longest:                                            # more pixels than drawn: reduce
+        image = resize_image(image, max(1, round(height * side / longest)),
+                             max(1, round(width * side / longest)))
+    fig = Figure(figsize=(side * width / longest / dpi, side * height / longest / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, 1))
-    show_image(ax, image)
+    show_image(ax, image, extent=(-PIXEL, width - PIXEL, height - PIXEL, -PIXEL))
     if gt is not None:
         draw_boxes(ax, gt["boxes"], gt.get("labels"), class_names=class_names, color="white",
                    linestyle="--", linewidth=1.0)
@@ -264,5 +276,46 @@ def save_detections(path, image, detections, class_names, gt=None, score_thresho
                 bbox=dict(facecolor="black", edgecolor="none", pad=1, alpha=0.6))
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def save_pr_curves(path, result, class_names, dpi=100):
+    """Write a PNG with one precision-recall panel per class: the VOC curve at IoU 0.5 (detections
+    ranked by score) with its AP, and the class's COCO AP@[.5:.95] in the title.
+
+    Args:
+        path: output file (.png).
+        result: train.score's dict (pr, ap, npos; coco.ap_per_class).
+        class_names: names in label order.
+    Returns:
+        path.
+    """
+    n = max(len(class_names), 1)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(3.0 * cols, 2.8 * rows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_axis_off()
+    coco_ap = result.get("coco", {}).get("ap_per_class", {})
+    for label, (ax, name) in enumerate(zip(axes.ravel(), class_names), start=1):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if label not in result["pr"]:
+            ax.set_title(f"{name}: no objects", fontsize=9)
+            continue
+        recall, precision = result["pr"][label]
+        ax.plot(np.concatenate([[0], recall]), np.concatenate([[1], precision]), color=class_color(label))
+        title = f"{name}: AP50 {result['ap'][label]:.3f}"
+        if label in coco_ap:
+            title += f", AP {coco_ap[label]:.3f}"
+        ax.set_title(f"{title}\n({result['npos'][label]} objects)", fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=dpi, format="png")
     return path

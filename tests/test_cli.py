@@ -67,8 +67,10 @@ def test_detect_names_a_missing_image_before_loading_the_checkpoint(tmp_path, ca
 @pytest.mark.parametrize("args, message", [
     (["--score", "1.5"], "--score: expected a number in [0, 1], got 1.5"),
     (["--score", "nan"], "--score: expected a number in [0, 1]"),
-    (["--min-size", "0"], "--min-size: expected a positive number of pixels, got 0.0"),
-    (["--max-size", "-5"], "--max-size: expected a positive number of pixels"),
+    (["--min-size", "-1", "--max-size", "5"], "--min-size: expected a number of pixels >= 0, got -1.0"),
+    (["--min-size", "5", "--max-size", "nan"], "--max-size: expected a number of pixels >= 0"),
+    (["--min-size", "300", "--max-size", "100"], "0 < --min-size <= --max-size, got 300 and 100"),
+    (["--min-size", "100"], "--min-size, --max-size: give both"),
 ])
 def test_detect_checks_its_options_by_the_names_typed(tmp_path, capsys, args, message):
     assert main(["detect", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),

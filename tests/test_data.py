@@ -264,6 +264,39 @@ def test_voc_errors_name_the_file_or_class(tmp_path):
         write_voc(tmp_path / "x", samples, ("circle",))
 
 
+@pytest.mark.parametrize("xml, message", [
+    ("<annotation><object><name>dog</name></object>", "not valid XML"),
+    ("<annotation><size><width>6</width><height>x</height></size></annotation>",
+     "<height> is not a number: 'x'"),
+    ("<annotation><object><name>dog</name></object></annotation>", r"object 0 \('dog'\) has no <bndbox>"),
+    ("<annotation><size><width>6</width><height>5</height></size><object><name>dog</name><bndbox>"
+     "<xmin>4</xmin><ymin>1</ymin><xmax>9</xmax><ymax>2</ymax></bndbox></object></annotation>",
+     r"object 0 \('dog'\) bndbox: box \(3, 0, 9, 2\) lies outside the 6 x 5 image"),
+    ("<annotation><object><name>dog</name><bndbox><xmin>4</xmin><ymin>1</ymin><xmax>2</xmax>"
+     "<ymax>2</ymax></bndbox></object></annotation>", r"object 0 \('dog'\) bndbox: .*x2 < x1"),
+    ("<annotation><object><name>emu</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>2</xmax>"
+     "<ymax>2</ymax></bndbox></object></annotation>", r"object 0: unknown class 'emu'"),
+])
+def test_voc_bad_annotations_name_the_file_and_field(tmp_path, xml, message):
+    from frcnn_scratch.data.voc import read_voc_split
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("a\n")
+    (tmp_path / "Annotations" / "a.xml").write_text(xml)
+    (tmp_path / "JPEGImages" / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=message) as info:
+        read_voc_split(tmp_path, "test", class_names=("dog",))
+    assert "a.xml" in str(info.value)
+
+
+def test_voc_empty_split_is_an_error(tmp_path):
+    from frcnn_scratch.data.voc import read_voc_split
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("\n")
+    with pytest.raises(ValueError, match="test.txt: the split lists no image"):
+        read_voc_split(tmp_path, "test")
+
+
 # ---- COCO ----------------------------------------------------------------------------------------------
 
 def test_coco_round_trip(tmp_path):
@@ -297,16 +330,29 @@ def test_coco_errors(tmp_path):
     import json
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_coco(tmp_path / "nope.json", tmp_path)
-    base = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "x"}]}
+    from PIL import Image
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    base = {"images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 20}],
+            "categories": [{"id": 1, "name": "x"}]}
     cases = [({"annotations": [{"image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}]}, "image_id 2"),
              ({"annotations": [{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}]}, "category_id 5"),
-             ({"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 1]}]}, "negative")]
+             ({"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 1]}]}, "negative"),
+             ({"annotations": [{"image_id": 1, "category_id": 1, "bbox": [15, 2, 9, 3]}]},
+              r"annotations\[0\] bbox: box \(15, 2, 24, 5\) lies outside the 20 x 10 image"),
+             ({"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, "a", 1, 1]}]}, "four numbers"),
+             ({"annotations": [{"image_id": 1, "category_id": 1}]}, r"annotations\[0\]: missing key"),
+             ({"images": []}, "'images' is empty"),
+             ({"images": base["images"] * 2}, r"images\[1\]: duplicate image id 1")]
     for extra, message in cases:
         (tmp_path / "bad.json").write_text(json.dumps(dict(base, **extra)))
         with pytest.raises(ValueError, match=message):
             load_coco(tmp_path / "bad.json", tmp_path)
+    (tmp_path / "bad.json").write_text("{\"images\": [")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        load_coco(tmp_path / "bad.json", tmp_path)
     (tmp_path / "ok.json").write_text(json.dumps(base))
-    with pytest.raises(FileNotFoundError, match="a.png"):
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ok.json: images\[0\] \(id 1\): image file not found: .*a.png"):
         load_coco(tmp_path / "ok.json", tmp_path)
 
 

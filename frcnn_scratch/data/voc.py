@@ -42,15 +42,29 @@ def read_image(path):
     return rgb / np.float32(255.0)
 
 
-def write_image(path, image):
-    """Write an (H, W, 3) float image in [0, 1] as an 8-bit PNG (values rounded to k / 255)."""
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # file extension -> Pillow's format name
+
+
+def write_image(path, image, image_format="png"):
+    """Write an (H, W, 3) colour or (H, W) grey float image in [0, 1] as an 8-bit PNG or JPEG
+    (values rounded to k / 255; JPEG at quality 95, so lossy)."""
     from PIL import Image
 
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image: expected shape (H, W, 3), got {image.shape}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"image: expected shape (H, W, 3) or (H, W), got {image.shape}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format: expected one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-    Image.fromarray(pixels, mode="RGB").save(path, format="PNG")
+    Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").save(
+        path, format=IMAGE_FORMATS[image_format], **({"quality": 95} if image_format == "jpg" else {}))
+
+
+def sample_image_format(sample, default):
+    """The file format a writer uses for a sample: its "format" key ("png" / "jpg"), else default."""
+    return sample.get("format", default)
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -64,8 +78,21 @@ def _text(node, tag, path, default=None):
     return child.text.strip()
 
 
-def _parse_annotation(path, class_names):
-    """One XML file -> (filename or None, (height, width) or None, boxes, labels, difficult)."""
+def _read_number(node, tag, path, default=None):
+    """The number in <tag> of `node`; a ValueError naming the file and the tag otherwise."""
+    text = _text(node, tag, path, default)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{path}: <{tag}> is not a number: {text!r}") from None
+
+
+def _parse_annotation(path):
+    """One XML file -> (filename or None, (height, width) or None, objects [(name, box, difficult)]).
+
+    box is the object's continuous (x1, y1, x2, y2), checked: finite, x2 >= x1, y2 >= y1, and
+    inside the image when the XML gives its size (a pixel of slack for tools that round).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
@@ -75,59 +102,113 @@ def _parse_annotation(path, class_names):
     size = root.find("size")
     hw = None
     if size is not None:
-        hw = (int(float(_text(size, "height", path))), int(float(_text(size, "width", path))))
-    boxes, labels, difficult = [], [], []
-    for obj in root.iter("object"):
+        hw = (int(_read_number(size, "height", path)), int(_read_number(size, "width", path)))
+    objects = []
+    for k, obj in enumerate(root.iter("object")):
         name = _text(obj, "name", path)
-        if name not in class_names:
-            raise ValueError(f"{path}: unknown class {name!r}; class_names has {list(class_names)}")
         bndbox = obj.find("bndbox")
         if bndbox is None:
-            raise ValueError(f"{path}: object {name!r} has no <bndbox>")
-        xmin, ymin, xmax, ymax = (float(_text(bndbox, t, path)) for t in ("xmin", "ymin", "xmax", "ymax"))
-        boxes.append([xmin - 1, ymin - 1, xmax, ymax])               # 1-based inclusive -> continuous
-        labels.append(class_names.index(name) + 1)
-        difficult.append(int(float(_text(obj, "difficult", path, default="0"))) == 1)
-    boxes = as_boxes(np.array(boxes, dtype=np.float32).reshape(-1, 4), f"{path}: bndbox")
+            raise ValueError(f"{path}: object {k} ({name!r}) has no <bndbox>")
+        xmin, ymin, xmax, ymax = (_read_number(bndbox, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
+        box = as_boxes([[xmin - 1, ymin - 1, xmax, ymax]],                # 1-based inclusive ->
+                       f"{path}: object {k} ({name!r}) bndbox")[0]       # continuous
+        if hw is not None and 0 not in hw:
+            check_inside(box, hw, f"{path}: object {k} ({name!r}) bndbox")
+        difficult = int(_read_number(obj, "difficult", path, default="0")) == 1
+        objects.append((name, box, difficult))
     filename = root.findtext("filename")
-    return (filename.strip() if filename else None), hw, boxes, labels, difficult
+    return (filename.strip() if filename else None), hw, objects
+
+
+def check_inside(box, hw, where, slack=1.0):
+    """A box (x1, y1, x2, y2) must lie inside an image of (height, width), within `slack` pixels."""
+    h, w = hw
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if x1 < -slack or y1 < -slack or x2 > w + slack or y2 > h + slack:
+        raise ValueError(f"{where}: box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the "
+                         f"{w} x {h} image")
+
+
+def read_voc_split(root, split="trainval", class_names=None):
+    """Read a VOC split's annotations and find its image files, without decoding any image.
+
+    Args:
+        root: folder holding ImageSets/, Annotations/ and JPEGImages/ (e.g. VOCdevkit/VOC2007).
+        split: name of the list file ImageSets/Main/{split}.txt.
+        class_names: the classes in label order (label = index + 1); an object of another class
+            is an error naming the file and the class.  None: the names found in the split's
+            annotations, sorted.
+    Returns:
+        (records, class_names): one dict per image, in the list file's order: id, path (the image
+        file), size ((H, W) from the XML, or None), boxes (G, 4) float32 continuous, labels (G,)
+        int64, difficult (G,) bool.
+    Raises:
+        FileNotFoundError naming the missing file (list, annotation or image); ValueError naming
+        the file and the field (malformed XML, unknown class, bad or outside box, empty split).
+    """
+    list_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"split list not found: {list_file}")
+    with open(list_file) as f:
+        ids = [line.split()[0] for line in f if line.strip()]
+    if not ids:
+        raise ValueError(f"{list_file}: the split lists no image")
+    parsed = []
+    for image_id in ids:
+        xml = os.path.join(root, "Annotations", f"{image_id}.xml")
+        filename, hw, objects = _parse_annotation(xml)
+        candidates = ([filename] if filename else []) + [f"{image_id}.jpg", f"{image_id}.png"]
+        paths = [os.path.join(root, "JPEGImages", c) for c in candidates]
+        found = [p for p in paths if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"{xml}: image for {image_id!r} not found; tried {', '.join(paths)}")
+        parsed.append((image_id, xml, found[0], hw, objects))
+    if class_names is None:
+        class_names = sorted({name for *_, objects in parsed for name, _, _ in objects})
+    class_names = tuple(class_names)
+    records = []
+    for image_id, xml, path, hw, objects in parsed:
+        for k, (name, _, _) in enumerate(objects):
+            if name not in class_names:
+                raise ValueError(f"{xml}: object {k}: unknown class {name!r}; the classes are "
+                                 f"{list(class_names)}")
+        records.append(dict(
+            id=image_id, path=path, size=hw,
+            boxes=np.array([b for _, b, _ in objects], np.float32).reshape(-1, 4),
+            labels=np.array([class_names.index(n) + 1 for n, _, _ in objects], np.int64),
+            difficult=np.array([d for _, _, d in objects], bool)))
+    return records, class_names
 
 
 def load_voc(root, split="trainval", class_names=VOC_CLASSES):
-    """Load a PASCAL VOC split as a list of samples.
+    """Load a PASCAL VOC split as a list of samples (every image decoded; read_voc_split reads the
+    annotations alone, frcnn_scratch.data.dataset decodes lazily).
 
     Args:
         root: folder holding ImageSets/, Annotations/ and JPEGImages/ (e.g. VOCdevkit/VOC2007).
         split: name of the list file ImageSets/Main/{split}.txt ("train", "val", "trainval", "test").
         class_names: the classes, in label order (label = index + 1); an object of another class is
-            an error (pass the dataset's own class list).
+            an error (pass the dataset's own class list; None: the names found, sorted).
     Returns:
         list of samples dict(image (H, W, 3) float32 in [0, 1], boxes (G, 4) float32 xyxy continuous,
         labels (G,) int64, difficult (G,) bool, id str), in the order of the list file.
     Raises:
         FileNotFoundError naming the missing file; ValueError for an unknown class or a bad box.
     """
-    class_names = tuple(class_names)
-    list_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
-    if not os.path.isfile(list_file):
-        raise FileNotFoundError(f"split list not found: {list_file}")
-    with open(list_file) as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    records, _ = read_voc_split(root, split, class_names)
     samples = []
-    for image_id in ids:
-        filename, hw, boxes, labels, difficult = _parse_annotation(
-            os.path.join(root, "Annotations", f"{image_id}.xml"), class_names)
-        candidates = ([filename] if filename else []) + [f"{image_id}.jpg", f"{image_id}.png"]
-        paths = [os.path.join(root, "JPEGImages", c) for c in candidates]
-        found = [p for p in paths if os.path.isfile(p)]
-        if not found:
-            raise FileNotFoundError(f"image for {image_id!r} not found; tried {', '.join(paths)}")
-        image = read_image(found[0])                                   # (H, W, 3)
-        if hw is not None and 0 not in hw and hw != image.shape[:2]:
-            raise ValueError(f"{found[0]}: image is {image.shape[:2]} (H, W) but its XML says {hw}")
-        samples.append(dict(image=image, boxes=boxes, labels=np.array(labels, dtype=np.int64),
-                            difficult=np.array(difficult, dtype=bool), id=image_id))
+    for r in records:
+        image = read_image(r["path"])                                  # (H, W, 3)
+        check_size(image, r["size"], r["path"])
+        samples.append(dict(image=image, boxes=r["boxes"], labels=r["labels"],
+                            difficult=r["difficult"], id=r["id"]))
     return samples
+
+
+def check_size(image, hw, path):
+    """The decoded image must have the (H, W) its annotation gives (when it gives one)."""
+    if hw is not None and 0 not in hw and tuple(hw) != image.shape[:2]:
+        raise ValueError(f"{path}: image is {image.shape[:2]} (H, W) but its annotation says {tuple(hw)}")
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -145,14 +226,16 @@ def _check_id(image_id):
     return image_id
 
 
-def write_voc(root, samples, class_names, split="trainval"):
-    """Write samples in VOC layout (PNG images) so that load_voc(root, split, class_names) reads them back.
+def write_voc(root, samples, class_names, split="trainval", image_format="png"):
+    """Write samples in VOC layout so that load_voc(root, split, class_names) reads them back.
 
     Args:
         root: output folder (created if needed).
-        samples: list of sample dicts (image, boxes, labels, optional difficult, id).
+        samples: list of sample dicts (image (H, W, 3) or grey (H, W), boxes, labels, optional
+            difficult, id, and optional format "png" / "jpg" for this sample's image file).
         class_names: names in label order (label = index + 1).
         split: name of the list file to write, ImageSets/Main/{split}.txt (overwritten).
+        image_format: "png" (lossless) or "jpg" (JPEG, lossy), for samples without a format.
     Returns:
         list of the ids written.
     """
@@ -165,14 +248,15 @@ def write_voc(root, samples, class_names, split="trainval"):
         if image_id in ids:
             raise ValueError(f"samples[{n}]: duplicate id {image_id!r} (its files would be overwritten)")
         image, boxes, labels, difficult = check_sample(sample, n, class_names)
+        ext = sample_image_format(sample, image_format)
 
         ann = ET.Element("annotation")
         ET.SubElement(ann, "folder").text = os.path.basename(os.path.abspath(root))
-        ET.SubElement(ann, "filename").text = f"{image_id}.png"
+        ET.SubElement(ann, "filename").text = f"{image_id}.{ext}"
         size = ET.SubElement(ann, "size")
         ET.SubElement(size, "width").text = str(image.shape[1])
         ET.SubElement(size, "height").text = str(image.shape[0])
-        ET.SubElement(size, "depth").text = "3"
+        ET.SubElement(size, "depth").text = "1" if image.ndim == 2 else "3"
         for (x1, y1, x2, y2), label, diff in zip(boxes, labels, difficult):
             obj = ET.SubElement(ann, "object")
             ET.SubElement(obj, "name").text = class_names[label - 1]
@@ -184,7 +268,7 @@ def write_voc(root, samples, class_names, split="trainval"):
                 ET.SubElement(bndbox, tag).text = _number(v)
         ET.indent(ann)
         ET.ElementTree(ann).write(os.path.join(root, "Annotations", f"{image_id}.xml"))
-        write_image(os.path.join(root, "JPEGImages", f"{image_id}.png"), image)
+        write_image(os.path.join(root, "JPEGImages", f"{image_id}.{ext}"), image, ext)
         ids.append(image_id)
     with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w") as f:
         f.write("".join(f"{i}\n" for i in ids))
