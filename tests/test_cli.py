@@ -131,3 +131,27 @@ def test_bad_values_are_one_line(tmp_path, capsys, args, message):
     rc = main(["train", "--checkpoint", str(tmp_path / "x.npz"), "--iters", "1", "--quiet"] + args)
     assert rc == 2
     assert message in _error_line(capsys)
+
+
+def test_detect_files_to_json_and_pictures_without_overwriting(tmp_path, capsys):
+    import json
+    from fixtures.detector_tiny import tiny_config
+    from frcnn_scratch.data import make_shapes_dataset
+    from frcnn_scratch.data.voc import write_image
+    from frcnn_scratch.model import FasterRCNN
+    ckpt = tmp_path / "m.npz"
+    FasterRCNN(tiny_config(score_threshold=0.0)).save(ckpt)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    image = make_shapes_dataset(1, seed=2)[0]["image"]
+    write_image(tmp_path / "a" / "x.png", image)
+    write_image(tmp_path / "b" / "x.jpg", image, "jpg")          # the same name in two folders
+    assert main(["detect", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.jpg"),
+                 "--checkpoint", str(ckpt), "--json", str(tmp_path / "d.json"),
+                 "--out", str(tmp_path / "o"), "--score", "0"]) == 0
+    results = json.loads((tmp_path / "d.json").read_text())
+    assert {r["image_id"] for r in results} <= {1, 2} and {r["file_name"] for r in results} <= {"x.png", "x.jpg"}
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in results)
+    assert sorted(os.listdir(tmp_path / "o")) == ["x_2_detections.png", "x_detections.png"]
+    assert main(["detect", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+    assert "give image files or --data" in _error_line(capsys)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from fixtures.detector_tiny import tiny_config, tiny_sample
+from frcnn_scratch.data import make_shapes_dataset
 from frcnn_scratch.model import FasterRCNN
 from frcnn_scratch.train import TrainConfig, evaluate, learning_rate, train, training_sample
 
@@ -184,3 +185,44 @@ def test_resume_rejects_a_checkpoint_whose_train_config_is_not_json(tmp_path):
     with pytest.raises(ValueError, match=r"j.npz'.*train_config is not valid JSON"):
         train(FasterRCNN(tiny_config()), SAMPLES[:1], TrainConfig(iterations=2), checkpoint=path,
               resume=True, progress=False)
+
+
+# ---- the step API ------------------------------------------------------------------------------------
+
+def test_train_is_a_loop_over_trainer_step():
+    """train() and a hand-written loop of Trainer.step give the same losses and weights, bit for bit."""
+    from frcnn_scratch.train import Trainer, blas_threads
+    samples = make_shapes_dataset(3, seed=1)
+    tcfg = TrainConfig(iterations=4, warmup=2, seed=3)
+    a = FasterRCNN(tiny_config())
+    history = train(a, samples, tcfg, progress=False)
+    b = FasterRCNN(tiny_config())
+    trainer = Trainer(b, samples, tcfg)
+    with blas_threads(1):                   # as train(): the same BLAS threads, the same sums
+        mine = [trainer.step() for _ in range(4)]
+    assert [h["loss"] for h in history] == [h["loss"] for h in mine]
+    for name, p in a.params().items():
+        np.testing.assert_array_equal(p, b.params()[name], err_msg=name)
+    assert trainer.iteration == 4
+
+
+def test_trainer_step_updates_only_the_trainable_parameters():
+    from frcnn_scratch.train import Trainer
+    samples = make_shapes_dataset(2, seed=2)
+    model = FasterRCNN(tiny_config())
+    before = {k: v.copy() for k, v in model.params().items()}
+    trainer = Trainer(model, samples, TrainConfig(iterations=10, seed=0))
+    losses = trainer.step(samples[0], trainable=lambda name: name.startswith("rpn."))
+    assert set(losses) == {"loss", "rpn_cls", "rpn_reg", "head_cls", "head_reg"}
+    for name, p in model.params().items():
+        changed = not np.array_equal(p, before[name])
+        assert changed == name.startswith("rpn."), f"{name}: changed={changed}"
+
+
+def test_difficult_objects_are_left_out_of_training_targets():
+    from frcnn_scratch.train import training_sample
+    s = make_shapes_dataset(1, seed=4)[0]
+    s["difficult"] = np.arange(len(s["labels"])) == 0
+    got = training_sample([s], np.random.default_rng(0), flip=False)
+    assert len(got["labels"]) == len(s["labels"]) - 1 and not got["difficult"].any()
+    np.testing.assert_array_equal(got["boxes"], s["boxes"][1:])
