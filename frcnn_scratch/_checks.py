@@ -60,25 +60,40 @@ def as_features(x, name="features"):
     return as_float_array(x, name, ndim=4)
 
 
-def as_shape4(shape, name="input_shape"):
-    """A 4-tuple (N, C, H, W) of non-negative ints."""
+def _whole(v):
+    """int(v) for a whole number (2, 2.0, np.int64(2)); None for 2.7, True, "2", NaN."""
+    if isinstance(v, (bool, np.bool_, str, bytes)):
+        return None
     try:
-        s = tuple(int(v) for v in shape)
-    except (TypeError, ValueError):
+        as_int = int(v)
+        return as_int if as_int == v else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def as_shape4(shape, name="input_shape"):
+    """A 4-tuple (N, C, H, W) of non-negative whole numbers (2.7 is refused, not truncated)."""
+    try:
+        s = tuple(_whole(v) for v in shape)
+    except TypeError:
         raise ValueError(f"{name}: expected (N, C, H, W), got {shape!r}") from None
-    if len(s) != 4 or any(v < 0 for v in s):
-        raise ValueError(f"{name}: expected (N, C, H, W) of non-negative ints, got {shape!r}")
+    if len(s) != 4 or any(v is None or v < 0 for v in s):
+        raise ValueError(f"{name}: expected (N, C, H, W) of non-negative whole numbers, got {shape!r}")
     return s
 
 
 def pair(size, name="output_size"):
-    """An int or (h, w) of positive ints -> (h, w)."""
+    """A whole number or (h, w) of positive whole numbers -> (h, w) (2.7 is refused, as
+    torchvision does, not truncated)."""
     if np.isscalar(size):
         size = (size, size)
     try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
+        hw = tuple(_whole(v) for v in size)
+    except TypeError:
         raise ValueError(f"{name}: expected an int or (h, w), got {size!r}") from None
+    if len(hw) != 2 or None in hw:
+        raise ValueError(f"{name}: expected an int or (h, w) of whole numbers, got {size!r}")
+    h, w = hw
     if h <= 0 or w <= 0:
         raise ValueError(f"{name}: expected positive sizes, got {(h, w)}")
     return h, w

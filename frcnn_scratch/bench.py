@@ -229,6 +229,8 @@ def format_table(header, rows):
 def main(args):
     """Entry point of `frcnn bench` (args.repeat, args.backends, args.small)."""
     wanted = [b.strip() for b in str(args.backends).split(",") if b.strip()]
+    if not wanted:
+        raise ValueError(f"--backends: name at least one of {', '.join(BACKENDS)}")
     unknown = [b for b in wanted if b not in BACKENDS]
     if unknown:
         raise ValueError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
@@ -236,8 +238,9 @@ def main(args):
         raise ValueError(f"--repeat: expected a positive int, got {args.repeat}")
     repeat = int(args.repeat)
     threads = int(getattr(args, "threads", 1))
-    if threads < 1:
-        raise ValueError(f"--threads: expected a positive int, got {threads}")
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:          # OpenBLAS past its compiled maximum crashes at exit
+        raise ValueError(f"--threads: expected 1..{cores} (this machine's cores), got {threads}")
     op_words = [w.strip() for w in str(getattr(args, "op", None) or "").split(",") if w.strip()]
 
     notes = []

@@ -142,8 +142,11 @@ def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, see
                images_option="--train-images"):
     """open_dataset with the command line's names in its errors."""
     from .data.dataset import open_dataset, parse_spec
-    if parse_spec(spec)[0] == "shapes" and num_images <= 0:
-        raise ValueError(f"{images_option}: expected a positive number of images, got {num_images}")
+    if parse_spec(spec)[0] == "shapes":
+        if num_images <= 0:
+            raise ValueError(f"{images_option}: expected a positive number of images, got {num_images}")
+        if seed < 0:
+            raise ValueError(f"--data-seed: expected an int >= 0, got {seed}")
     return open_dataset(spec, split=split, class_names=class_names, min_size=scale[0] or None,
                         max_size=scale[1] or None, num_images=num_images, seed=seed)
 
@@ -195,21 +198,86 @@ def _report(result, class_names):
               f"{result['ap_07'][label]:10.4f}  {coco['ap_per_class'].get(label, -1):11.4f}")
 
 
+def _check_checkpoint_path(path, args):
+    """Before any work: the checkpoint must be a writable file path, and an existing one is
+    continued (--resume) or replaced (--overwrite) only when asked."""
+    if not path or os.path.isdir(path):
+        raise ValueError(f"--checkpoint: {path!r} is a folder, not a file path" if path else
+                         "--checkpoint: an empty path")
+    if os.path.exists(path) and not args.resume and not args.overwrite:
+        raise ValueError(f"--checkpoint: {path} exists; --resume to continue its run, or "
+                         "--overwrite to replace it")
+    _check_writable(path, "--checkpoint")
+
+
+def _check_writable(path, option, folder=False):
+    """The folder that will receive `path` (or `path` itself, a folder) exists or can be made,
+    and a file can be created there: one line naming the option otherwise, before any work."""
+    target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
+    try:
+        os.makedirs(target, exist_ok=True)
+        import tempfile
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option}: cannot write to {target} ({e.strerror or e})") from None
+
+
+def _training_data_id(args, data, scale):
+    from .data.dataset import parse_spec
+    from .train import data_identity
+    shapes = parse_spec(args.data)[0] == "shapes"
+    return data_identity(data, data=str(args.data),
+                         split=None if shapes else (args.split or "trainval"),
+                         data_seed=getattr(args, "data_seed", None) if shapes else None,
+                         min_size=scale[0], max_size=scale[1])
+
+
 def cmd_train(args):
     """Train on --data (shapes, voc:ROOT or coco:ANN.json:IMAGES); checkpoints go to --checkpoint."""
     from .train import train
     tcfg = _train_config(args)                          # check every value before building data
     _check_model_options(args)
+    _check_checkpoint_path(args.checkpoint, args)
     scale = _train_scale(args, args.data)
     data = _open_data(args.data, args.split or "trainval", scale=scale,
                       num_images=args.train_images, seed=args.data_seed)
     model = _model_for(args, data, scale)
     print(f"{args.data}: {len(data)} training images, classes {', '.join(data.class_names)}")
-    history = train(model, data, tcfg, checkpoint=args.checkpoint, resume=args.resume,
-                    progress=not args.quiet)
+    history = _run_training(model, data, tcfg, args.checkpoint, args,
+                            _training_data_id(args, data, scale))
     if history:
         print(f"final loss {history[-1]['loss']:.4f}; checkpoint {args.checkpoint}")
     return 0
+
+
+def _run_training(model, data, tcfg, checkpoint, args, data_id):
+    """train(), with Ctrl-C turned into one line saying where the last checkpoint is."""
+    from .train import train
+    if tcfg.iterations == 0:
+        raise ValueError("--iters: 0 iterations leave nothing to train")
+    if args.resume and _checkpoint_iteration(checkpoint) >= tcfg.iterations:
+        print(f"{checkpoint} is already at iteration {_checkpoint_iteration(checkpoint)} of "
+              f"{tcfg.iterations}: nothing left to train")
+        model.load_weights(checkpoint)
+        return []
+    try:
+        return train(model, data, tcfg, checkpoint=checkpoint, resume=args.resume,
+                     progress=not args.quiet, data_id=data_id)
+    except KeyboardInterrupt:
+        last = _checkpoint_iteration(checkpoint)
+        where = (f"the last checkpoint, {checkpoint}, is at iteration {last}; continue with the "
+                 "same command and --resume") if last else "no checkpoint was written yet"
+        raise RuntimeError(f"interrupted; {where}") from None
+
+
+def _checkpoint_iteration(path):
+    """The iteration a training checkpoint reached, or 0 (none, or unreadable)."""
+    from .model import read_npz
+    try:
+        return int(read_npz(path).get("iteration", 0)) if path and os.path.exists(path) else 0
+    except (ValueError, OSError, TypeError):
+        return 0
 
 
 def _eval_data(args, model, split):
@@ -223,6 +291,10 @@ def cmd_eval(args):
     from .data.coco import read_coco_results
     from .model import FasterRCNN
     from .train import detect_all, score
+    plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_pr.png"
+    if os.path.isdir(plot):
+        raise ValueError(f"--plot: {plot!r} is a folder, not a file path")
+    _check_writable(plot, "--plot")
     model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=_test_overrides(args))
     data = _eval_data(args, model, args.split or "test")
     if args.detections:
@@ -234,7 +306,6 @@ def cmd_eval(args):
     result = score(detections, data, model.config.num_classes)
     print(f"{len(data)} images ({args.data}), {source}")
     _report(result, model.class_names)
-    plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_pr.png"
     from .viz import save_pr_curves
     save_pr_curves(plot, result, model.class_names)
     print(f"precision-recall curves: {plot}")
@@ -242,32 +313,9 @@ def cmd_eval(args):
 
 
 def read_image(path):
-    """An image file -> (H, W, 3) float32 in [0, 1] (alpha dropped, grey repeated)."""
-    import os
-    import matplotlib.image as mpimg
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path!r} does not exist")
-    try:
-        image = np.asarray(mpimg.imread(path))
-    except Exception as e:  # PIL / matplotlib raise many kinds
-        raise ValueError(f"image {path!r} could not be read ({type(e).__name__}: {e})") from None
-    # PNG comes back as float in [0, 1]; JPEG (and other 8 / 16-bit files) as ints: scale them
-    scale = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
-    image = image.astype(np.float32) / np.float32(scale)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"image {path!r}: expected an RGB(A) or grey image, got shape {image.shape}")
-    return np.ascontiguousarray(image[..., :3])
-
-
-def detect_image(model, image, min_size, max_size):
-    """Rescale (shorter side min_size, longer <= max_size), predict, map boxes back to the image."""
-    from .data.transforms import resize
-    resized, scale = resize(dict(image=image, boxes=np.zeros((0, 4), np.float32)), min_size, max_size)
-    det = model.predict(resized["image"])
-    det["boxes"] = det["boxes"] / np.float32(scale)
-    return det
+    """An image file -> (H, W, 3) float32 in [0, 1] (data.voc.read_image: by content, any depth)."""
+    from .data.voc import read_image as read
+    return read(path)
 
 
 def cmd_detect(args):
@@ -284,8 +332,13 @@ def cmd_detect(args):
         raise ValueError("IMAGE, --data: give image files or --data, not both (nor neither)")
     overrides = _test_overrides(args)
     images = [(path, read_image(path)) for path in args.images]   # the images first: a missing
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend,  # one is named even without
-                            overrides=overrides)                    # a model
+    if args.out:                                                    # one is named even without
+        _check_writable(args.out, "--out", folder=True)             # a model
+    if args.json:
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json: {args.json!r} is a folder, not a file path")
+        _check_writable(args.json, "--json")
+    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=overrides)
     if images and model.config.min_size == 0 and "min_size" not in overrides:
         # a model trained on images as they came: rescale files to the default folder sizes
         model.config = model.config.replace(min_size=FOLDER_MIN_SIZE, max_size=FOLDER_MAX_SIZE)
@@ -348,8 +401,9 @@ def cmd_demo(args):
     start = time.time()
     tcfg = _train_config(args)                          # check every value before building data
     _check_model_options(args)
+    _check_writable(args.out, "--out", folder=True)
+    _check_checkpoint_path(os.path.join(args.out, "model.npz"), args)
     scale = _train_scale(args, args.data)
-    os.makedirs(args.out, exist_ok=True)
     train_set = _open_data(args.data, args.split or "trainval", scale=scale,
                            num_images=args.train_images, seed=DEMO_TRAIN_SEED)
     model = _model_for(args, train_set, scale)
@@ -367,8 +421,7 @@ def cmd_demo(args):
         print(f"{args.data}: {len(train_set)} training images; {test_spec}: {len(test_set)} "
               f"held-out images; classes {', '.join(model.class_names)}")
     checkpoint = os.path.join(args.out, "model.npz")
-    train(model, train_set, tcfg, checkpoint=checkpoint, resume=args.resume,
-          progress=not args.quiet)
+    _run_training(model, train_set, tcfg, checkpoint, args, _training_data_id(args, train_set, scale))
     trained = time.time()
     result, detections = evaluate(model, test_set, progress=not args.quiet)
     print(f"evaluated on {len(test_set)} held-out images")
@@ -390,6 +443,8 @@ def _add_model_args(p, iters):
     p.add_argument("--seed", type=int, default=0, help="seed of image order, flips and sampling")
     p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint (without it, an existing one is refused)")
 
 
 def _add_data(p, split, shapes_images, default="shapes"):
@@ -502,6 +557,19 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         print(f"frcnn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"frcnn {args.command}: error: out of memory; use smaller images (--min-size / "
+              "--max-size), fewer images or a smaller model (--set)", file=sys.stderr)
+        return 2
+    except OSError as e:                  # a full disk, a read-only folder: the path and why
+        where = f" {e.filename}" if e.filename else ""
+        print(f"frcnn {args.command}: error:{where}: {e.strerror or e}"
+              + ("; the last checkpoint written is intact" if args.command in ("train", "demo")
+                 else ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"frcnn {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

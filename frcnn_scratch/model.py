@@ -231,20 +231,76 @@ def build_backbone(channels, rng):
 def atomic_savez(path, arrays):
     """np.savez to `path` through a temporary file in the same folder and os.replace.
 
-    A crash mid-write leaves the old file (or none), never a truncated one.
+    A crash or kill mid-write leaves the old file (or none), never a truncated one: the data is
+    fsync'ed before the rename and the folder after it, so a power loss cannot leave a renamed but
+    empty file either.  The temporary file is named after the checkpoint and the writing process
+    (.NAME.tmp-PID-XXXX.npz); those of processes that are gone (a killed run) are removed on the
+    next save.  The file gets the permissions the umask gives new files (mkstemp's are 0600).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    _remove_stale_temporaries(folder, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        _fsync_folder(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0o022)      # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:             # a folder that cannot be opened (some platforms): nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(folder, prefix):
+    """Remove .NAME.tmp-PID-*.npz files left by processes that no longer run."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".npz")):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:             # alive, but another user's
+        return True
+    return True
 
 
 def read_npz(path):
@@ -404,6 +460,13 @@ class FasterRCNN:
                                       size=len(gt_boxes))                  # (G,) int64
         x = self.preprocess(image)                                         # (1, 3, H, W)
         image_shape = x.shape[2:]
+        h, w = image_shape
+        outside = (gt_boxes[:, 0] >= w) | (gt_boxes[:, 2] <= 0) | (gt_boxes[:, 1] >= h) | \
+            (gt_boxes[:, 3] <= 0)
+        if outside.any():
+            k = int(np.argmax(outside))
+            raise ValueError(f"gt_boxes: box {k} {gt_boxes[k].tolist()} lies wholly outside the "
+                             f"{w} x {h} image: no anchor can learn it")
         features = self.features(x)                                        # (1, C, H', W')
 
         # RPN (3.1): objectness + t for every anchor, its targets, the proposals
@@ -462,6 +525,10 @@ class FasterRCNN:
         scale = 1.0
         if cfg.min_size > 0 and image.ndim == 3:
             scale, h, w = compute_scale(image.shape[0], image.shape[1], cfg.min_size, cfg.max_size)
+            if min(h, w) < cfg.stride:
+                raise ValueError(f"image: {image.shape[0]} x {image.shape[1]} pixels become "
+                                 f"{h} x {w} at min_size {cfg.min_size:g} / max_size "
+                                 f"{cfg.max_size:g}; the model needs {cfg.stride} pixels a side")
             if (h, w) != image.shape[:2]:
                 image = resize_image(image, h, w)
         det = self.predict(image)
@@ -500,7 +567,12 @@ class FasterRCNN:
             key = f"param/{name}"
             if key not in arrays or arrays[key].shape != param.shape:
                 raise ValueError(f"{source}: parameter {name!r} missing or of another shape")
-            param[...] = arrays[key]
+            value = arrays[key]
+            if value.dtype != param.dtype:
+                raise ValueError(f"{source}: parameter {name!r} is {value.dtype}, not {param.dtype}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{source}: parameter {name!r} holds NaN or Inf")
+            param[...] = value
 
     def load_weights(self, path):
         """Load weights saved by `save`; refuses a file whose network differs (any config field

@@ -45,10 +45,18 @@ class TrainConfig:
                 raise ValueError(f"train config.{name}: expected an int >= 0, got {value!r}")
         for name in ("lr", "momentum", "weight_decay", "final_lr_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
+                    or not math.isfinite(value) or value < 0:
                 raise ValueError(f"train config.{name}: expected a number >= 0, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"train config.lr: expected a positive number, got {self.lr!r}")
+        if self.momentum >= 1:
+            raise ValueError(f"train config.momentum: expected a number in [0, 1), got {self.momentum!r}")
+        if self.final_lr_fraction > 1:
+            raise ValueError(f"train config.final_lr_fraction: expected a number in [0, 1] (a "
+                             f"fraction of lr), got {self.final_lr_fraction!r}")
+        if not isinstance(self.flip, (bool, np.bool_)):
+            raise ValueError(f"train config.flip: expected True or False, got {self.flip!r}")
 
 
 # Every TrainConfig field changes what a step does, except checkpoint_every (only when files are
@@ -105,8 +113,9 @@ class Trainer:
         tcfg: a TrainConfig (defaults if None): seed, lr schedule, momentum, weight decay, flips.
     """
 
-    def __init__(self, model, samples, tcfg=None):
+    def __init__(self, model, samples, tcfg=None, data_id=None):
         self.tcfg = TrainConfig() if tcfg is None else tcfg
+        self.data_id = data_id
         if len(samples) == 0:
             raise ValueError("samples: expected at least one training image")
         self.model, self.samples = model, samples
@@ -125,24 +134,40 @@ class Trainer:
         "rpn...", "head...") choosing which to update; None updates all."""
         if sample is None:
             sample = self.next_sample()
-        losses = self.model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"],
-                                           self.rng)
-        if not math.isfinite(losses["loss"]):
-            raise RuntimeError(f"training diverged at iteration {self.iteration} (loss "
-                               f"{losses['loss']}); try a lower learning rate")
+        try:
+            losses = self.model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"],
+                                               self.rng)
+        except ValueError as e:               # activations overflowed: the weights blew up
+            if "NaN or Inf" not in str(e):
+                raise
+            raise self._diverged(f"non-finite activations: {e}") from None
+        grads = self.model.grads()
+        if not math.isfinite(losses["loss"]) or \
+                not all(np.isfinite(g).all() for g in grads.values()):
+            raise self._diverged(f"loss {losses['loss']:.4g}")
         self.optimizer.set_lr(learning_rate(self.iteration, self.tcfg))
         names = None if trainable is None else [k for k in self.model.params() if trainable(k)]
-        self.optimizer.step(self.model.grads(), names=names)
+        self.optimizer.step(grads, names=names)
+        if not all(np.isfinite(p).all() for p in self.model.params().values()):
+            raise self._diverged(f"loss {losses['loss']:.4g}; the update overflowed the weights")
         self.iteration += 1
         return losses
 
+    def _diverged(self, what):
+        """The error for a step that went non-finite: no checkpoint is written after it, so the
+        last one on disk (finite weights) stays."""
+        return RuntimeError(f"training diverged at iteration {self.iteration} ({what}); lower "
+                            f"the learning rate (--lr, now {self.tcfg.lr:g})")
+
     def save(self, path):
         """A checkpoint (weights, optimizer, random state, iteration) that `resume` continues."""
-        save_checkpoint(path, self.model, self.optimizer, self.rng, self.iteration, self.tcfg)
+        save_checkpoint(path, self.model, self.optimizer, self.rng, self.iteration, self.tcfg,
+                        self.data_id)
 
     def resume(self, path):
         """Continue from a checkpoint of the same run (the same TrainConfig, see load_checkpoint)."""
-        self.iteration = load_checkpoint(path, self.model, self.optimizer, self.rng, self.tcfg)
+        self.iteration = load_checkpoint(path, self.model, self.optimizer, self.rng, self.tcfg,
+                                         self.data_id)
         return self.iteration
 
 
@@ -193,18 +218,36 @@ def blas_threads(n=1):
 
 # ---- checkpoints: model + optimizer + rng + iteration ---------------------------------------------
 
-def save_checkpoint(path, model, optimizer, rng, iteration, tcfg):
-    """Write everything a resumed run needs into one .npz, atomically."""
+def save_checkpoint(path, model, optimizer, rng, iteration, tcfg, data_id=None):
+    """Write everything a resumed run needs into one .npz, atomically.
+
+    data_id: a JSON-able description of the training data (what --data opened, its size, seeds),
+        kept so that a resume on other data is refused.
+    """
     arrays = model.state_arrays()
     for name, value in optimizer.state_dict().items():
         arrays[f"opt/{name}"] = value
     arrays["iteration"] = np.array(iteration, np.int64)
     arrays["rng_state"] = np.array(json.dumps(rng.bit_generator.state))
     arrays["train_config"] = np.array(json.dumps(asdict(tcfg)))
+    arrays["data_identity"] = np.array(json.dumps(data_id))
     atomic_savez(path, arrays)
 
 
-def load_checkpoint(path, model, optimizer, rng, tcfg=None):
+def data_identity(samples, **described):
+    """What training data a run used: the given description (e.g. --data, --split, seeds) plus the
+    number of images and a fingerprint of their ids and objects, so another folder, split or
+    seed does not pass for the same data."""
+    import hashlib
+    digest = hashlib.sha256()
+    records = getattr(samples, "records", samples)
+    for r in records:
+        digest.update(f"{r.get('id')}:{len(r['labels'])}:".encode())
+        digest.update(np.asarray(r["boxes"], np.float32).tobytes())
+    return dict(described, images=len(samples), fingerprint=digest.hexdigest()[:16])
+
+
+def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
     """Restore model weights, optimizer state and rng state from `path`; returns the iteration.
 
     With `tcfg`, the checkpoint's train config must agree with it in every field of
@@ -228,17 +271,34 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None):
             detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in differ)
             raise ValueError(f"{source}: cannot resume exactly with another train config ({detail}); "
                              "use the checkpoint's values, or start a new run without --resume")
+    if data_id is not None and "data_identity" in arrays:
+        saved_data = json.loads(str(arrays["data_identity"]))
+        mine = json.loads(json.dumps(data_id))
+        if saved_data is not None and saved_data != mine:
+            keys = sorted(set(saved_data) | set(mine))
+            detail = ", ".join(f"{k}: checkpoint {saved_data.get(k)!r} vs now {mine.get(k)!r}"
+                               for k in keys if saved_data.get(k) != mine.get(k))
+            raise ValueError(f"{source}: was trained on other data ({detail}); resume with the "
+                             "same --data, --split, --train-images and --data-seed")
+    iteration = arrays["iteration"]
+    if iteration.shape != () or iteration.dtype.kind not in "iu" or int(iteration) < 0:
+        raise ValueError(f"{source}: its iteration is not a whole number >= 0 "
+                         f"({iteration.dtype} {iteration.shape})")
     try:
         optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
     except ValueError as e:
         raise ValueError(f"{source}: optimizer {e}") from None
-    rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
-    return int(arrays["iteration"])
+    try:
+        rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{source}: its random state cannot be restored ({type(e).__name__}: "
+                         f"{e})") from None
+    return int(iteration)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
-def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=True):
+def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=True, data_id=None):
     """Train `model` on `samples` (dicts with image, boxes, labels), one Trainer.step at a time.
 
     Args:
@@ -249,10 +309,12 @@ def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=Tru
             at the end); None writes none.
         resume: continue from `checkpoint` if it exists.
         progress: show a tqdm bar with the losses and images per second.
+        data_id: a description of the data (data_identity), saved in checkpoints; resuming from a
+            checkpoint of other data is refused.
     Returns:
         list of per-iteration loss dicts (of this call's iterations).
     """
-    trainer = Trainer(model, samples, tcfg)
+    trainer = Trainer(model, samples, tcfg, data_id=data_id)
     tcfg = trainer.tcfg
     if resume and checkpoint is not None and os.path.exists(checkpoint):
         trainer.resume(checkpoint)

@@ -58,8 +58,10 @@ def test_paper_sizes_are_the_issue_s_sizes():
 
 @pytest.mark.parametrize("extra, message", [
     (["--backends", "numpy", "--op", "nothing"], "--op: no op matches nothing"),
-    (["--backends", "numpy", "--threads", "0"], "--threads: expected a positive int"),
+    (["--backends", "numpy", "--threads", "0"], "--threads: expected 1.."),
     (["--backends", "numpy,fortran"], "--backends: unknown fortran"),
+    (["--backends", ""], "--backends: name at least one of numpy, triton, torchvision"),
+    (["--backends", "numpy", "--threads", "65536"], "--threads: expected 1.."),
 ])
 def test_bad_arguments_are_clear_errors(capsys, extra, message):
     args = cli.build_parser().parse_args(["bench", "--small", "--repeat", "1", *extra])

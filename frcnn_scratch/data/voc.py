@@ -32,14 +32,47 @@ VOC_CLASSES = (
 # ---- image files (shared with coco.py) ----------------------------------------------------------------
 
 def read_image(path):
-    """Read a JPEG/PNG file as (H, W, 3) float32 RGB in [0, 1] (grey and RGBA are converted)."""
-    from PIL import Image   # matplotlib depends on Pillow, so it is always there
+    """Read an image file as (H, W, 3) float32 RGB in [0, 1], whatever its name says.
 
-    if not os.path.isfile(path):
+    The format is read from the content (a JPEG named .png is a JPEG).  8-bit images (grey,
+    palette, RGB, RGBA: alpha dropped) are divided by 255, 16-bit ones by 65535; a float image
+    must already hold values in [0, 1]; anything else (32-bit integers, float outside [0, 1]) is
+    refused with a line saying so, never silently clipped to white or black.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)         # (H, W, 3) in 0..255
-    return rgb / np.float32(255.0)
+    if os.path.isdir(path):
+        raise ValueError(f"image {path!r} is a folder, not an image file")
+    if not os.path.isfile(path):                  # a FIFO or device would block or never end
+        raise ValueError(f"image {path!r} is not a regular file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+                pixels = np.asarray(im, dtype=np.float32) / np.float32(65535.0)
+            elif mode == "I":                     # 32-bit ints: 16-bit PNGs load so in old Pillows
+                raw = np.asarray(im)
+                if raw.size and (raw.min() < 0 or raw.max() > 65535):
+                    raise ValueError(f"image {path!r}: 32-bit integer pixels from {raw.min()} to "
+                                     f"{raw.max()}; convert it to an 8- or 16-bit image")
+                pixels = raw.astype(np.float32) / np.float32(65535.0)
+            elif mode == "F":
+                pixels = np.asarray(im, dtype=np.float32)
+                if pixels.size and not (np.all(np.isfinite(pixels)) and pixels.min() >= 0
+                                        and pixels.max() <= 1):
+                    raise ValueError(f"image {path!r}: float pixels outside [0, 1]; scale it to "
+                                     "[0, 1] or save it as an 8-bit image")
+            else:
+                pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image {path!r} could not be read ({type(e).__name__}: {e})") from None
+    if pixels.ndim == 2:                           # grey: the same value in R, G and B
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # file extension -> Pillow's format name
