@@ -152,9 +152,18 @@ def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, see
 
 
 def _check_model_options(args):
-    """Every --set value checked before any data is read (a typo fails at once)."""
-    from .model import Config
-    Config(**_parse_overrides(args.set))
+    """Every --set value checked before any data is read (a typo, or weights that cannot fit in
+    memory, fail at once)."""
+    from .model import Config, check_memory
+    check_memory(Config(**_parse_overrides(args.set)), what="--set")
+
+
+def _check_image_memory(config, training, what):
+    """Refuse a scale whose images cannot be processed in the memory there is (the estimate of
+    model.memory_estimate, at the largest image the scale allows; the shapes' at most 160 px)."""
+    from .model import check_memory
+    side = config.max_size if config.max_size > 0 else 160
+    check_memory(config, (side, side), training=training, what=what)
 
 
 def _model_for(args, data, scale):
@@ -167,7 +176,9 @@ def _model_for(args, data, scale):
                          f"({', '.join(data.class_names)})")
     overrides.update(num_classes=n, min_size=scale[0], max_size=scale[1])
     from .model import Config
-    return FasterRCNN(Config(**overrides), backend=args.backend, class_names=data.class_names)
+    config = Config(**overrides)
+    _check_image_memory(config, True, "--set, --min-size / --max-size")
+    return FasterRCNN(config, backend=args.backend, class_names=data.class_names)
 
 
 def _test_overrides(args):
@@ -296,6 +307,7 @@ def cmd_eval(args):
         raise ValueError(f"--plot: {plot!r} is a folder, not a file path")
     _check_writable(plot, "--plot")
     model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=_test_overrides(args))
+    _check_image_memory(model.config, False, "--set, --min-size / --max-size")
     data = _eval_data(args, model, args.split or "test")
     if args.detections:
         detections = read_coco_results(args.detections, data.image_ids, data.category_ids)
@@ -331,7 +343,10 @@ def cmd_detect(args):
     if bool(args.images) == bool(args.data):
         raise ValueError("IMAGE, --data: give image files or --data, not both (nor neither)")
     overrides = _test_overrides(args)
-    images = [(path, read_image(path)) for path in args.images]   # the images first: a missing
+    from .data.voc import read_image_reduced
+    from .viz import MAX_PICTURE_SIDE
+    images = [(path, read_image_reduced(path, MAX_PICTURE_SIDE))  # the images first: a missing
+              for path in args.images]
     if args.out:                                                    # one is named even without
         _check_writable(args.out, "--out", folder=True)             # a model
     if args.json:
@@ -339,6 +354,7 @@ def cmd_detect(args):
             raise ValueError(f"--json: {args.json!r} is a folder, not a file path")
         _check_writable(args.json, "--json")
     model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=overrides)
+    _check_image_memory(model.config, False, "--set, --min-size / --max-size")
     if images and model.config.min_size == 0 and "min_size" not in overrides:
         # a model trained on images as they came: rescale files to the default folder sizes
         model.config = model.config.replace(min_size=FOLDER_MIN_SIZE, max_size=FOLDER_MAX_SIZE)
@@ -349,13 +365,21 @@ def cmd_detect(args):
         ids, category_ids = data.image_ids, data.category_ids
         pictures = ((name, lambda i=i: data.original_image(i)) for i, name in enumerate(names))
     else:
-        with blas_threads(1):
-            detections = [model.detect(image) for _, image in images]
+        detections = []
+        with blas_threads(1):                 # big photos come reduced (read_image_reduced):
+            for path, (image, _) in images:   # boxes on them
+                try:
+                    detections.append(model.detect(image))
+                except ValueError as e:       # e.g. too small at this scale: name the file
+                    raise ValueError(f"{path}: {e}") from None
         names = [os.path.basename(path) for path, _ in images]
         ids, category_ids = list(range(1, len(images) + 1)), list(range(1, model.config.num_classes + 1))
-        pictures = ((name, lambda image=image: image) for name, (_, image) in zip(names, images))
-    if args.json:
-        results = write_coco_results(args.json, detections, ids, category_ids,
+        pictures = ((name, lambda image=image: image) for name, (_, (image, _)) in zip(names, images))
+    if args.json:                             # results in each file's own pixels
+        full = detections if args.data else [
+            dict(det, boxes=det["boxes"] * np.float32([fx, fy, fx, fy]))
+            for det, (_, (_, (fy, fx))) in zip(detections, images)]
+        results = write_coco_results(args.json, full, ids, category_ids,
                                      file_names=None if args.data else names)
         print(f"{len(results)} detections in {len(detections)} images -> {args.json}")
     if args.out:

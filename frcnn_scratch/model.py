@@ -211,6 +211,78 @@ def _numbers(value, name, kind=float, positive=False, length=None):
     return tuple(kind(v) for v in items)
 
 
+# ---- what a config costs in memory, before anything is allocated -------------------------------
+
+def parameter_count(cfg):
+    """The number of weights a Config builds (backbone, RPN head, Fast R-CNN head)."""
+    n, c_in = 0, 3
+    for c in cfg.channels:                                   # 3x3 convs
+        n += 9 * c_in * c + c
+        c_in = c
+    k, r, h = cfg.num_anchors, cfg.rpn_channels, cfg.fc_hidden
+    n += 9 * c_in * r + r + r * k + k + r * 4 * k + 4 * k    # RPN: 3x3 conv, 1x1 cls and reg
+    n += c_in * cfg.pooled_size ** 2 * h + h + h * h + h     # fc6, fc7
+    n += (h + 1) * (cfg.num_classes + 1) * 5                 # cls_score, bbox_pred
+    return n
+
+
+def memory_estimate(cfg, image_hw, training=True):
+    """Bytes a training step (or a detection) on one image of image_hw pixels needs, roughly.
+
+    Weights (with training: their gradients and SGD's momentum too), and the float32 activations
+    the step keeps: each conv's input unrolled for its matrix product (9 x its channels per
+    pixel) and its output, the RPN's anchors, the pooled RoIs and fc layers, and RoI Align's
+    sampling points.  A lower bound of what the process holds, good to refuse the impossible.
+    """
+    h, w = (float(v) for v in image_hw)
+    weights = parameter_count(cfg) * 4 * (3 if training else 1)
+    acts, c_in = 3 * h * w * 4 * 2, 3                        # the image, normalised
+    for i, c in enumerate(cfg.channels):
+        cells = (h / 2 ** i) * (w / 2 ** i)
+        acts += cells * (9 * c_in + 2 * c) * 4               # im2col columns, output, ReLU
+        c_in = c
+    cells = (h / cfg.stride) * (w / cfg.stride)
+    anchors = cells * cfg.num_anchors
+    acts += anchors * 4 * 4 * 6                              # anchors, deltas, decoded boxes ...
+    rois = cfg.roi_batch_size if training else cfg.rpn_post_nms_test
+    pooled = cfg.pooled_size ** 2
+    acts += rois * (c_in * pooled + 2 * cfg.fc_hidden) * 4 * 2
+    side = max(h, w) / cfg.stride                            # adaptive sampling: up to the map
+    grid = cfg.sampling_ratio if cfg.sampling_ratio > 0 else max(side / cfg.pooled_size, 1)
+    acts += rois * cfg.pooled_size * grid * 4 * 8 * 2        # sampling points, both axes
+    return int(weights + acts * (2 if training else 1))
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation now (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg, image_hw=None, training=True, what="config"):
+    """Refuse, with the estimate, a config (and image size) that cannot fit in memory now."""
+    need = parameter_count(cfg) * 4 * (3 if training else 1) if image_hw is None else \
+        memory_estimate(cfg, image_hw, training)
+    have = available_memory()
+    if have is not None and need > have:
+        size = "" if image_hw is None else f" on a {int(image_hw[0])} x {int(image_hw[1])} image"
+        raise ValueError(f"{what}: needs about {need / 2 ** 30:.1f} GB{size} "
+                         f"({parameter_count(cfg):,} weights), more than the "
+                         f"{have / 2 ** 30:.1f} GB available; use smaller sizes (fc_hidden, "
+                         f"pooled_size, channels, num_classes, sampling_ratio, --min-size / "
+                         f"--max-size)")
+    return need
+
+
 # ---- the shared convolutional layers ------------------------------------------------------------
 
 def build_backbone(channels, rng):
@@ -351,6 +423,7 @@ class FasterRCNN:
         if not isinstance(cfg, Config):
             raise ValueError(f"config: expected a model.Config, got {type(cfg).__name__}")
         self.backend = ops.check_backend(backend, allow_none=True)
+        check_memory(cfg, what="config")               # before the weights are allocated
         if class_names is None:
             class_names = tuple(f"class {k}" for k in range(1, cfg.num_classes + 1))
         self.class_names = tuple(str(n) for n in class_names)

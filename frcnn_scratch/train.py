@@ -238,13 +238,16 @@ def data_identity(samples, **described):
     """What training data a run used: the given description (e.g. --data, --split, seeds) plus the
     number of images and a fingerprint of their ids and objects, so another folder, split or
     seed does not pass for the same data."""
-    import hashlib
-    digest = hashlib.sha256()
-    records = getattr(samples, "records", samples)
-    for r in records:
-        digest.update(f"{r.get('id')}:{len(r['labels'])}:".encode())
-        digest.update(np.asarray(r["boxes"], np.float32).tobytes())
-    return dict(described, images=len(samples), fingerprint=digest.hexdigest()[:16])
+    if hasattr(samples, "fingerprint"):
+        fingerprint = samples.fingerprint()
+    else:
+        import hashlib
+        digest = hashlib.sha256()
+        for r in samples:
+            digest.update(f"{r.get('id')}:{len(r['labels'])}:".encode())
+            digest.update(np.asarray(r["boxes"], np.float32).tobytes())
+        fingerprint = digest.hexdigest()[:16]
+    return dict(described, images=len(samples), fingerprint=fingerprint)
 
 
 def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
@@ -261,6 +264,10 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
     model.load_state_arrays(arrays, source=source)
     if "iteration" not in arrays or "rng_state" not in arrays:
         raise ValueError(f"{source}: holds weights only (no optimizer / rng state); cannot resume")
+    iteration = arrays["iteration"]
+    if iteration.shape != () or iteration.dtype.kind not in "iu" or int(iteration) < 0:
+        raise ValueError(f"{source}: its iteration is not a whole number >= 0 "
+                         f"({iteration.dtype} {iteration.shape})")
     if tcfg is not None:
         saved = stored_dict(arrays, "train_config", source)
         mine = json.loads(json.dumps(asdict(tcfg)))
@@ -280,10 +287,6 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
                                for k in keys if saved_data.get(k) != mine.get(k))
             raise ValueError(f"{source}: was trained on other data ({detail}); resume with the "
                              "same --data, --split, --train-images and --data-seed")
-    iteration = arrays["iteration"]
-    if iteration.shape != () or iteration.dtype.kind not in "iu" or int(iteration) < 0:
-        raise ValueError(f"{source}: its iteration is not a whole number >= 0 "
-                         f"({iteration.dtype} {iteration.shape})")
     try:
         optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
     except ValueError as e:

@@ -248,22 +248,21 @@ def save_detections(path, image, detections, class_names, gt=None, score_thresho
         score_threshold: hide detections scoring below it.
         title: optional title.
         dpi: resolution; the picture has about 4 output pixels per image pixel, its longer side at
-            most MAX_PICTURE_SIDE (a larger image is drawn from a reduced copy, boxes unchanged).
+            most MAX_PICTURE_SIDE (a larger image is drawn reduced; boxes are in its own pixels).
     Returns:
         path.
     """
-    from .data.transforms import resize_image
+    from PIL import Image
     image = as_float_array(image, "image", ndim=3)
     height, width = image.shape[:2]
     longest = max(width, height)
     side = min(4 * longest, MAX_PICTURE_SIDE)                     # output pixels, longer side
-    if side < longest:                                            # more pixels than drawn: reduce
-        image = resize_image(image, max(1, round(height * side / longest)),
-                             max(1, round(width * side / longest)))
-    fig = Figure(figsize=(side * width / longest / dpi, side * height / longest / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, 1))
-    show_image(ax, image, extent=(-PIXEL, width - PIXEL, height - PIXEL, -PIXEL))
+    fig = Figure(figsize=(width * side / longest / dpi, height * side / longest / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    fig.patch.set_alpha(0.0)                                      # boxes on a transparent layer
+    ax = fig.add_axes((0, 0, 1, 1))                               # in image coordinates
+    ax.patch.set_visible(False)
+    ax.set_axis_off()
     if gt is not None:
         draw_boxes(ax, gt["boxes"], gt.get("labels"), class_names=class_names, color="white",
                    linestyle="--", linewidth=1.0)
@@ -276,7 +275,17 @@ def save_detections(path, image, detections, class_names, gt=None, score_thresho
                 bbox=dict(facecolor="black", edgecolor="none", pad=1, alpha=0.6))
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
-    fig.savefig(path, dpi=dpi, format="png")
+    canvas.draw()
+    overlay = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw",
+                               "RGBA", 0, 1)
+    # The photo's pixels are scaled to the layer's size in 8 bits (nearest when enlarging, so
+    # pixels stay square; bilinear when reducing) and the boxes laid over them: matplotlib never
+    # holds the image, whose resampling would cost float64 copies of a large one.
+    picture = Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8))
+    picture = picture.resize(overlay.size, Image.NEAREST if side >= longest else Image.BILINEAR)
+    picture = picture.convert("RGBA")
+    picture.alpha_composite(overlay)
+    picture.convert("RGB").save(path, format="PNG")
     return path
 
 

@@ -26,6 +26,9 @@ from .transforms import compute_scale, resize_image
 from .voc import check_size, read_image
 
 
+CACHE_BYTES = 1 << 30   # decoded images kept in memory at most (8-bit pixels at the model's scale)
+
+
 class Dataset(Sequence):
     """Images with their annotations; items resized and cached on first use (module docstring).
 
@@ -40,7 +43,7 @@ class Dataset(Sequence):
     """
 
     def __init__(self, records, class_names, category_ids=None, min_size=None, max_size=None,
-                 spec="data"):
+                 spec="data", cache_bytes=CACHE_BYTES):
         self.records = list(records)
         self.class_names = tuple(class_names)
         self.category_ids = tuple(category_ids or range(1, len(self.class_names) + 1))
@@ -49,18 +52,35 @@ class Dataset(Sequence):
         if (self.min_size > 0) != (self.max_size > 0):
             raise ValueError(f"min_size, max_size: give both or neither, got {min_size!r}, {max_size!r}")
         self.spec = spec
+        self.cache_bytes = int(cache_bytes)
         self._cache = {}                                  # index -> (pixels, scale)
+        self._cached_bytes = 0
 
     def __len__(self):
         return len(self.records)
 
+    def record(self, i):
+        """Image i's annotation record (see the class docstring)."""
+        return self.records[i]
+
     @property
     def image_ids(self):
-        return [r["image_id"] for r in self.records]
+        return [self.record(i)["image_id"] for i in range(len(self))]
+
+    def fingerprint(self):
+        """A short hash of what the images and their objects are (for checkpoints: a resume on
+        other data is refused)."""
+        import hashlib
+        digest = hashlib.sha256()
+        for i in range(len(self)):
+            r = self.record(i)
+            digest.update(f"{r.get('id')}:{len(r['labels'])}:".encode())
+            digest.update(np.asarray(r["boxes"], np.float32).tobytes())
+        return digest.hexdigest()[:16]
 
     def original_image(self, i):
         """Image i as stored (H, W, 3) float32 in [0, 1], decoded anew (not cached)."""
-        r = self.records[i]
+        r = self.record(i)
         if r.get("image") is not None:
             return np.asarray(r["image"], np.float32)
         image = read_image(r["path"])
@@ -68,25 +88,33 @@ class Dataset(Sequence):
         return image
 
     def _pixels(self, i):
-        """Image i at the model's scale, and that scale (cached: decoded and resized once)."""
-        if i not in self._cache:
-            image = self.original_image(i)
-            scale = 1.0
-            if self.min_size > 0:
-                scale, h, w = compute_scale(*image.shape[:2], self.min_size, self.max_size)
-                if (h, w) != image.shape[:2]:
-                    image = resize_image(image, h, w)
-            in_memory = self.records[i].get("image") is not None
-            # files are 8-bit: keep 8 bits (4x less memory); in-memory images as they are
-            pixels = image if in_memory and scale == 1.0 else \
-                np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+        """Image i at the model's scale, and that scale: decoded and resized once, then kept while
+        the cache holds less than cache_bytes (beyond, images are decoded again when used)."""
+        if i in self._cache:
+            return self._cache[i]
+        r = self.record(i)
+        image = self.original_image(i)
+        scale = 1.0
+        if self.min_size > 0:
+            scale, h, w = compute_scale(*image.shape[:2], self.min_size, self.max_size)
+            if (h, w) != image.shape[:2]:
+                image = resize_image(image, h, w)
+        in_memory = r.get("image") is not None
+        # files are 8-bit: keep 8 bits (4x less memory); in-memory images as they are
+        pixels = image if in_memory and scale == 1.0 else \
+            np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+        if self._cached_bytes + pixels.nbytes <= self.cache_bytes:
             self._cache[i] = (pixels, scale)
-        return self._cache[i]
+            self._cached_bytes += pixels.nbytes
+        return pixels, scale
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        r = self.records[i]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"image {i} of a dataset of {len(self)}")
+        i = i % len(self)
+        r = self.record(i)
         pixels, scale = self._pixels(i)
         image = pixels if pixels.dtype == np.float32 else pixels.astype(np.float32) / np.float32(255)
         h, w = image.shape[:2]
@@ -99,13 +127,52 @@ class Dataset(Sequence):
 
     def ground_truth(self, i):
         """Image i's objects in its original pixels: dict(boxes, labels, difficult, crowd, area)."""
-        r = self.records[i]
+        r = self.record(i)
         boxes = np.asarray(r["boxes"], np.float32)
         area = r.get("area")
         return dict(boxes=boxes, labels=np.asarray(r["labels"], np.int64),
                     difficult=np.asarray(r["difficult"], bool),
                     crowd=np.asarray(r["difficult"], bool),
                     area=None if area is None else np.asarray(area, np.float64))
+
+
+class ShapesDataset(Dataset):
+    """The synthetic shapes, drawn when used: image i comes from its own generator
+    (make_shapes_sample with np.random.default_rng([seed, i]), exactly as make_shapes_dataset
+    draws it), so a million images cost no memory until used, and the cache keeps what fits."""
+
+    def __init__(self, num_images, seed, min_size=None, max_size=None, cache_bytes=CACHE_BYTES,
+                 **options):
+        from .shapes import SHAPE_CLASSES
+        super().__init__([], SHAPE_CLASSES, None, min_size, max_size, spec="shapes",
+                         cache_bytes=cache_bytes)
+        self.num_images, self.seed, self.options = int(num_images), int(seed), options
+        self._drawn = {}                                  # index -> sample, while it fits
+
+    def __len__(self):
+        return self.num_images
+
+    def record(self, i):
+        from .shapes import make_shapes_sample
+        if i in self._drawn:
+            return self._drawn[i]
+        s = make_shapes_sample(np.random.default_rng([self.seed, i]),
+                               sample_id=f"shapes-{self.seed}-{i:06d}", **self.options)
+        r = dict(image_id=i + 1, id=s["id"], image=s["image"], size=None, boxes=s["boxes"],
+                 labels=s["labels"], difficult=s["difficult"])
+        if self._cached_bytes + s["image"].nbytes <= self.cache_bytes:
+            self._drawn[i] = r
+            self._cached_bytes += s["image"].nbytes
+        return r
+
+    @property
+    def image_ids(self):
+        return list(range(1, self.num_images + 1))
+
+    def fingerprint(self):
+        import hashlib
+        text = f"shapes:{self.seed}:{self.num_images}:{sorted(self.options.items())}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def parse_spec(spec):
@@ -152,7 +219,7 @@ def open_dataset(spec="shapes", split=None, class_names=None, min_size=None, max
         a Dataset.
     """
     from .coco import read_coco_annotations
-    from .shapes import SHAPE_CLASSES, make_shapes_dataset
+    from .shapes import SHAPE_CLASSES
     from .voc import read_voc_split
 
     kind, args = parse_spec(spec)
@@ -160,11 +227,12 @@ def open_dataset(spec="shapes", split=None, class_names=None, min_size=None, max
     if kind == "shapes":
         if int(num_images) <= 0:
             raise ValueError(f"num_images: expected a positive number of images, got {num_images}")
-        samples = make_shapes_dataset(int(num_images), seed=seed)
-        records = [dict(image_id=n + 1, id=s["id"], image=s["image"], size=None, boxes=s["boxes"],
-                        labels=s["labels"], difficult=s["difficult"]) for n, s in enumerate(samples)]
-        names = SHAPE_CLASSES
-    elif kind == "voc":          # with a model's classes, an unknown name is an error naming its file
+        data = ShapesDataset(num_images, seed, min_size, max_size)
+        if class_names is not None and tuple(class_names) != SHAPE_CLASSES:
+            raise ValueError(f"shapes: the model's classes {list(class_names)} are not the "
+                             f"shapes' {list(SHAPE_CLASSES)}")
+        return data
+    if kind == "voc":          # with a model's classes, an unknown name is an error naming its file
         records, names = read_voc_split(args[0], split or "trainval", class_names)
         for n, r in enumerate(records):
             r["image_id"] = n + 1                            # a results file's image ids: 1..N

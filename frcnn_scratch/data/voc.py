@@ -67,12 +67,56 @@ def read_image(path):
                     raise ValueError(f"image {path!r}: float pixels outside [0, 1]; scale it to "
                                      "[0, 1] or save it as an 8-bit image")
             else:
-                pixels = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+                pixels = _unit_float(np.asarray(im.convert("RGB")))
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"image {path!r} could not be read ({type(e).__name__}: {e})") from None
     if pixels.ndim == 2:                           # grey: the same value in R, G and B
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def _unit_float(pixels_uint8):
+    """uint8 -> float32 / 255 without a second float-sized temporary (a camera photo is 288 MB
+    as float32)."""
+    out = pixels_uint8.astype(np.float32)
+    out *= np.float32(1 / 255.0)
+    return out
+
+
+def read_image_reduced(path, max_side):
+    """An image file decoded at about `max_side` pixels on its longer side when it is larger:
+    (image (h, w, 3) float32 in [0, 1], (fy, fx) original pixels per returned pixel).
+
+    For a detector that rescales to a few hundred pixels anyway, a 6000 x 4000 photo need not be
+    held at full size: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (the DCT's own reduction, fast),
+    then resized bilinearly in 8 bits to max_side; other formats are decoded, then resized.  Files
+    at most max_side (and 16-bit / float ones) are read by read_image, at full size.
+    """
+    from PIL import Image
+
+    path = os.fspath(path)
+    image = None
+    try:
+        if os.path.isfile(path):
+            with Image.open(path) as im:
+                width, height = im.size
+                if max(width, height) > max_side and im.mode in ("RGB", "L", "RGBA", "P", "CMYK",
+                                                                  "YCbCr", "LA", "1"):
+                    im.draft("RGB", (max(1, width * max_side // max(width, height)),
+                                     max(1, height * max_side // max(width, height))))
+                    if im.mode != "RGB":
+                        im = im.convert("RGB")
+                    if max(im.size) > max_side:       # the rest of the way, still in 8 bits
+                        k = max_side / max(im.size)
+                        im = im.resize((max(1, round(im.size[0] * k)), max(1, round(im.size[1] * k))),
+                                       Image.BILINEAR)
+                    image = _unit_float(np.asarray(im))
+    except Exception:           # anything odd: read_image decides, with its clear message
+        image = None
+    if image is None:
+        image = read_image(path)
+        return image, (1.0, 1.0)
+    return image, (height / image.shape[0], width / image.shape[1])
 
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # file extension -> Pillow's format name
