@@ -4,17 +4,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import TINY, one_line as _error_line
 from frcnn_scratch.cli import main, read_image
-
-TINY = ["--set", "channels=[4,8,8]", "--set", "anchor_scales=[2,4]", "--set", "anchor_ratios=[1]",
-        "--set", "rpn_channels=8", "--set", "fc_hidden=16", "--set", "pooled_size=3",
-        "--set", "rpn_post_nms_test=10", "--quiet"]
-
-
-def _error_line(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def test_demo_trains_evaluates_and_draws(tmp_path, capsys):

@@ -9,12 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from conftest import TINY
 from frcnn_scratch.cli import main
 from frcnn_scratch.data import SHAPE_CLASSES, make_shapes_dataset, write_coco, write_voc
 
-TINY = ["--set", "channels=[4,8,8]", "--set", "anchor_scales=[2,4]", "--set", "anchor_ratios=[1]",
-        "--set", "rpn_channels=8", "--set", "fc_hidden=16", "--set", "pooled_size=3",
-        "--set", "rpn_post_nms_test=10", "--quiet"]
 METRIC_LINES = ("VOC mAP@0.5", "COCO:", "AR1", "circle", "square", "triangle", "cross")
 
 

@@ -11,11 +11,9 @@ import time
 import numpy as np
 import pytest
 
+from conftest import TINY
 from frcnn_scratch.cli import main
 
-TINY = ["--set", "channels=[4,8,8]", "--set", "anchor_scales=[2,4]", "--set", "anchor_ratios=[1]",
-        "--set", "rpn_channels=8", "--set", "fc_hidden=16", "--set", "pooled_size=3",
-        "--set", "rpn_post_nms_test=10", "--quiet"]
 RUN = ["train", "--iters", "16", "--checkpoint-every", "2", "--train-images", "3"] + TINY
 
 # Runs the command line in a child process that kills itself with SIGKILL inside its k-th

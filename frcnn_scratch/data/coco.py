@@ -21,6 +21,17 @@ from ._samples import check_sample
 from .voc import _check_id, check_inside, check_size, read_image, sample_image_format, write_image
 
 
+def _read_json(path, what):
+    """The JSON content of a file; a missing file or malformed JSON is one error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _require(entry, keys, where):
     missing = [k for k in keys if k not in entry]
     if missing:
@@ -45,13 +56,7 @@ def read_coco_annotations(annotation_json, image_dir):
         and the entry for malformed JSON, a missing key, an unknown image or category, a negative
         box size or a box outside its image, duplicate ids, no images.
     """
-    if not os.path.isfile(annotation_json):
-        raise FileNotFoundError(f"annotation file not found: {annotation_json}")
-    with open(annotation_json) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{annotation_json}: not valid JSON ({e})") from None
+    data = _read_json(annotation_json, "annotation file")
     if not isinstance(data, dict):
         raise ValueError(f"{annotation_json}: expected a JSON object with images and categories")
     _require(data, ("images", "categories"), annotation_json)
@@ -228,13 +233,7 @@ def read_coco_results(path, image_ids, category_ids):
         FileNotFoundError; ValueError naming the file and the entry (not a list, a missing key, an
         image or category the dataset does not have, a malformed box).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"detections file not found: {path}")
-    with open(path) as f:
-        try:
-            results = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    results = _read_json(path, "detections file")
     if not isinstance(results, list):
         raise ValueError(f"{path}: expected a list of results (image_id, category_id, bbox, score)")
     index_of = {image_id: i for i, image_id in enumerate(image_ids)}
