@@ -474,7 +474,7 @@ def _add_model_args(p, iters):
 def _add_data(p, split, shapes_images, default="shapes"):
     """--data and its options: --split for VOC, the shapes' image count and seed."""
     p.add_argument("--data", default=default, metavar="SPEC",
-                   help="shapes (synthetic), voc:ROOT (VOCdevkit layout) or "
+                   help="shapes or shapes-hard (synthetic), voc:ROOT (VOCdevkit layout) or "
                         "coco:ANNOTATIONS.json:IMAGE_DIR" + (" (default shapes)" if default else ""))
     p.add_argument("--split", default=None,
                    help=f"VOC split, ImageSets/Main/<split>.txt (default {split})")

@@ -166,9 +166,35 @@ class Config:
             raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def paper(cls, **changes):
+        """The paper's values where they do not depend on the image or network size (sections
+        3.1.2, 3.1.3, 3.3, and the released code where the paper is silent, see PAPER_VALUES),
+        the rest as this Config's defaults; `changes` on top."""
+        return cls(**{**PAPER_VALUES, **changes})
+
     def replace(self, **changes):
         """A copy with some fields changed (checked like a new Config)."""
         return Config.from_dict({**self.to_dict(), **changes})
+
+
+# The paper's (and its released code's) scale-free settings.  Not here: the backbone (VGG-16),
+# image sizes (600 / 1000) and anchor sizes (128 - 512 px) and rpn_min_size (16 px), which depend
+# on the image scale; and lambda, whose value goes with its normalisation (the paper: lambda 10
+# with N_reg ~ 2400 anchor locations; here both terms are divided by the sampled anchors, and
+# lambda 1 weighs them alike; see losses.rpn_loss).
+PAPER_VALUES = dict(
+    rpn_pos_iou=0.7, rpn_neg_iou=0.3,                   # 3.1.2
+    rpn_batch_size=256, rpn_positive_fraction=0.5,      # 3.1.3: 256 anchors, up to 1:1
+    rpn_sigma=3.0,                                      # released code (smooth L1 sigma)
+    rpn_nms_threshold=0.7,                              # 3.3
+    rpn_pre_nms_train=12000, rpn_post_nms_train=2000,   # released code
+    rpn_pre_nms_test=6000, rpn_post_nms_test=300,       # 300 proposals: section 4; 6000: code
+    pooler="pool", pooled_size=7,                       # Fast R-CNN's RoI max pooling, 7 x 7
+    roi_batch_size=128, roi_fg_fraction=0.25,           # Fast R-CNN 2.3: 128 RoIs, 25% fg
+    roi_fg_iou=0.5, roi_bg_iou_hi=0.5, roi_bg_iou_lo=0.1,   # Fast R-CNN 2.3 (bg in [0.1, 0.5))
+    nms_threshold=0.3, score_threshold=0.05, max_detections=100,   # released code's test
+)
 
 
 def _is_int(v):
@@ -509,7 +535,8 @@ class FasterRCNN:
 
     # -- training: forward, the four losses, backward --
 
-    def loss_and_grads(self, image, gt_boxes, gt_labels, rng, proposals=None):
+    def loss_and_grads(self, image, gt_boxes, gt_labels, rng, proposals=None,
+                       parts=("rpn", "head")):
         """One training step's forward and backward on one image (the paper's mini-batch).
 
         Args:
@@ -517,11 +544,18 @@ class FasterRCNN:
             gt_boxes: (G, 4) xyxy in image pixels.  gt_labels: (G,) int64 in 1..C.
             rng: np.random.Generator or int seed for the anchor and RoI sampling (required: an
                 unseeded step could not be repeated).
-            proposals: optional (P, 4) boxes to use instead of the RPN's (a test hook: with
-                fixed proposals the loss is a smooth function of the weights).
+            proposals: optional (P, 4) boxes to use instead of the RPN's: fixed proposals, as
+                the paper's 4-step training gives the detector (and a test hook: with fixed
+                proposals the loss is a smooth function of the weights).
+            parts: the losses whose gradient flows back: ("rpn", "head") is approximate joint
+                training; ("rpn",) trains the RPN alone and ("head",) the detector alone, the
+                steps of 4-step alternating training (section 3.2).  All four losses are
+                reported either way; the other part's gradients are zero.
         Returns:
-            dict of floats: loss, rpn_cls, rpn_reg, head_cls, head_reg.  The gradients of `loss`
-            are left in the layers (read them with grads()).
+            dict of floats: loss (of the chosen parts), rpn_cls, rpn_reg, head_cls, head_reg.
+            The gradients of `loss` are left in the layers (read them with grads()), and
+            feature_gradients holds the norm of the gradient each part sent into the shared
+            feature map (how much of the backbone's learning comes from each).
         """
         cfg = self.config
         if rng is None:
@@ -561,10 +595,17 @@ class FasterRCNN:
         head = fast_rcnn_loss(cls_logits, bbox_deltas, roi_labels, roi_targets, roi_weights)
 
         # backward: both heads send gradient into the shared feature map, then the backbone
-        g_features = self.rpn.backward(rpn["grad_logits"][None], rpn["grad_t"][None])
-        g_features = g_features + self.head.backward(head["grad_cls"], head["grad_bbox"])
-        self.backbone.backward(g_features)
-        return dict(loss=float(rpn["loss"] + head["loss"]), rpn_cls=float(rpn["loss_cls"]),
+        unknown = set(parts) - {"rpn", "head"}
+        if unknown or not parts:
+            raise ValueError(f"parts: expected 'rpn' and / or 'head', got {tuple(parts)!r}")
+        use_rpn, use_head = "rpn" in parts, "head" in parts
+        g_rpn = self.rpn.backward(rpn["grad_logits"][None] * use_rpn, rpn["grad_t"][None] * use_rpn)
+        g_head = self.head.backward(head["grad_cls"] * use_head, head["grad_bbox"] * use_head)
+        self.feature_gradients = dict(rpn=float(np.sqrt(np.sum(np.square(g_rpn, dtype=np.float64)))),
+                                      head=float(np.sqrt(np.sum(np.square(g_head, dtype=np.float64)))))
+        self.backbone.backward(g_rpn + g_head)
+        loss = rpn["loss"] * use_rpn + head["loss"] * use_head
+        return dict(loss=float(loss), rpn_cls=float(rpn["loss_cls"]),
                     rpn_reg=float(cfg.rpn_lambda * rpn["loss_reg"]), head_cls=float(head["loss_cls"]),
                     head_reg=float(head["loss_reg"]))
 

@@ -128,15 +128,18 @@ class Trainer:
         """The next training image: drawn uniformly, flipped with p = 0.5 (tcfg.flip)."""
         return training_sample(self.samples, self.rng, self.tcfg.flip)
 
-    def step(self, sample=None, trainable=None):
+    def step(self, sample=None, trainable=None, parts=("rpn", "head"), proposals=None):
         """One step on `sample` (default: next_sample()); returns the loss dict of
-        FasterRCNN.loss_and_grads.  trainable: a predicate on parameter names ("backbone...",
-        "rpn...", "head...") choosing which to update; None updates all."""
+        FasterRCNN.loss_and_grads.
+
+        trainable: a predicate on parameter names ("backbone...", "rpn...", "head...") choosing
+            which to update; None updates all.
+        parts, proposals: passed to loss_and_grads (which losses train; fixed proposals)."""
         if sample is None:
             sample = self.next_sample()
         try:
             losses = self.model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"],
-                                               self.rng)
+                                               self.rng, proposals=proposals, parts=parts)
         except ValueError as e:               # activations overflowed: the weights blew up
             if "NaN or Inf" not in str(e):
                 raise

@@ -396,3 +396,20 @@ def test_loaders_and_shapes_give_float32_images_in_the_unit_range(tmp_path):
     for s in loaded:
         assert s["image"].dtype == np.float32 and 0 <= s["image"].min() and s["image"].max() <= 1
     assert loaded[0]["image"].max() > 0.5                 # 0..255 was divided, not clipped to 0..1
+
+
+def test_hard_mode_has_small_occluding_shapes_and_unlabelled_clutter():
+    from frcnn_scratch.data.shapes import SHAPES_HARD
+    hard = make_shapes_dataset(40, seed=2, with_masks=True, **SHAPES_HARD)
+    occluded = sum(int((s["hidden"] > 0).sum()) for s in hard)
+    assert occluded > 0, "no shape is partly hidden in 40 hard images"
+    for s in hard:
+        assert 1 <= len(s["labels"]) <= 8 and s["image"].dtype == np.float32
+        sides = np.minimum(s["boxes"][:, 2] - s["boxes"][:, 0], s["boxes"][:, 3] - s["boxes"][:, 1])
+        assert sides.max() <= 40
+        for m, (x1, y1, x2, y2) in zip(s["masks"], s["boxes"].astype(int)):
+            ys, xs = np.nonzero(m)                 # the visible part stays inside its box
+            assert len(xs) == 0 or (xs.min() >= x1 and xs.max() < x2 and ys.min() >= y1 and ys.max() < y2)
+    easy = make_shapes_dataset(3, seed=2)         # the default mode is unchanged by the options
+    for a, b in zip(easy, make_shapes_dataset(3, seed=2, occlude=False, clutter=0)):
+        assert_same_sample(a, b)

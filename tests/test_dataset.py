@@ -70,7 +70,7 @@ def test_model_classes_relabel_coco_data_by_name(tmp_path):
 
 @pytest.mark.parametrize("spec", ["", "voc", "voc:", "coco:a.json", "shapes:x", "imagenet:/x"])
 def test_bad_specs_say_what_is_expected(spec):
-    with pytest.raises(ValueError, match="--data: expected shapes, voc:ROOT or coco:"):
+    with pytest.raises(ValueError, match="--data: expected shapes, shapes-hard, voc:ROOT or coco:"):
         parse_spec(spec)
 
 

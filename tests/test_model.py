@@ -384,3 +384,38 @@ def test_constructor_checks_backend_and_config():
         FasterRCNN(tiny_config(), backend="cuda")
     with pytest.raises(ValueError, match="config: expected a model.Config"):
         FasterRCNN({"num_classes": 3})
+
+
+def test_parts_choose_which_losses_train_the_network():
+    """parts=("rpn",) / ("head",): the other part's layers get zero gradient, the backbone only
+    the chosen part's, and the joint gradient is their sum (4-step training, section 3.2)."""
+    from fixtures.detector_tiny import tiny_config, tiny_sample
+    model = FasterRCNN(tiny_config())
+    s = tiny_sample(3)
+    grads = {}
+    for parts in (("rpn",), ("head",), ("rpn", "head")):
+        losses = model.loss_and_grads(s["image"], s["boxes"], s["labels"], 0, parts=parts)
+        grads[parts] = {k: v.copy() for k, v in model.grads().items()}
+        want = sum(losses[k] for k in ("rpn_cls", "rpn_reg", "head_cls", "head_reg")
+                   if k.split("_")[0] in parts)
+        assert abs(losses["loss"] - want) < 1e-6 * max(1, want)
+    for name in grads["rpn", "head"]:
+        if name.startswith("rpn."):
+            assert not grads["head",][name].any()
+        if name.startswith("head."):
+            assert not grads["rpn",][name].any()
+        np.testing.assert_allclose(grads["rpn",][name] + grads["head",][name],
+                                   grads["rpn", "head"][name], rtol=1e-4, atol=1e-7, err_msg=name)
+    assert model.feature_gradients["rpn"] > 0 and model.feature_gradients["head"] > 0
+    with pytest.raises(ValueError, match="parts"):
+        model.loss_and_grads(s["image"], s["boxes"], s["labels"], 0, parts=("fpn",))
+
+
+def test_paper_preset_has_the_papers_scale_free_values():
+    from frcnn_scratch.model import Config
+    c = Config.paper(num_classes=20)
+    assert (c.rpn_batch_size, c.roi_batch_size, c.roi_fg_fraction) == (256, 128, 0.25)
+    assert (c.rpn_pre_nms_train, c.rpn_post_nms_train, c.rpn_pre_nms_test, c.rpn_post_nms_test) \
+        == (12000, 2000, 6000, 300)
+    assert (c.pooler, c.pooled_size, c.roi_bg_iou_lo, c.rpn_pos_iou, c.rpn_neg_iou) == ("pool", 7, 0.1, 0.7, 0.3)
+    assert c.num_classes == 20 and c.channels == Config().channels    # the network stays ours

@@ -1,6 +1,7 @@
 """The dataset behind `frcnn train / eval / detect --data`: shapes, Pascal VOC or COCO, read lazily.
 
-    open_dataset("shapes", num_images=1000, seed=0)        the synthetic shapes, built in memory
+    open_dataset("shapes", num_images=1000, seed=0)        the synthetic shapes, drawn when used
+    open_dataset("shapes-hard", ...)                       the harder mode (shapes.SHAPES_HARD)
     open_dataset("voc:ROOT", split="trainval")             a VOCdevkit-style folder (voc.py)
     open_dataset("coco:ANNOTATIONS.json:IMAGE_DIR")        a COCO JSON file and its images (coco.py)
 
@@ -179,16 +180,16 @@ def parse_spec(spec):
     """'shapes' | 'voc:ROOT' | 'coco:ANNOTATIONS.json:IMAGE_DIR' -> (kind, arguments)."""
     text = str(spec)
     kind, _, rest = text.partition(":")
-    if kind == "shapes" and not rest:
-        return "shapes", ()
+    if kind in ("shapes", "shapes-hard") and not rest:
+        return "shapes", (kind,)
     if kind == "voc" and rest:
         return "voc", (rest,)
     if kind == "coco":
         ann, sep, images = rest.partition(":")
         if ann and sep and images:
             return "coco", (ann, images)
-    raise ValueError(f"--data: expected shapes, voc:ROOT or coco:ANNOTATIONS.json:IMAGE_DIR, "
-                     f"got {text!r}")
+    raise ValueError(f"--data: expected shapes, shapes-hard, voc:ROOT or "
+                     f"coco:ANNOTATIONS.json:IMAGE_DIR, got {text!r}")
 
 
 def _relabel(records, data_names, model_names, spec):
@@ -227,7 +228,10 @@ def open_dataset(spec="shapes", split=None, class_names=None, min_size=None, max
     if kind == "shapes":
         if int(num_images) <= 0:
             raise ValueError(f"num_images: expected a positive number of images, got {num_images}")
-        data = ShapesDataset(num_images, seed, min_size, max_size)
+        from .shapes import SHAPES_HARD
+        options = SHAPES_HARD if args[0] == "shapes-hard" else {}
+        data = ShapesDataset(num_images, seed, min_size, max_size, **options)
+        data.spec = args[0]
         if class_names is not None and tuple(class_names) != SHAPE_CLASSES:
             raise ValueError(f"shapes: the model's classes {list(class_names)} are not the "
                              f"shapes' {list(SHAPE_CLASSES)}")

@@ -9,6 +9,11 @@ columns c0..c1 (inclusive) gets x1 = c0 and x2 = c1 + 1 (continuous coordinates,
 Shapes never share a pixel (no occlusion, so every box sees its whole shape) and a placement whose
 box overlaps an earlier box with IoU > max_iou is rejected, so labels are unambiguous.
 
+SHAPES_HARD is a harder mode (`--data shapes-hard`): small shapes, many per image, allowed to
+overlap and hide part of each other (occlude=True: a box still spans its whole shape, as a
+person's box spans the part behind a car), unlabelled rings as clutter, more noise.  Choices that
+make no difference on the easy mode (pooler, anchors, lambda) show there.
+
     >>> from frcnn_scratch.data.shapes import make_shapes_dataset, SHAPE_CLASSES
     >>> samples = make_shapes_dataset(100, seed=0)
     >>> samples[0]["boxes"].shape, SHAPE_CLASSES[samples[0]["labels"][0] - 1]   # doctest: +SKIP
@@ -19,6 +24,10 @@ from ..boxes import box_iou
 from .transforms import bilinear_matrix
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")  # label = index + 1 (0 is background)
+
+# the harder mode: small, many, occluding shapes among unlabelled rings, on noisier backgrounds
+SHAPES_HARD = dict(image_size=(128, 192), shape_size=(8, 40), num_objects=(4, 8), max_iou=0.5,
+                   noise=0.08, occlude=True, clutter=(2, 5))
 
 
 # ---- one mask per shape, on its own s x s window (pixel centres at i + 0.5) ----------------------
@@ -55,6 +64,13 @@ def _cross_mask(size):
 
 _MASKS = {"circle": _circle_mask, "square": _square_mask, "triangle": _triangle_mask,
           "cross": _cross_mask}
+
+
+def _ring_mask(size):
+    """A ring (a disc minus its inner half): the clutter of the hard mode, never a class."""
+    c = (np.arange(size) + 0.5 - size / 2) / (size / 2)
+    r = np.hypot(c[:, None], c[None, :])
+    return (r <= 1.0) & (r >= 0.55)
 
 
 def shape_mask(name, size):
@@ -118,7 +134,7 @@ def _pair_range(value, name, minimum=1):
 
 def make_shapes_sample(rng, image_size=(96, 160), shape_size=(16, 64), num_objects=(1, 4),
                        classes=SHAPE_CLASSES, max_iou=0.3, noise=0.03, sample_id="shapes",
-                       with_masks=False):
+                       with_masks=False, occlude=False, clutter=0):
     """Draw one image of filled shapes with its tight boxes.
 
     Args:
@@ -130,7 +146,10 @@ def make_shapes_sample(rng, image_size=(96, 160), shape_size=(16, 64), num_objec
         max_iou: reject a placement whose box has IoU > max_iou with an earlier box.
         noise: standard deviation of the (uniform) pixel noise.
         sample_id: the sample's id.
-        with_masks: also return masks (G, H, W) bool, each shape's pixels (for tests and figures).
+        with_masks: also return masks (G, H, W) bool, each shape's visible pixels, and hidden
+            (G,), how many of its pixels later shapes cover (0 unless occlude).
+        occlude: let a shape cover part of earlier ones (their boxes keep the whole shape).
+        clutter: int or (lo, hi): unlabelled rings painted first, distractors with no box.
     Returns:
         sample dict(image (H, W, 3) float32 in [0, 1], boxes (G, 4) float32, labels (G,) int64,
         difficult (G,) bool all False, id str). G can be smaller than asked when a shape finds no
@@ -142,7 +161,15 @@ def make_shapes_sample(rng, image_size=(96, 160), shape_size=(16, 64), num_objec
     height, width = (int(v) for v in rng.integers(h_lo, h_hi + 1, size=2))
     image = _background(rng, height, width, noise)                     # (H, W, 3)
     occupied = np.zeros((height, width), dtype=bool)                   # pixels already painted
-    boxes, labels, masks = [], [], []
+    if clutter:
+        c_lo, c_hi = _pair_range(clutter, "clutter", minimum=0)
+        for _ in range(int(rng.integers(c_lo, c_hi + 1))):              # unlabelled rings
+            size = min(int(rng.integers(s_lo, s_hi + 1)), height, width)
+            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+            ring = _ring_mask(size)
+            window = (slice(top, top + size), slice(left, left + size))
+            image[window][ring] = _contrasting_colour(rng, image[window][ring])
+    boxes, labels, masks, hidden = [], [], [], []
     for _ in range(int(rng.integers(n_lo, n_hi + 1))):
         label = int(rng.integers(len(classes)))
         for _attempt in range(50):
@@ -152,7 +179,7 @@ def make_shapes_sample(rng, image_size=(96, 160), shape_size=(16, 64), num_objec
             left = int(rng.integers(0, width - size + 1))
             mask = shape_mask(classes[label], size)                    # (size, size)
             window = (slice(top, top + size), slice(left, left + size))
-            if (mask & occupied[window]).any():                        # would hide part of a shape
+            if not occlude and (mask & occupied[window]).any():        # would hide part of a shape
                 continue
             box = _mask_box(mask, top, left)                           # (4,)
             if boxes and box_iou(box[None], np.stack(boxes)).max() > max_iou:
@@ -165,7 +192,11 @@ def make_shapes_sample(rng, image_size=(96, 160), shape_size=(16, 64), num_objec
             if with_masks:
                 full = np.zeros((height, width), dtype=bool)
                 full[window] = mask
+                for k, earlier in enumerate(masks):                    # now hidden there
+                    hidden[k] += int((earlier & full).sum())
+                    earlier &= ~full
                 masks.append(full)
+                hidden.append(0)
             break
     sample = dict(
         image=np.clip(image, 0.0, 1.0).astype(np.float32),
@@ -176,12 +207,13 @@ def make_shapes_sample(rng, image_size=(96, 160), shape_size=(16, 64), num_objec
     )
     if with_masks:
         sample["masks"] = np.array(masks, dtype=bool).reshape(-1, height, width)
+        sample["hidden"] = np.array(hidden, dtype=np.int64)         # pixels later shapes cover
     return sample
 
 
 def make_shapes_dataset(num_images, seed=0, image_size=(96, 160), shape_size=(16, 64),
                         num_objects=(1, 4), classes=SHAPE_CLASSES, max_iou=0.3, noise=0.03,
-                        with_masks=False):
+                        with_masks=False, occlude=False, clutter=0):
     """A list of `num_images` synthetic samples, deterministic from `seed`.
 
     Image i is drawn from its own generator np.random.default_rng([seed, i]), so the first k images
@@ -191,8 +223,8 @@ def make_shapes_dataset(num_images, seed=0, image_size=(96, 160), shape_size=(16
     Args:
         num_images: how many images (>= 0).
         seed: int seed.
-        image_size, shape_size, num_objects, classes, max_iou, noise, with_masks: see
-            make_shapes_sample.
+        image_size, shape_size, num_objects, classes, max_iou, noise, with_masks, occlude,
+            clutter: see make_shapes_sample (SHAPES_HARD: the harder mode's values).
     Returns:
         list of sample dicts (see make_shapes_sample); ids are "shapes-{seed}-{i:06d}".
     """
@@ -206,5 +238,5 @@ def make_shapes_dataset(num_images, seed=0, image_size=(96, 160), shape_size=(16
         raise ValueError(f"classes: expected a non-empty subset of {SHAPE_CLASSES}, got {classes!r}")
     return [make_shapes_sample(np.random.default_rng([int(seed), i]), image_size, shape_size,
                                num_objects, classes, max_iou, noise, f"shapes-{int(seed)}-{i:06d}",
-                               with_masks)
+                               with_masks, occlude, clutter)
             for i in range(num_images)]
