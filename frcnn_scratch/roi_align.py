@@ -7,7 +7,8 @@ outputs the mean of its samples.
 
 The details follow torchvision.ops.roi_align:
 
-* corners are scaled by spatial_scale; with aligned=True they are shifted by -0.5 so that a
+* corners are scaled by spatial_scale; with aligned=True (a later half-pixel correction of
+  Detectron2 and torchvision, not in the Mask R-CNN paper) they are shifted by -0.5 so that a
   pixel's centre maps onto a cell's centre, and with aligned=False the RoI is forced to be at
   least 1 x 1 cell;
 * each bin has grid_h x grid_w samples: sampling_ratio on both axes when it is > 0, else

@@ -16,7 +16,7 @@ The rounding rules are those that torchvision.ops.roi_pool standardised:
 * an empty bin (wholly outside the map) outputs 0 and argmax -1;
 * the max takes the FIRST maximum in row-major order (this decides where the gradient goes).
 
-The backward (section 2.1, "Back-propagation through RoI pooling layers") routes each
+The backward (section 2.3, "Back-propagation through RoI pooling layers") routes each
 output gradient to the single input that won the max: the forward's `argmax`.
 
 The file reads top down: roi_pool_reference, the paper's loop over RoIs, bins and cells; the
@@ -255,7 +255,7 @@ def check_backward_inputs(grad_out, argmax, input_shape):
 
 
 def roi_pool_backward(grad_out, argmax, input_shape):
-    """Gradient of roi_pool_forward with respect to its features (Fast R-CNN 2.1, eq. 4).
+    """Gradient of roi_pool_forward with respect to its features (Fast R-CNN 2.3, eq. 4).
 
     dL/dx_i = sum over every (RoI, bin) whose max was x_i of dL/dy: each output's gradient is
     added at the flat index the forward's `argmax` recorded (skipping empty bins, argmax -1).
