@@ -2,7 +2,7 @@
 
 Every chapter in notebooks/ is executed by nbclient in a fresh "python3" kernel (the ipykernel of
 this interpreter; checked below), headless (MPLBACKEND=Agg, the notebooks switch to
-`%matplotlib inline`), with FRCNN_FAST=1 so that the chapters that train (1, 6, 8) do a few iterations only.
+`%matplotlib inline`), with FRCNN_FAST=1 so that the chapters that train (1, 2, 6, 8) do a few iterations only.
 A cell that raises fails the test with the cell's source and the error.
 """
 import json
