@@ -29,6 +29,11 @@ def cmd_bench(args):
     return bench.main(args)
 
 
+def cmd_bench_model(args):
+    from . import bench_model
+    return bench_model.main(args)
+
+
 def cmd_kernels(args):
     """Compile every Triton kernel for real GPUs (no GPU needed) and report what the compiler made.
 
@@ -495,6 +500,9 @@ def _add_common(p):
     p.add_argument("--backend", choices=("numpy", "triton"), default=None,
                    help="ops backend (default: FRCNN_BACKEND or numpy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", dest="work_threads", type=int, default=None, metavar="N",
+                   help="threads to compute with (default: 1 for small images, all usable cores "
+                        "from about 200k pixels)")
 
 
 def build_parser():
@@ -514,6 +522,20 @@ def build_parser():
     b.add_argument("--threads", type=int, default=1,
                    help="threads for numpy's OpenBLAS and for torch alike (default 1)")
     b.set_defaults(func=cmd_bench)
+    bm = sub.add_parser("bench-model", help="time a whole training step and prediction at image "
+                                            "sizes up to 600 x 1000, against torchvision's "
+                                            "FasterRCNN on the same network when importable")
+    bm.add_argument("--sizes", default="96x160,240x400,480x640,600x1000", metavar="HxW,...",
+                    help="image sizes (default: the demo's to the paper's)")
+    bm.add_argument("--repeat", type=int, default=5, help="timed runs per size (median reported)")
+    bm.add_argument("--threads", default="1", metavar="N|default",
+                    help="threads for both sides (default 1), or 'default': each side its own")
+    bm.add_argument("--memory", action="store_true",
+                    help="also the peak memory of each side (a fresh process per size and side)")
+    bm.add_argument("--numpy-only", action="store_true", help="leave torchvision out")
+    bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="model Config field, repeatable (as for train)")
+    bm.set_defaults(func=cmd_bench_model)
     k = sub.add_parser("kernels", help="compile the Triton kernels for real GPUs (no GPU needed): "
                                        "registers, spills, occupancy, instruction mix, checks")
     k.add_argument("--arch", default="80,90", help="compute capabilities, e.g. 80 or 80,90")
@@ -576,7 +598,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from . import threads
     try:
+        if getattr(args, "work_threads", None) is not None:
+            try:
+                threads.set_threads(args.work_threads)
+            except ValueError as e:
+                why = str(e).partition(": ")[2].replace(" or None", "")
+                raise ValueError(f"--threads: {why}") from None
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         print(f"frcnn {args.command}: error: {e}", file=sys.stderr)
@@ -594,6 +623,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"frcnn {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        threads.set_threads(None)             # in-process callers (tests) get the default back
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _checks, ops, rpn as _rpn
+from . import _checks, ops, rpn as _rpn, threads
 from .anchors import generate_anchors, shift_anchors
 from .losses import rpn_loss
 from .nn import Conv2d, MaxPool2d, ReLU, Sequential
@@ -311,6 +311,13 @@ def check_memory(cfg, image_hw=None, training=True, what="config"):
 
 # ---- the shared convolutional layers ------------------------------------------------------------
 
+def _image_size(image):
+    """(height, width) of an image-like input for the thread choice; (1, 1) when it has no such
+    shape (the model's own checks then name what is wrong)."""
+    shape = np.shape(image)
+    return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (1, 1)
+
+
 def build_backbone(channels, rng):
     """conv3x3(pad 1) + ReLU per entry of `channels`, with a 2x2 max pool between entries.
 
@@ -319,7 +326,8 @@ def build_backbone(channels, rng):
     """
     layers, in_ch = [], 3
     for i, out_ch in enumerate(channels):
-        layers += [Conv2d(in_ch, int(out_ch), 3, padding=1, rng=rng, need_input_grad=i > 0), ReLU()]
+        layers += [Conv2d(in_ch, int(out_ch), 3, padding=1, rng=rng, need_input_grad=i > 0),
+                   ReLU(inplace=True)]              # each conv's output feeds its ReLU only
         if i < len(channels) - 1:
             layers.append(MaxPool2d(2, 2))
         in_ch = int(out_ch)
@@ -557,6 +565,10 @@ class FasterRCNN:
             feature_gradients holds the norm of the gradient each part sent into the shared
             feature map (how much of the backbone's learning comes from each).
         """
+        with threads.for_image(*_image_size(image)):         # BLAS threads chosen by the image
+            return self._loss_and_grads(image, gt_boxes, gt_labels, rng, proposals, parts)
+
+    def _loss_and_grads(self, image, gt_boxes, gt_labels, rng, proposals, parts):
         cfg = self.config
         if rng is None:
             raise ValueError("rng: pass a seed (int) or a np.random.Generator; an unseeded training "
@@ -620,6 +632,10 @@ class FasterRCNN:
             dict(boxes (D, 4) float32 xyxy in image pixels, scores (D,) float32, labels (D,) int64
             in 1..C), best score first, after class-wise NMS.
         """
+        with threads.for_image(*_image_size(image)):         # BLAS threads chosen by the image
+            return self._predict(image)
+
+    def _predict(self, image):
         cfg = self.config
         x = self.preprocess(image)                                         # (1, 3, H, W)
         features = self.features(x)                                        # (1, C, H', W')

@@ -98,6 +98,19 @@ def anchor_targets(anchors, gt_boxes, image_shape, pos_iou=0.7, neg_iou=0.3,
     return labels.astype(np.int64), targets
 
 
+def top_n(scores, n):
+    """Indices of the n highest scores, highest first, ties in index order: the first n of
+    np.argsort(-scores, kind="stable"), without sorting all of them (a partition finds the n-th
+    score; only the scores at or above it are sorted)."""
+    if n >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(-scores, n - 1)[n - 1]                             # the n-th highest, negated
+    candidates = np.flatnonzero(-scores <= kth)                           # index order: ties stay so
+    return candidates[np.argsort(-scores[candidates], kind="stable")][:n]
+
+
 def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post_nms_top_n,
                        nms_threshold=0.7, min_size=0.0, backend=None):
     """The proposal layer for one image: decode, clip, drop small, top-N, NMS, top-N.
@@ -129,7 +142,7 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
     boxes = clip_boxes(boxes, image_shape)
     keep = remove_small_boxes(boxes, min_size)
     boxes, logits = boxes[keep], logits[keep]
-    order = np.argsort(-logits, kind="stable")[:pre_nms_top_n]            # top-N before NMS
+    order = top_n(logits, pre_nms_top_n)                                  # top-N before NMS
     boxes, logits = boxes[order], logits[order]
     keep = ops.nms(boxes, logits, nms_threshold, backend=backend)[:post_nms_top_n]
     return boxes[keep].astype(np.float32), sigmoid(logits[keep]).astype(np.float32)

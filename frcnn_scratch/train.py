@@ -9,9 +9,6 @@ may change only while every step taken so far lies in the warmup (iteration <= w
 learning rate does not depend on the total; after that the cosine stretches over the total, so
 another --iters would have given the steps already taken other learning rates.
 """
-import contextlib
-import ctypes
-import glob
 import json
 import math
 import os
@@ -23,6 +20,7 @@ from .data.transforms import hflip
 from .evaluate import coco_evaluate, evaluate_detections
 from .model import atomic_savez, read_npz, stored_dict
 from .nn import SGD
+from .threads import _openblas_thread_functions, blas_threads, work_threads  # noqa: F401
 
 
 @dataclass
@@ -176,49 +174,6 @@ class Trainer:
 
 # ---- BLAS threads ------------------------------------------------------------------------------------
 
-def _openblas_thread_functions():
-    """(get, set) of numpy's bundled OpenBLAS thread count, or None where it cannot be found."""
-    folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-             ("openblas_get_num_threads", "openblas_set_num_threads")]
-    for path in glob.glob(os.path.join(folder, "*openblas*")):
-        try:
-            lib = ctypes.CDLL(path)                 # already loaded by numpy: the same library
-        except OSError:
-            continue
-        for get, set_ in names:
-            if hasattr(lib, get) and hasattr(lib, set_):
-                return getattr(lib, get), getattr(lib, set_)
-    return None
-
-
-@contextlib.contextmanager
-def blas_threads(n=1):
-    """Run a block with `n` OpenBLAS threads, then restore the previous count.
-
-    The detector's matrix products are small (a 64-channel 16 x 20 map, 64 RoIs); OpenBLAS's
-    worker threads cost more than they give there: a training step took 0.99 s with the default
-    two threads and 0.067 s with one on a busy 2-core machine.  Environment variables only act
-    before numpy is loaded, so this calls OpenBLAS's own setter (as threadpoolctl does).  It does
-    nothing where the user chose (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS) or where numpy uses
-    another BLAS.
-    """
-    functions = None
-    if "OPENBLAS_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
-        functions = _openblas_thread_functions()
-    if functions is None:
-        yield
-        return
-    get, set_ = functions
-    previous = get()
-    set_(int(n))
-    try:
-        yield
-    finally:
-        set_(previous)
-
-
 # ---- checkpoints: model + optimizer + rng + iteration ---------------------------------------------
 
 def save_checkpoint(path, model, optimizer, rng, iteration, tcfg, data_id=None):
@@ -331,8 +286,7 @@ def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=Tru
         bar = tqdm(total=tcfg.iterations, initial=trainer.iteration, desc="train", unit="img",
                    dynamic_ncols=True)
     try:
-        with blas_threads(1):
-            _loop(trainer, checkpoint, history, bar)
+        _loop(trainer, checkpoint, history, bar)          # threads: model's choice per image
     finally:
         if bar is not None:
             bar.close()
@@ -378,12 +332,11 @@ def detect_all(model, samples, progress=False):
         from tqdm.auto import tqdm
         items = tqdm(items, desc="detect", unit="img", dynamic_ncols=True)
     detections = []
-    with blas_threads(1):
-        for i in items:
-            sample = samples[i]
-            det = model.predict(sample["image"])
-            det["boxes"] = (det["boxes"] / np.float32(sample.get("scale", 1.0))).astype(np.float32)
-            detections.append(det)
+    for i in items:
+        sample = samples[i]
+        det = model.predict(sample["image"])              # threads: the model's choice per image
+        det["boxes"] = (det["boxes"] / np.float32(sample.get("scale", 1.0))).astype(np.float32)
+        detections.append(det)
     return detections
 
 

@@ -1,0 +1,376 @@
+"""`frcnn bench-model`: the whole detector, one training step and one prediction, at real sizes.
+
+Sizes run from the demo's 96 x 160 to the paper's 600 x 1000 (shorter side 600).  On each size the
+NumPy model (model.Config, default or --set) is timed against torchvision's FasterRCNN built to the
+same network (`torchvision_twin`): the same backbone, the same RPN head, the same 7 x 7 RoI Align
+and two fc layers, the same anchors per position, sampling sizes, proposal counts and thresholds,
+and the same initial weights.  torchvision's resize is switched off (both sides see the image as
+it is) and its padding is to a multiple of the stride, which the four sizes already are.
+
+The two sides run interleaved in one process on the same images (NumPy step, torch step, NumPy
+prediction, torch prediction, ...), so that a change in the machine's load hits both; each time
+is the median of --repeat runs after one warm-up.  A training step is the forward pass, the four
+losses, the backward pass and one SGD update; a prediction is the test-time forward with its NMS.
+
+--threads N runs both sides with N threads (numpy's OpenBLAS and torch's intra-op pool);
+--threads default leaves each side to its own choice (this library's `threads.work_threads`, torch's
+default pool).  --memory also measures the peak memory of each side in a fresh process per size:
+the growth of the resident set while it trains and predicts (Linux: the peak counter is reset
+after the model is built, then read from /proc/self/status).
+"""
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .threads import for_image, set_threads, usable_cores, work_threads
+
+SIZES = ((96, 160), (240, 400), (480, 640), (600, 1000))
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def sample_at(height, width, seed=0):
+    """A shapes image of exactly (height, width) with several objects scaled to it (a sample dict)."""
+    from .data.shapes import make_shapes_sample
+    side = max(height, width)
+    lo, hi = max(8, min(height, width) // 8), max(16, min(height, width) // 2)
+    s = make_shapes_sample(np.random.default_rng(seed), image_size=side, shape_size=(lo, hi),
+                           num_objects=(3, 6))
+    boxes = np.clip(s["boxes"], 0, [width, height, width, height])
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= 4) & ((boxes[:, 3] - boxes[:, 1]) >= 4)
+    if not keep.any():                       # every shape fell in the cropped part: draw again
+        return sample_at(height, width, seed + 1000)
+    return dict(image=np.ascontiguousarray(s["image"][:height, :width]),
+                boxes=boxes[keep].astype(np.float32), labels=s["labels"][keep])
+
+
+def parse_sizes(text):
+    """"96x160,600x1000" -> ((96, 160), (600, 1000)); each side at least 32 pixels."""
+    sizes = []
+    for part in str(text).split(","):
+        try:
+            h, w = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sizes: expected HxW[,HxW...] such as 480x640, got {part!r}") from None
+        if h < 32 or w < 32:
+            raise ValueError(f"--sizes: each side must be at least 32 pixels, got {part!r}")
+        sizes.append((h, w))
+    return tuple(sizes)
+
+
+# ---- torchvision's FasterRCNN, built to our Config --------------------------------------------
+
+def torch_layers(model):
+    """The NumPy model's layers as torch modules holding copies of its weights.
+
+    Returns dict(backbone=nn.Sequential (conv / ReLU / max-pool as model.backbone), rpn_conv,
+    rpn_cls, rpn_reg (nn.Conv2d), fc6, fc7, cls_score, bbox_pred (nn.Linear)).  Needs torch only.
+    """
+    import torch
+    from . import nn as fnn
+
+    def conv(layer):
+        w = layer.params["weight"]
+        c = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=layer.stride,
+                            padding=layer.padding)
+        _copy(c, layer)
+        return c
+
+    def linear(layer):
+        w = layer.params["weight"]
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        _copy(lin, layer)
+        return lin
+
+    def _copy(module, layer):
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(np.array(layer.params["weight"], np.float32)))
+            module.bias.copy_(torch.from_numpy(np.array(layer.params["bias"], np.float32)))
+
+    backbone = []
+    for layer in model.backbone.layers:
+        if isinstance(layer, fnn.Conv2d):
+            backbone.append(conv(layer))
+        elif isinstance(layer, fnn.ReLU):
+            backbone.append(torch.nn.ReLU())
+        elif isinstance(layer, fnn.MaxPool2d):
+            backbone.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
+        else:
+            raise ValueError(f"torch_layers: no torch twin for backbone layer {type(layer).__name__}")
+    head = model.head.layers
+    return dict(backbone=torch.nn.Sequential(*backbone), rpn_conv=conv(model.rpn.conv),
+                rpn_cls=conv(model.rpn.cls), rpn_reg=conv(model.rpn.reg), fc6=linear(head["fc6"]),
+                fc7=linear(head["fc7"]), cls_score=linear(head["cls_score"]),
+                bbox_pred=linear(head["bbox_pred"]))
+
+
+def torchvision_twin(model, torchvision):
+    """torchvision.models.detection.FasterRCNN with the NumPy model's network and initial weights.
+
+    Anchors: the same sizes (stride * scales) and ratios per position; RPN and RoI sampling sizes,
+    IoU thresholds, pre / post-NMS counts, NMS thresholds, score threshold and detections per
+    image from model.config; RoI Align 7 x 7 with the same sampling ratio; no resize (both sides
+    see the image as it is) and padding to a multiple of the stride.
+    """
+    import torch
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    cfg = model.config
+    if cfg.pooler != "align":
+        raise ValueError("torchvision_twin: torchvision's FasterRCNN pools with RoI Align only; "
+                         "bench with config.pooler 'align'")
+    t = torch_layers(model)
+    backbone = t["backbone"]
+    backbone.out_channels = int(cfg.channels[-1])
+
+    class RPNHead(torch.nn.Module):                    # torchvision's, with our mid channels
+        def __init__(self):
+            super().__init__()
+            self.conv, self.cls_logits, self.bbox_pred = t["rpn_conv"], t["rpn_cls"], t["rpn_reg"]
+
+        def forward(self, features):
+            hidden = [torch.relu(self.conv(f)) for f in features]
+            return [self.cls_logits(h) for h in hidden], [self.bbox_pred(h) for h in hidden]
+
+    sizes = tuple(float(cfg.stride * s) for s in cfg.anchor_scales)
+    anchors = AnchorGenerator(sizes=(sizes,), aspect_ratios=(tuple(cfg.anchor_ratios),))
+    box_head = TwoMLPHead(int(cfg.channels[-1]) * cfg.pooled_size ** 2, cfg.fc_hidden)
+    box_head.fc6, box_head.fc7 = t["fc6"], t["fc7"]
+    predictor = FastRCNNPredictor(cfg.fc_hidden, cfg.num_classes + 1)
+    predictor.cls_score, predictor.bbox_pred = t["cls_score"], t["bbox_pred"]
+    twin = FasterRCNN(
+        backbone, num_classes=None, min_size=1, max_size=1 << 30,
+        image_mean=list(cfg.pixel_mean), image_std=list(cfg.pixel_std),
+        rpn_anchor_generator=anchors, rpn_head=RPNHead(),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_test, rpn_nms_thresh=cfg.rpn_nms_threshold,
+        rpn_fg_iou_thresh=cfg.rpn_pos_iou, rpn_bg_iou_thresh=cfg.rpn_neg_iou,
+        rpn_batch_size_per_image=cfg.rpn_batch_size,
+        rpn_positive_fraction=cfg.rpn_positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(["0"], cfg.pooled_size, cfg.sampling_ratio),
+        box_head=box_head, box_predictor=predictor, box_score_thresh=cfg.score_threshold,
+        box_nms_thresh=cfg.nms_threshold, box_detections_per_img=cfg.max_detections,
+        box_fg_iou_thresh=cfg.roi_fg_iou, box_bg_iou_thresh=cfg.roi_bg_iou_hi,
+        box_batch_size_per_image=cfg.roi_batch_size, box_positive_fraction=cfg.roi_fg_fraction,
+        bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), size_divisible=cfg.stride)
+    twin.transform.resize = lambda image, target=None: (image, target)   # no resize, like ours
+    return twin
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+class NumpySide:
+    """One training step (Trainer.step) and one prediction of the NumPy model."""
+
+    def __init__(self, model, samples):
+        from .train import TrainConfig, Trainer
+        self.model = model
+        self.trainer = Trainer(model, samples, TrainConfig(iterations=1 << 30, flip=False, seed=0))
+
+    def train(self, sample):
+        with for_image(*sample["image"].shape[:2]):      # as the model itself chooses
+            self.trainer.step(sample)
+
+    def predict(self, sample):
+        with for_image(*sample["image"].shape[:2]):
+            self.model.predict(sample["image"])
+
+
+class TorchSide:
+    """The same for torchvision's twin: model(images, targets), loss.backward(), SGD step."""
+
+    def __init__(self, twin, torch, tcfg):
+        self.twin, self.torch = twin, torch
+        self.optimizer = torch.optim.SGD(twin.parameters(), lr=tcfg.lr, momentum=tcfg.momentum,
+                                         weight_decay=tcfg.weight_decay)
+
+    def _inputs(self, sample):
+        image = self.torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1)))
+        target = dict(boxes=self.torch.from_numpy(sample["boxes"]),
+                      labels=self.torch.from_numpy(sample["labels"]))
+        return [image], [target]
+
+    def train(self, sample):
+        images, targets = self._inputs(sample)
+        self.twin.train()
+        losses = self.twin(images, targets)
+        self.optimizer.zero_grad()
+        sum(losses.values()).backward()
+        self.optimizer.step()
+
+    def predict(self, sample):
+        images, _ = self._inputs(sample)
+        self.twin.eval()
+        with self.torch.no_grad():
+            self.twin(images)
+
+
+def interleaved_medians(sides, samples, repeat):
+    """{(side, "train" | "predict"): median ms}; the sides alternate call by call."""
+    times = {(name, what): [] for name in sides for what in ("train", "predict")}
+    for r in range(repeat + 1):                              # run 0 warms up
+        sample = samples[r % len(samples)]
+        for what in ("train", "predict"):
+            for name, side in sides.items():
+                start = time.perf_counter()
+                getattr(side, what)(sample)
+                if r:
+                    times[name, what].append(1e3 * (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_memory_mb(side, size, threads, overrides, repeat=2):
+    """Peak resident memory (MB) a side adds while training and predicting, in a fresh process."""
+    code = ("import sys; from frcnn_scratch.bench_model import _memory_child; "
+            "print(_memory_child(*sys.argv[1:]))")
+    env = dict(os.environ)
+    done = subprocess.run([sys.executable, "-c", code, side, f"{size[0]}x{size[1]}", str(threads),
+                           ";".join(overrides), str(repeat)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        return None
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(side, size, threads, overrides, repeat):
+    """Runs in the child of peak_memory_mb: builds the side, then steps; prints the MB added."""
+    (h, w), = parse_sizes(size)
+    threads = None if threads == "default" else int(threads)
+    model = _build_model([o for o in overrides.split(";") if o])
+    samples = [sample_at(h, w, seed=i) for i in range(2)]
+    if side == "numpy":
+        set_threads(threads)
+        runner = NumpySide(model, samples)
+    else:
+        import torch
+        import torchvision
+        if threads is not None:
+            torch.set_num_threads(threads)
+        from .train import TrainConfig
+        runner = TorchSide(torchvision_twin(model, torchvision), torch, TrainConfig())
+    base = _reset_peak()
+    for r in range(int(repeat)):
+        runner.train(samples[r % 2])
+        runner.predict(samples[r % 2])
+    return f"{_status_mb('VmHWM') - base:.1f}"
+
+
+def _reset_peak():
+    """Reset the kernel's peak-RSS counter (Linux: clear_refs 5); returns the RSS now, in MB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _build_model(overrides):
+    from .cli import _parse_overrides
+    from .model import Config, FasterRCNN
+    return FasterRCNN(Config(**_parse_overrides(overrides)))
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+def main(args):
+    """Entry point of `frcnn bench-model` (args.sizes, args.repeat, args.threads, args.memory,
+    args.set, args.backends)."""
+    from .bench import format_table, load_average
+    from .train import TrainConfig
+    sizes = parse_sizes(args.sizes)
+    repeat = int(args.repeat)
+    if repeat < 1:
+        raise ValueError(f"--repeat: expected a positive int, got {args.repeat}")
+    cores = usable_cores()
+    if str(args.threads) == "default":
+        threads = None
+    else:
+        try:
+            threads = int(args.threads)
+        except ValueError:
+            raise ValueError(f"--threads: expected 1..{cores} or 'default', got {args.threads!r}") \
+                from None
+        if not 1 <= threads <= cores:
+            raise ValueError(f"--threads: expected 1..{cores} (this machine's cores) or 'default', "
+                             f"got {threads}")
+    overrides = list(args.set or [])
+    notes = []
+    torch = torchvision = None
+    if not args.numpy_only:
+        try:
+            import torch
+            import torchvision
+        except Exception as e:                # ImportError, or a torchvision built for another torch
+            torch = torchvision = None
+            notes.append(f"torchvision not importable ({type(e).__name__}: {str(e)[:80]}): "
+                         "NumPy alone")
+    model = _build_model(overrides)
+    previous_threads = torch.get_num_threads() if torch is not None else None
+    if torch is not None and threads is not None:
+        torch.set_num_threads(threads)
+    set_threads(threads)                 # None: the library chooses by the image
+    try:
+        rows = []
+        print(f"frcnn bench-model: median of {repeat} after one warm-up, ms; threads "
+              f"{'each side its default' if threads is None else threads}; "
+              f"load average {load_average()}", flush=True)
+        for h, w in sizes:
+            samples = [sample_at(h, w, seed=i) for i in range(2)]
+            from .model import FasterRCNN
+            numpy_model = FasterRCNN(model.config)            # fresh weights for every size
+            sides = {"numpy": NumpySide(numpy_model, samples)}
+            if torch is not None:
+                twin = torchvision_twin(numpy_model, torchvision)
+                sides["torchvision"] = TorchSide(twin, torch, TrainConfig())
+            t = interleaved_medians(sides, samples, repeat)
+            row = [f"{h}x{w}", f"{work_threads(h, w)}", f"{t['numpy', 'train']:.1f}"]
+            if torch is not None:
+                row += [f"{torch.get_num_threads()}", f"{t['torchvision', 'train']:.1f}",
+                        f"{t['numpy', 'train'] / t['torchvision', 'train']:.2f}"]
+            row += [f"{t['numpy', 'predict']:.1f}"]
+            if torch is not None:
+                row += [f"{t['torchvision', 'predict']:.1f}",
+                        f"{t['numpy', 'predict'] / t['torchvision', 'predict']:.2f}"]
+            if args.memory:
+                mem = {side: peak_memory_mb(side, (h, w), "default" if threads is None else threads,
+                                            overrides) for side in sides}
+                row += [_mb(mem["numpy"])]
+                if torch is not None:
+                    row += [_mb(mem["torchvision"])]
+            rows.append(row)
+            print(".", end="", flush=True)
+        print()
+    finally:
+        set_threads(None)
+        if torch is not None:
+            torch.set_num_threads(previous_threads)
+    header = ["image", "np threads", "numpy train"]
+    header += ["torch threads", "tv train", "train ratio"] if torch is not None else []
+    header += ["numpy predict"]
+    header += ["tv predict", "predict ratio"] if torch is not None else []
+    header += ["numpy peak MB"] if args.memory else []
+    header += ["tv peak MB"] if args.memory and torch is not None else []
+    print(format_table(header, rows))
+    print(f"load average after: {load_average()}")
+    for note in notes:
+        print("note:", note)
+    return 0
+
+
+def _mb(value):
+    return "-" if value is None else f"{value:.0f}"

@@ -1,0 +1,184 @@
+"""How many threads the detector computes with: chosen by the work, the user's choice first.
+
+Small images give small matrices (a 64-channel 12 x 20 map, 64 RoIs), where threads cost more than
+they give: a 96 x 160 training step took 0.99 s with two OpenBLAS threads on a busy 2-core machine
+and 0.067 s with one.  Large images give convolutions over hundreds of thousands of pixels, where
+every core pays.  `work_threads(height, width)` picks one thread below SMALL_IMAGE_PIXELS and all
+usable cores above; the model's training step and prediction run under `for_image`.
+
+The threads are this module's, not OpenBLAS's: under `for_image` OpenBLAS runs on one thread, and
+the layers hand independent pieces of work (a band of output rows of a convolution, a block of
+channels of a pooling layer) to `parallel`, a pool of `workers()` threads.  NumPy releases the GIL
+in its copies, ufuncs and matrix products, so the pieces run at once, and the copies around the
+products (im2col, col2im, max pooling, ReLU) are spread over the cores too, which threads inside
+OpenBLAS never do.  Each piece writes its own part of the output, and partial sums are added in a
+fixed order: the results are the same, bit for bit, whatever the number of threads (tested).
+
+The user's setting wins: `set_threads(n)` (the command line's --threads), else OMP_NUM_THREADS or
+OPENBLAS_NUM_THREADS in the environment (which also leave OpenBLAS's own count alone).
+"""
+import concurrent.futures
+import contextlib
+import ctypes
+import glob
+import os
+import threading
+
+import numpy as np
+
+# Below this many pixels a training step is fastest on one thread (measured on a 2-core EPYC:
+# 240 x 400 and smaller lose with two threads, 480 x 640 and larger gain; see README, "Speed").
+SMALL_IMAGE_PIXELS = 200_000
+MAX_THREADS = 256
+
+_chosen = None          # the user's thread count (set_threads), None: chosen by the work
+_workers = 1            # threads `parallel` uses now (set by using / for_image)
+_pool, _pool_size = None, 0
+_local = threading.local()                 # per-thread scratch buffers
+
+
+def usable_cores():
+    """Cores this process may run on (its CPU affinity where the OS tells, else os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_threads(n):
+    """Fix the thread count for everything that follows (None: chosen by the work again).
+
+    More threads than cores is allowed (up to MAX_THREADS; the results are the same) but slower.
+    """
+    global _chosen
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"threads: expected an int in 1..{MAX_THREADS} (this machine has "
+                             f"{usable_cores()} usable cores) or None, got {n!r}")
+        n = int(n)
+    _chosen = n
+
+
+def user_threads():
+    """The user's thread count: set_threads, else OMP_NUM_THREADS / OPENBLAS_NUM_THREADS (a
+    positive int), else None."""
+    if _chosen is not None:
+        return _chosen
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) >= 1:
+            return min(int(value), MAX_THREADS)
+    return None
+
+
+def work_threads(height, width):
+    """The threads for a (height, width) image: the user's choice (user_threads), else 1 for
+    small images and all usable cores for large ones."""
+    chosen = user_threads()
+    if chosen is not None:
+        return chosen
+    return 1 if int(height) * int(width) < SMALL_IMAGE_PIXELS else usable_cores()
+
+
+def _openblas_thread_functions():
+    """(get, set) of numpy's bundled OpenBLAS thread count, or None where it cannot be found."""
+    folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+             ("openblas_get_num_threads", "openblas_set_num_threads")]
+    for path in glob.glob(os.path.join(folder, "*openblas*")):
+        try:
+            lib = ctypes.CDLL(path)                 # already loaded by numpy: the same library
+        except OSError:
+            continue
+        for get, set_ in names:
+            if hasattr(lib, get) and hasattr(lib, set_):
+                return getattr(lib, get), getattr(lib, set_)
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n=1):
+    """Run a block with `n` OpenBLAS threads, then restore the previous count.
+
+    Environment variables only act before numpy is loaded, so this calls OpenBLAS's own setter
+    (as threadpoolctl does).  It does nothing where the user chose (OPENBLAS_NUM_THREADS /
+    OMP_NUM_THREADS) or where numpy uses another BLAS.
+    """
+    functions = None
+    if "OPENBLAS_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        functions = _openblas_thread_functions()
+    if functions is None:
+        yield
+        return
+    get, set_ = functions
+    previous = get()
+    if previous != int(n):
+        set_(int(n))
+    try:
+        yield
+    finally:
+        if get() != previous:
+            set_(previous)
+
+
+def workers():
+    """Threads `parallel` spreads work over now (1 outside `using` / `for_image`)."""
+    return _workers
+
+
+@contextlib.contextmanager
+def using(n):
+    """Run a block with `parallel` on `n` threads and OpenBLAS on one (no threads inside threads)."""
+    global _workers
+    previous = _workers
+    _workers = max(1, int(n))
+    try:
+        with blas_threads(1):
+            yield
+    finally:
+        _workers = previous
+
+
+def for_image(height, width):
+    """The context the model computes one (height, width) image in: using(work_threads(...))."""
+    return using(work_threads(height, width))
+
+
+def parallel(fn, items):
+    """[fn(item) for item in items], on up to workers() threads; results in the items' order.
+
+    The calls must be independent (each writes its own part of an output).  An exception in one
+    is raised here.
+    """
+    global _pool, _pool_size
+    items = list(items)
+    if _workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    if _pool is None or _pool_size < _workers:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = concurrent.futures.ThreadPoolExecutor(_workers, thread_name_prefix="frcnn")
+        _pool_size = _workers
+    return list(_pool.map(fn, items))
+
+
+def scratch(size, dtype):
+    """A reusable 1-D buffer of at least `size` elements for the calling thread (no new pages per
+    call: im2col columns are rebuilt band after band into the same memory)."""
+    dtype = np.dtype(dtype)
+    key = dtype.str
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buffer = buffers.get(key)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[key] = np.empty(int(size), dtype)
+    return buffer[:int(size)]
+
+
+def chunks(n, pieces):
+    """Split range(n) into at most `pieces` contiguous (start, stop) ranges of near-equal size."""
+    pieces = max(1, min(int(pieces), int(n)))
+    bounds = [n * k // pieces for k in range(pieces + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

@@ -1,0 +1,257 @@
+"""The speed work leaves the numbers alone: banded convolutions equal the whole-image im2col (the
+textbook form) to float32 rounding, max pooling by stored index routes exactly as before, the
+thread count never changes a result (bit for bit), and the top-N selection equals a full stable
+sort.  Also the thread policy, `frcnn bench-model`, and the torch twin of the network."""
+import numpy as np
+import pytest
+
+from frcnn_scratch import nn, threads
+from frcnn_scratch.bench_model import parse_sizes, sample_at, torch_layers
+from frcnn_scratch.cli import main
+from frcnn_scratch.model import Config, FasterRCNN
+from frcnn_scratch.rpn import top_n
+
+RNG = np.random.default_rng(0)
+
+
+def set_bands(model, band_bytes):
+    """Give every convolution of the model (backbone and RPN) this band size; returns the model."""
+    for layer in list(model.backbone.layers) + list(model.rpn.layers.values()):
+        if isinstance(layer, nn.Conv2d):
+            layer.band_bytes = band_bytes
+    return model
+
+
+SMALL = dict(channels=(4, 8, 8), anchor_scales=(2.0, 4.0), anchor_ratios=(1.0,), rpn_channels=8,
+             fc_hidden=16, pooled_size=3, rpn_post_nms_test=10)      # a small network, real sizes
+
+
+def _conv_pair(c, o, k, s, p, need_input_grad, band_bytes):
+    banded = nn.Conv2d(c, o, k, stride=s, padding=p, rng=1, need_input_grad=need_input_grad,
+                       band_bytes=band_bytes)
+    whole = nn.Conv2d(c, o, k, stride=s, padding=p, rng=1, need_input_grad=need_input_grad,
+                      band_bytes=None)
+    return banded, whole
+
+
+@pytest.mark.parametrize("c,o,k,s,p,hw,n", [
+    (3, 8, 3, 1, 1, (37, 29), 1), (5, 4, 3, 2, 1, (31, 40), 2), (4, 6, 5, 1, 2, (23, 17), 1),
+    (6, 3, 1, 1, 0, (19, 21), 2), (2, 5, 3, 3, 0, (26, 26), 1), (3, 4, (3, 5), (2, 1), (1, 2), (20, 18), 1)])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_banded_conv_equals_the_whole_image_im2col(c, o, k, s, p, hw, n, workers):
+    """Many small bands (a few rows each, the last one short), run on 1 or 3 threads, against
+    one band holding the whole image: y, dx, dW and db agree to float32 rounding."""
+    banded, whole = _conv_pair(c, o, k, s, p, True, band_bytes=600)
+    x = RNG.standard_normal((n, c) + hw).astype(np.float32)
+    with threads.using(workers):
+        y = banded.forward(x)
+    assert len(banded._bands(y.shape[2], y.shape[3], 4)) >= 3, "the case must have several bands"
+    y_ref = whole.forward(x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = RNG.standard_normal(y.shape).astype(np.float32)
+    with threads.using(workers):
+        dx = banded.backward(dy)
+    dx_ref = whole.backward(dy)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        np.testing.assert_allclose(banded.grads[name], whole.grads[name], rtol=1e-5, atol=1e-4,
+                                   err_msg=name)
+
+
+def test_first_layer_banded_skips_dx_and_keeps_param_grads():
+    banded, whole = _conv_pair(3, 4, 3, 1, 1, False, band_bytes=500)
+    x = RNG.standard_normal((1, 3, 30, 22)).astype(np.float32)
+    dy = RNG.standard_normal(banded.forward(x).shape).astype(np.float32)
+    whole.forward(x)
+    assert banded.backward(dy) is None and whole.backward(dy) is None
+    np.testing.assert_allclose(banded.grads["weight"], whole.grads["weight"], rtol=1e-5, atol=1e-4)
+
+
+def test_conv_refuses_a_bad_band_size():
+    with pytest.raises(ValueError, match="band_bytes"):
+        nn.Conv2d(3, 4, 3, band_bytes=0)
+
+
+def test_maxpool_keeps_one_byte_per_window_not_its_input():
+    pool = nn.MaxPool2d(2, 2)
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    pool.forward(x)
+    shape, argmax = pool._cache
+    assert shape == x.shape and argmax.dtype == np.uint8 and argmax.shape == (1, 3, 4, 4)
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 2), (3, 3)])
+def test_pool_and_relu_are_the_same_on_any_number_of_threads(k, s):
+    """Big enough to be split over channels (PARALLEL_MIN_SIZE): equal bit for bit, ties included."""
+    x = np.round(RNG.standard_normal((1, 8, 200, 190)), 1).astype(np.float32)   # many exact ties
+    assert x.size >= nn.PARALLEL_MIN_SIZE
+    out = {}
+    for workers in (1, 3):
+        pool, relu = nn.MaxPool2d(k, s), nn.ReLU()
+        with threads.using(workers):
+            y = pool.forward(relu.forward(x))
+            dy = np.linspace(-1, 1, y.size, dtype=np.float32).reshape(y.shape)
+            out[workers] = (y, relu.backward(pool.backward(dy)))
+    for a, b in zip(out[1], out[3]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inplace_relu_writes_over_its_input_and_gradient():
+    relu = nn.ReLU(inplace=True)
+    x = np.array([[-1.0, 2.0, 0.0]], np.float32)
+    y = relu.forward(x)
+    assert y is x and x.tolist() == [[0.0, 2.0, 0.0]]
+    dy = np.array([[5.0, 6.0, 7.0]], np.float32)
+    dx = relu.backward(dy)
+    assert dx is dy and dy.tolist() == [[0.0, 6.0, 0.0]]
+
+
+def test_a_training_step_is_bit_identical_on_1_2_and_3_threads():
+    """The model's convolutions split into many bands (64 KB each), pooling and ReLU into channel
+    blocks (a 240 x 320 image): losses, every gradient and the predictions are equal bit for bit."""
+    sample = sample_at(240, 320, seed=0)
+    results = []
+    try:
+        for n in (1, 2, 3):
+            threads.set_threads(n)
+            model = set_bands(FasterRCNN(Config(**SMALL)), 64 << 10)
+            assert len(model.backbone.layers[0]._bands(240, 320, 4)) >= 8
+            losses = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+            grads = {k: v.copy() for k, v in model.grads().items()}
+            results.append((losses, grads, model.predict(sample["image"])))
+    finally:
+        threads.set_threads(None)
+    first = results[0]
+    for losses, grads, det in results[1:]:
+        assert losses == first[0]
+        for name, g in grads.items():
+            np.testing.assert_array_equal(g, first[1][name], err_msg=name)
+        for key in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(det[key], first[2][key])
+
+
+def test_the_speed_work_keeps_losses_and_gradients():
+    """The whole model with every convolution in many bands against the same model doing each
+    convolution in one band (the textbook im2col): losses and gradients to float32 rounding."""
+    sample = sample_at(200, 260, seed=1)
+    models = [set_bands(FasterRCNN(Config(**SMALL)), 32 << 10),       # many bands
+              set_bands(FasterRCNN(Config(**SMALL)), None)]           # one band each
+    assert len(models[0].backbone.layers[0]._bands(200, 260, 4)) >= 8
+    out = [m.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=3) for m in models]
+    for key in out[0]:
+        assert out[0][key] == pytest.approx(out[1][key], rel=1e-4, abs=1e-6), key
+    for name, g in models[0].grads().items():
+        ref = models[1].grads()[name]
+        np.testing.assert_allclose(g, ref, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(ref).max()),
+                                   err_msg=name)
+
+
+def test_top_n_equals_the_first_n_of_a_stable_sort():
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        scores = rng.integers(0, 6, int(rng.integers(0, 40))).astype(np.float32)   # ties
+        n = int(rng.integers(0, 45))
+        np.testing.assert_array_equal(top_n(scores, n), np.argsort(-scores, kind="stable")[:n])
+
+
+# ---- the thread policy -----------------------------------------------------------------------
+
+def test_work_threads_one_for_small_images_all_cores_for_large_and_the_user_wins(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    try:
+        assert threads.work_threads(96, 160) == 1
+        assert threads.work_threads(600, 1000) == threads.usable_cores()
+        threads.set_threads(3)
+        assert threads.work_threads(96, 160) == 3 and threads.work_threads(600, 1000) == 3
+    finally:
+        threads.set_threads(None)
+    for bad in (0, -1, 2.5, True, "2", threads.MAX_THREADS + 1):
+        with pytest.raises(ValueError, match="threads"):
+            threads.set_threads(bad)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                    # the environment is a choice too
+    assert threads.work_threads(600, 1000) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert threads.work_threads(600, 1000) == threads.usable_cores()
+
+
+def test_parallel_keeps_order_and_raises_errors():
+    with threads.using(3):
+        assert threads.parallel(lambda v: v * v, range(10)) == [v * v for v in range(10)]
+
+        def fail(v):
+            raise KeyError("boom")
+
+        with pytest.raises(KeyError, match="boom"):
+            threads.parallel(fail, range(4))
+    assert threads.workers() == 1
+    assert threads.chunks(10, 3) == [(0, 3), (3, 6), (6, 10)] and threads.chunks(2, 8) == [(0, 1), (1, 2)]
+
+
+def test_cli_threads_option_is_checked_and_reset(capsys):
+    assert main(["train", "--threads", "0", "--iters", "1", "--checkpoint", "never.npz"]) == 2
+    assert "--threads: expected an int in 1.." in capsys.readouterr().err
+    assert threads.work_threads(96, 160) == 1                     # nothing left behind
+
+
+# ---- frcnn bench-model -----------------------------------------------------------------------
+
+def test_bench_model_times_numpy_and_measures_memory(capsys):
+    assert main(["bench-model", "--sizes", "64x96", "--repeat", "1", "--numpy-only", "--memory",
+                 "--set", "channels=[4,8]", "--set", "fc_hidden=16"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("64x96"))
+    train_ms, predict_ms, peak_mb = (float(v) for v in row.split()[2:5])
+    assert train_ms > 0 and predict_ms > 0 and 0 <= peak_mb < 500
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--sizes", "64by96"], "--sizes"), (["--sizes", "16x96"], "at least 32"),
+    (["--threads", "0"], "--threads"), (["--threads", "many"], "--threads"),
+    (["--repeat", "0"], "--repeat")])
+def test_bench_model_bad_options(argv, match, capsys):
+    assert main(["bench-model", "--numpy-only"] + argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_sample_at_has_the_exact_size_and_objects_inside():
+    for h, w in parse_sizes("96x160,240x400"):
+        s = sample_at(h, w, seed=2)
+        assert s["image"].shape == (h, w, 3) and len(s["boxes"]) >= 1
+        assert (s["boxes"][:, 2] <= w).all() and (s["boxes"][:, 3] <= h).all()
+
+
+def test_torch_layers_compute_what_the_numpy_layers_compute():
+    """The twin's layers (torch) hold the NumPy model's weights: same features, RPN outputs and
+    head outputs to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    model = FasterRCNN(Config(**SMALL))
+    t = torch_layers(model)
+    x = model.preprocess(sample_at(64, 96, seed=0)["image"])
+    features = model.features(x)
+    with torch.no_grad():
+        tf = t["backbone"](torch.from_numpy(x))
+        np.testing.assert_allclose(tf.numpy(), features, rtol=1e-4, atol=1e-4)
+        hidden = torch.relu(t["rpn_conv"](tf))
+        logits, deltas = model.rpn.forward(features)
+        ours = logits.reshape(features.shape[2], features.shape[3], -1).transpose(2, 0, 1)
+        np.testing.assert_allclose(t["rpn_cls"](hidden)[0].numpy(), ours, rtol=1e-4, atol=1e-4)
+        flat = RNG.standard_normal((3, t["fc6"].in_features)).astype(np.float32)
+        np.testing.assert_allclose(t["fc6"](torch.from_numpy(flat)).numpy(),
+                                   model.head.layers["fc6"].forward(flat), rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_twin_trains_and_predicts():
+    """Where torchvision imports (not on CPU-only CI machines whose wheel is a CUDA build)."""
+    torch = pytest.importorskip("torch")
+    try:
+        import torchvision
+    except Exception as e:                       # ImportError, or C ops built for another torch
+        pytest.skip(f"torchvision not importable: {type(e).__name__}")
+    from frcnn_scratch.bench_model import TorchSide, torchvision_twin
+    from frcnn_scratch.train import TrainConfig
+    model = FasterRCNN(Config(**SMALL))
+    side = TorchSide(torchvision_twin(model, torchvision), torch, TrainConfig())
+    sample = sample_at(96, 128, seed=0)
+    side.train(sample)
+    side.predict(sample)
