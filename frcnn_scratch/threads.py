@@ -32,9 +32,9 @@ SMALL_IMAGE_PIXELS = 200_000
 MAX_THREADS = 256
 
 _chosen = None          # the user's thread count (set_threads), None: chosen by the work
-_workers = 1            # threads `parallel` uses now (set by using / for_image)
-_pool, _pool_size = None, 0
-_local = threading.local()                 # per-thread scratch buffers
+_pools = {}                 # thread count -> its pool (exactly that many threads run)
+_pool_lock = threading.Lock()
+_local = threading.local()  # per calling thread: `workers` (set by using / for_image), scratch buffers
 
 
 def usable_cores():
@@ -123,21 +123,21 @@ def blas_threads(n=1):
 
 
 def workers():
-    """Threads `parallel` spreads work over now (1 outside `using` / `for_image`)."""
-    return _workers
+    """Threads `parallel` spreads work over now, in the calling thread (1 outside `using` /
+    `for_image`; two Python threads running two models each have their own count)."""
+    return getattr(_local, "workers", 1)
 
 
 @contextlib.contextmanager
 def using(n):
     """Run a block with `parallel` on `n` threads and OpenBLAS on one (no threads inside threads)."""
-    global _workers
-    previous = _workers
-    _workers = max(1, int(n))
+    previous = workers()
+    _local.workers = max(1, int(n))
     try:
         with blas_threads(1):
             yield
     finally:
-        _workers = previous
+        _local.workers = previous
 
 
 def for_image(height, width):
@@ -151,16 +151,14 @@ def parallel(fn, items):
     The calls must be independent (each writes its own part of an output).  An exception in one
     is raised here.
     """
-    global _pool, _pool_size
-    items = list(items)
-    if _workers <= 1 or len(items) <= 1:
+    items, n = list(items), workers()
+    if n <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    if _pool is None or _pool_size < _workers:
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-        _pool = concurrent.futures.ThreadPoolExecutor(_workers, thread_name_prefix="frcnn")
-        _pool_size = _workers
-    return list(_pool.map(fn, items))
+    with _pool_lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="frcnn")
+    return list(pool.map(fn, items))
 
 
 def scratch(size, dtype):

@@ -138,12 +138,11 @@ def test_the_speed_work_keeps_losses_and_gradients():
               set_bands(FasterRCNN(Config(**SMALL)), None)]           # one band each
     assert len(models[0].backbone.layers[0]._bands(200, 260, 4)) >= 8
     out = [m.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=3) for m in models]
-    for key in out[0]:
-        assert out[0][key] == pytest.approx(out[1][key], rel=1e-4, abs=1e-6), key
-    for name, g in models[0].grads().items():
+    for key in out[0]:                                    # measured: 7e-8 relative at most
+        assert out[0][key] == pytest.approx(out[1][key], rel=1e-6, abs=1e-9), key
+    for name, g in models[0].grads().items():             # measured: 6e-7 of the array's max
         ref = models[1].grads()[name]
-        np.testing.assert_allclose(g, ref, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(ref).max()),
-                                   err_msg=name)
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=name)
 
 
 def test_top_n_equals_the_first_n_of_a_stable_sort():
@@ -185,6 +184,13 @@ def test_parallel_keeps_order_and_raises_errors():
         with pytest.raises(KeyError, match="boom"):
             threads.parallel(fail, range(4))
     assert threads.workers() == 1
+    import threading
+    seen = []
+    with threads.using(3):                    # the count belongs to the thread that set it
+        other = threading.Thread(target=lambda: seen.append(threads.workers()))
+        other.start()
+        other.join()
+    assert seen == [1]
     assert threads.chunks(10, 3) == [(0, 3), (3, 6), (6, 10)] and threads.chunks(2, 8) == [(0, 1), (1, 2)]
 
 
@@ -255,3 +261,25 @@ def test_torchvision_twin_trains_and_predicts():
     sample = sample_at(96, 128, seed=0)
     side.train(sample)
     side.predict(sample)
+
+
+def test_parallel_runs_at_most_the_chosen_number_of_threads():
+    """After a larger pool was used, a smaller count still runs no more threads than asked."""
+    import threading
+    import time
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(_):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+
+    with threads.using(4):
+        threads.parallel(work, range(8))
+    peak[0] = 0
+    with threads.using(2):
+        threads.parallel(work, range(8))
+    assert peak[0] == 2
