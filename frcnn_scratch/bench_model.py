@@ -242,6 +242,8 @@ def peak_memory_mb(side, size, threads, overrides, repeat=2):
 
 def _memory_child(side, size, threads, overrides, repeat):
     """Runs in the child of peak_memory_mb: builds the side, then steps; prints the MB added."""
+    from .cli import keep_freed_memory
+    keep_freed_memory()                         # as in the `frcnn` process that asked
     (h, w), = parse_sizes(size)
     threads = None if threads == "default" else int(threads)
     model = _build_model([o for o in overrides.split(";") if o])

@@ -2,7 +2,7 @@
 
     image (H, W, 3) in [0, 1]
       -> normalise, NCHW                                   (1, 3, H, W)
-      -> backbone: [conv3x3 + ReLU (+ maxpool)] x L        (1, C, H/s, W/s)    the shared conv layers
+      -> backbone: [conv3x3 (+ maxpool) + ReLU] x L        (1, C, H/s, W/s)    the shared conv layers
       -> RPN head -> objectness logits, t per anchor       (A,), (A, 4)        section 3.1
       -> proposal layer (decode, clip, top-N, NMS)         (P, 4)              section 3.1
       -> (train) proposal targets: sample R RoIs           (R, 4)              section 3.2
@@ -321,15 +321,19 @@ def _image_size(image):
 def build_backbone(channels, rng):
     """conv3x3(pad 1) + ReLU per entry of `channels`, with a 2x2 max pool between entries.
 
-    The first conv's input is the image, whose gradient nothing uses: need_input_grad=False
-    makes its backward stop after the weight and bias gradients.
+    Where a pool follows, it comes before the ReLU: conv -> max pool -> ReLU computes exactly
+    what VGG's conv -> ReLU -> max pool does, since ReLU keeps order (max of ReLUs = ReLU of the
+    max), and the gradients are the same too (a window whose max is <= 0 passes none either way).
+    The ReLU then touches a quarter of the values.  The first conv's input is the image, whose
+    gradient nothing uses: need_input_grad=False makes its backward stop after the weight and
+    bias gradients.
     """
     layers, in_ch = [], 3
     for i, out_ch in enumerate(channels):
-        layers += [Conv2d(in_ch, int(out_ch), 3, padding=1, rng=rng, need_input_grad=i > 0),
-                   ReLU(inplace=True)]              # each conv's output feeds its ReLU only
+        layers.append(Conv2d(in_ch, int(out_ch), 3, padding=1, rng=rng, need_input_grad=i > 0))
         if i < len(channels) - 1:
             layers.append(MaxPool2d(2, 2))
+        layers.append(ReLU(inplace=True))           # its input feeds nothing else
         in_ch = int(out_ch)
     return Sequential(*layers)
 
@@ -511,19 +515,38 @@ class FasterRCNN:
         if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < self.config.stride:
             raise ValueError(f"image: expected (H, W, 3) with H, W >= {self.config.stride}, "
                              f"got {image.shape}")
-        if not np.all(np.isfinite(image)):
-            raise ValueError("image: contains NaN or Inf")
-        if image.size and (image.min() < 0.0 or image.max() > 1.0):
-            raise ValueError(f"image: expected values in [0, 1], got {float(image.min()):g}.."
-                             f"{float(image.max()):g} (an 8-bit image? divide it by 255)")
         mean = np.asarray(self.config.pixel_mean, np.float32)
         std = np.asarray(self.config.pixel_std, np.float32)
-        x = (image - mean) / std                                           # (H, W, 3)
-        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])            # (1, 3, H, W)
+        x = np.empty((1, 3) + image.shape[:2], np.float32)                # (1, 3, H, W)
+
+        def rows(part):                                     # a block of rows, on threads
+            block = image[part]                                            # (rows, W, 3)
+            x[0, :, part] = ((block - mean) / std).transpose(2, 0, 1)
+            return bool(np.isfinite(block).all()), block.min(), block.max()
+
+        blocks = threads.parallel(rows, [slice(a, b) for a, b in
+                                         threads.chunks(image.shape[0], threads.workers())])
+        if not all(finite for finite, _, _ in blocks):
+            raise ValueError("image: contains NaN or Inf")
+        low, high = min(b[1] for b in blocks), max(b[2] for b in blocks)
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"image: expected values in [0, 1], got {float(low):g}.."
+                             f"{float(high):g} (an 8-bit image? divide it by 255)")
+        return x
 
     def anchors(self, feat_height, feat_width):
         """All anchors of a (feat_height, feat_width) map, (H' W' k, 4), index (y W' + x) k + a."""
         return shift_anchors(self.base_anchors, feat_height, feat_width, self.config.stride)
+
+    def feature_size(self, height, width):
+        """(H', W') of the backbone's map for a (height, width) image: the 3x3 convs keep the
+        size (padding 1), each 2x2 pool halves it, rounding down."""
+        for layer in self.backbone:
+            if isinstance(layer, (Conv2d, MaxPool2d)):
+                (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+                ph, pw = layer.padding if isinstance(layer, Conv2d) else (0, 0)
+                height, width = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        return height, width
 
     def features(self, x):
         """The shared conv layers: (1, 3, H, W) -> (1, C, H/s, W/s)."""
@@ -586,15 +609,18 @@ class FasterRCNN:
             k = int(np.argmax(outside))
             raise ValueError(f"gt_boxes: box {k} {gt_boxes[k].tolist()} lies wholly outside the "
                              f"{w} x {h} image: no anchor can learn it")
+        # The anchors' labels and targets (3.1.2) need only the boxes and the map's size: with
+        # threads they are worked out beside the backbone (the same rng draws, in the same order)
+        labelling = threads.background(_rpn.anchor_targets, self.anchors(*self.feature_size(h, w)),
+                                       gt_boxes, image_shape, cfg.rpn_pos_iou, cfg.rpn_neg_iou,
+                                       cfg.rpn_batch_size, cfg.rpn_positive_fraction, rng)
         features = self.features(x)                                        # (1, C, H', W')
 
         # RPN (3.1): objectness + t for every anchor, its targets, the proposals
         logits, deltas, anchors, rpn_proposals = self.propose(features, image_shape, training=True)
         if proposals is None:
             proposals = rpn_proposals                                      # constants from here on
-        labels, targets = _rpn.anchor_targets(anchors, gt_boxes, image_shape, cfg.rpn_pos_iou,
-                                              cfg.rpn_neg_iou, cfg.rpn_batch_size,
-                                              cfg.rpn_positive_fraction, rng)
+        labels, targets = labelling.result()                               # (A,), (A, 4)
         rpn = rpn_loss(logits, deltas, labels, targets, lam=cfg.rpn_lambda, sigma=cfg.rpn_sigma)
 
         # Fast R-CNN head (3.2): sample RoIs, pool, classify and refine

@@ -93,9 +93,14 @@ def _as_input(x, name, dtype, ndim=None, channels=None, layer=""):
     if channels is not None and x.shape[1] != channels:
         want = f"(N, {channels}, H, W)" if x.ndim == 4 else f"(N, {channels})"
         raise ValueError(f"{where}: expected shape {want}, got {tuple(x.shape)}")
-    if not np.isfinite(x).all():
+    if not _all_finite(x):
         raise ValueError(f"{where}: contains NaN or Inf")
     return x
+
+
+def _all_finite(x):
+    """np.isfinite(x).all(), by blocks of channels on threads for large 4-D arrays."""
+    return all(_by_channels(lambda part: bool(np.isfinite(x[part]).all()), x))
 
 
 def _as_grad(dy, cache_shape, dtype, layer):
@@ -114,11 +119,11 @@ PARALLEL_MIN_SIZE = 1 << 18
 
 
 def _by_channels(fn, x):
-    """fn(part) for blocks of channels of x (N, C, ...) on threads.parallel, part an index
+    """[fn(part), ...] for blocks of channels of x (N, C, ...) on threads.parallel, part an index
     (slice(None), slice(c0, c1)); one call with everything for small or non-4-D arrays."""
     pieces = threads.workers() if x.ndim == 4 and x.size >= PARALLEL_MIN_SIZE else 1
-    threads.parallel(fn, [(slice(None), slice(c0, c1)) for c0, c1 in threads.chunks(x.shape[1], pieces)]
-                     if x.ndim >= 2 and pieces > 1 else [(Ellipsis,)])
+    return threads.parallel(fn, [(slice(None), slice(c0, c1)) for c0, c1 in threads.chunks(x.shape[1], pieces)]
+                            if x.ndim >= 2 and pieces > 1 else [(Ellipsis,)])
 
 
 # ----------------------------------------------------------------------------- base class
@@ -193,6 +198,38 @@ def col2im_add(dxp, dcols, kh, kw, sh, sw, row0, row1):
             dxp[:, r:r + sh * bh:sh, v:v + sw * wo:sw] += dcols[:, u, v]
 
 
+# NumPy releases the GIL during a matrix product only when the product has more than this many
+# outputs; a smaller one (the first layer's weight gradient, 16 x 27) holds it throughout, and the
+# bands on other threads wait.
+_GIL_FREE_OUTPUTS = 500
+
+
+def _weight_grad(dy_band, cols):
+    """dW2 = dy_band @ cols^T, (O, P) x (K, P) -> (O, K).
+
+    Where O * K is too small for NumPy to let other threads run (_GIL_FREE_OUTPUTS), the P pixels
+    are split in two halves, multiplied as one batch of two products, and the halves added: the
+    same sum in a fixed order, computed while the other bands run.
+    """
+    o, p = dy_band.shape
+    k = cols.shape[0]
+    if o * k > _GIL_FREE_OUTPUTS or p % 2:
+        return dy_band @ cols.T
+    halves = np.matmul(dy_band.reshape(o, 2, p // 2).transpose(1, 0, 2),   # (2, O, P/2)
+                       cols.reshape(k, 2, p // 2).transpose(1, 2, 0))      # (2, P/2, K)
+    return halves[0] + halves[1]
+
+
+def _pad_into(xp, x, ph, pw):
+    """xp[..., ph:-ph, pw:-pw] = x with a border of zeros: each value written once."""
+    h, w = x.shape[-2:]
+    xp[..., :ph, :] = 0
+    xp[..., ph + h:, :] = 0
+    xp[..., ph:ph + h, :pw] = 0
+    xp[..., ph:ph + h, pw + w:] = 0
+    xp[..., ph:ph + h, pw:pw + w] = x
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation, as every framework computes it) by im2col.
 
@@ -259,8 +296,8 @@ class Conv2d(Module):
         if h + 2 * ph < kh or wd + 2 * pw < kw:
             raise ValueError(f"Conv2d x: padded input {(h + 2 * ph, wd + 2 * pw)} is smaller than "
                              f"the kernel {(kh, kw)}; got x of shape {x.shape}")
-        xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)  # (N, C, Hp, Wp) zero border
-        xp[:, :, ph:ph + h, pw:pw + wd] = x                           # (np.pad does this, slower)
+        xp = np.empty((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)  # (N, C, Hp, Wp) zero border
+        _by_channels(lambda part: _pad_into(xp[part], x[part], ph, pw), x)  # (np.pad: slower)
         ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
         w2 = w.reshape(self.out_ch, -1)                               # (O, K)  K = C*kh*kw
         y = np.empty((n, self.out_ch, ho, wo), dtype=x.dtype)         # (N, O, Ho, Wo)
@@ -288,24 +325,47 @@ class Conv2d(Module):
         w2 = w.reshape(o, -1)                                         # (O, K)
         # y = W2 @ cols + b   =>   dW2 = sum over images and bands of dy @ cols^T,
         #                          db = sum of dy,  dcols = W2^T @ dy, then col2im
-        dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
+        # every row of dxp is written below (a stride wider than the kernel skips rows: zeros)
+        dxp = (np.zeros if sh > kh else np.empty)(xp.shape, dtype=w.dtype) \
+            if self.need_input_grad else None
+        c, wp = xp.shape[1], xp.shape[3]
+        overlap = max(0, kh - sh)      # input rows a band shares with each neighbour (2 for 3x3)
 
-        def band(task):                                               # -> this band's part of dW2
-            i, (row0, row1) = task
+        def band(task):                    # -> this band's dW2, db parts, the rows it shares
+            i, (row0, row1), first, last = task
             size = w2.shape[1] * (row1 - row0) * wo
             cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=threads.scratch(size, xp.dtype))
             dy_band = dy[i, :, row0:row1].reshape(o, -1)              # (O, bh*Wo)
+            shared = []                                               # [(image, first row, rows)]
             if dxp is not None:
-                col2im_add(dxp[i], w2.T @ dy_band, kh, kw, sh, sw, row0, row1)
-            return dy_band @ cols.T, dy_band.sum(axis=1)              # (O, K), (O,)
+                # col2im into the band's own rows first: its input rows [in0, in1) of xp
+                in0, in1 = row0 * sh, (row1 - 1) * sh + kh
+                own = threads.scratch(c * (in1 - in0) * wp, xp.dtype, "rows").reshape(c, in1 - in0, wp)
+                own[...] = 0
+                col2im_add(own, w2.T @ dy_band, kh, kw, sh, sw, 0, row1 - row0)
+                top = 0 if first else overlap                         # rows shared with the band
+                bottom = 0 if last else overlap                       # above / below: kept apart
+                dxp[i, :, in0 + top:in1 - bottom] = own[:, top:in1 - in0 - bottom]
+                shared = [(i, in0, own[:, :top].copy()), (i, in1 - bottom, own[:, in1 - in0 - bottom:].copy())]
+            return _weight_grad(dy_band, cols), dy_band.sum(axis=1), shared   # (O, K), (O,)
 
-        # Neighbouring bands add into the same few input rows (a window spans kh rows): even bands
-        # run together first, then odd ones, so no two running bands share a row.  The order of the
-        # adds is then fixed, and so are the sums, however many threads run them.
-        tasks = [(i, rows) for i in range(n) for rows in self._bands(ho, wo, xp.itemsize)]
-        parts = threads.parallel(band, tasks[0::2]) + threads.parallel(band, tasks[1::2])
+        # Neighbouring bands read the same `overlap` input rows (a window spans kh rows), so both
+        # add into them: each band writes the rows that are its alone and hands back the shared
+        # ones, added below in band order.  Every sum then has a fixed order, and the results are
+        # the same bit for bit however many threads run the bands.
+        tasks = []
+        for i in range(n):
+            bands = self._bands(ho, wo, xp.itemsize)
+            tasks += [(i, rows, k == 0, k == len(bands) - 1) for k, rows in enumerate(bands)]
+        parts = threads.parallel(band, tasks)
+        if dxp is not None:
+            for _, _, shared in parts:                                # the shared rows, in order
+                (i, row, top_rows), (_, row_b, bottom_rows) = shared
+                dxp[i, :, row:row + top_rows.shape[1]] += top_rows    # onto the band above's part
+                dxp[i, :, row_b:row_b + bottom_rows.shape[1]] = bottom_rows   # the band below adds
+            dxp[:, :, (ho - 1) * sh + kh:] = 0                        # rows no window reads
         dw, db = np.zeros(w2.shape, dtype=w.dtype), np.zeros(o, dtype=w.dtype)
-        for dw_part, db_part in parts:                                # a fixed order of sums
+        for dw_part, db_part, _ in parts:                             # a fixed order of sums
             dw += dw_part
             db += db_part
         self.grads["weight"] = dw.reshape(w.shape)                    # (O, C, kh, kw)
@@ -410,15 +470,20 @@ class MaxPool2d(Module):
         x_shape, argmax = self._cache if self._cache is not None else (None, None)
         dy = _as_grad(dy, None if argmax is None else argmax.shape,
                       _float_dtype(np.asarray(dy)), "MaxPool2d")
-        dx = np.zeros(x_shape, dtype=dy.dtype)                         # (N, C, H, W)
-        overlap = any(s < k for s, k in zip(self.stride, self.kernel_size))
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        ho, wo = argmax.shape[2:]
+        tiled = (sh, sw) == (kh, kw)               # the windows tile the input: each value once
+        dx = (np.empty if tiled else np.zeros)(x_shape, dtype=dy.dtype)  # (N, C, H, W)
 
         def block(part):                                               # a block of channels
-            for offset, dx_view in enumerate(self._offset_views(dx[part], *argmax.shape[2:])):
-                if overlap:
-                    dx_view += dy[part] * (argmax[part] == offset)     # windows share inputs: add
-                else:
+            for offset, dx_view in enumerate(self._offset_views(dx[part], ho, wo)):
+                if tiled:
                     np.multiply(dy[part], argmax[part] == offset, out=dx_view)  # one window each
+                else:
+                    dx_view += dy[part] * (argmax[part] == offset)     # overlaps or gaps: add
+            if tiled:
+                dx[part][:, :, ho * sh:] = 0                           # rows, columns no window
+                dx[part][:, :, :, wo * sw:] = 0                        # covers (odd sizes)
 
         _by_channels(block, dx)
         return dx

@@ -154,18 +154,53 @@ def parallel(fn, items):
     items, n = list(items), workers()
     if n <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
+    return list(_pool(n).map(fn, items))
+
+
+class _Done:
+    """The result of a call made at once (background() on one thread), read like a Future's."""
+
+    def __init__(self, fn, args):
+        self._value, self._error = None, None
+        try:
+            self._value = fn(*args)
+        except Exception as e:            # raised where the result is read, as a Future does
+            self._error = e
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def background(fn, *args):
+    """Start fn(*args) beside the calling thread's own work; .result() waits for it and returns it
+    (or raises its exception).  On one thread (workers() == 1) it runs at once, here.
+
+    For a stage that needs nothing the next stages compute: the training step labels the anchors
+    (they need only the boxes and the image size) while the backbone runs.  fn runs on the pool
+    of `parallel`, as one of its threads, with one thread of its own.
+    """
+    n = workers()
+    if n <= 1:
+        return _Done(fn, args)
+    return _pool(n).submit(fn, *args)
+
+
+def _pool(n):
+    """The pool of exactly n threads (made on first use, then kept)."""
     with _pool_lock:
         pool = _pools.get(n)
         if pool is None:
             pool = _pools[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="frcnn")
-    return list(pool.map(fn, items))
+        return pool
 
 
-def scratch(size, dtype):
-    """A reusable 1-D buffer of at least `size` elements for the calling thread (no new pages per
-    call: im2col columns are rebuilt band after band into the same memory)."""
+def scratch(size, dtype, name="columns"):
+    """A reusable 1-D buffer of at least `size` elements for the calling thread, one per `name`
+    (no new pages per call: im2col columns are rebuilt band after band into the same memory)."""
     dtype = np.dtype(dtype)
-    key = dtype.str
+    key = (name, dtype.str)
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}

@@ -36,7 +36,8 @@ def _conv_pair(c, o, k, s, p, need_input_grad, band_bytes):
 
 @pytest.mark.parametrize("c,o,k,s,p,hw,n", [
     (3, 8, 3, 1, 1, (37, 29), 1), (5, 4, 3, 2, 1, (31, 40), 2), (4, 6, 5, 1, 2, (23, 17), 1),
-    (6, 3, 1, 1, 0, (19, 21), 2), (2, 5, 3, 3, 0, (26, 26), 1), (3, 4, (3, 5), (2, 1), (1, 2), (20, 18), 1)])
+    (6, 3, 1, 1, 0, (19, 21), 2), (2, 5, 3, 3, 0, (26, 26), 1), (3, 4, (3, 5), (2, 1), (1, 2), (20, 18), 1),
+    (3, 4, 2, 3, 0, (25, 23), 1)])                                  # stride > kernel: rows no window reads
 @pytest.mark.parametrize("workers", [1, 3])
 def test_banded_conv_equals_the_whole_image_im2col(c, o, k, s, p, hw, n, workers):
     """Many small bands (a few rows each, the last one short), run on 1 or 3 threads, against
@@ -94,6 +95,50 @@ def test_pool_and_relu_are_the_same_on_any_number_of_threads(k, s):
             out[workers] = (y, relu.backward(pool.backward(dy)))
     for a, b in zip(out[1], out[3]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
+    """The backbone pools before its ReLU (a quarter of the values to rectify).  Against VGG's
+    conv -> ReLU -> pool with the same weights: the output, the input gradient and every weight
+    gradient are equal bit for bit, on windows with ties, all-negative and zero maxima."""
+    from frcnn_scratch.model import build_backbone
+    ours = build_backbone((4, 6, 5), rng=0)
+    kinds = [type(layer).__name__ for layer in ours]
+    assert kinds == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Conv2d", "ReLU"]
+    vgg = build_backbone((4, 6, 5), rng=0)
+    vgg.layers = [vgg.layers[i] for i in (0, 2, 1, 3, 5, 4, 6, 7)]  # conv, ReLU, pool, ...
+    x = np.round(RNG.standard_normal((1, 3, 36, 44)), 1).astype(np.float32)
+    y, y_vgg = ours.forward(x), vgg.forward(x)
+    np.testing.assert_array_equal(y, y_vgg)
+    dy = np.linspace(-1, 1, y.size, dtype=np.float32).reshape(y.shape)
+    ours.backward(dy.copy()), vgg.backward(dy.copy())
+    for layer, twin in zip(ours.layers, (vgg.layers[i] for i in (0, 2, 1, 3, 5, 4, 6, 7))):
+        for name, g in layer.grads.items():
+            np.testing.assert_array_equal(g, twin.grads[name], err_msg=name)
+    conv = nn.Conv2d(6, 3, 3, padding=1, rng=2)                   # and the input gradient itself
+    stack = nn.Sequential(conv, nn.MaxPool2d(2), nn.ReLU())
+    stack_vgg = nn.Sequential(nn.Conv2d(6, 3, 3, padding=1, rng=2), nn.ReLU(), nn.MaxPool2d(2))
+    x = np.round(RNG.standard_normal((1, 6, 10, 12)), 1).astype(np.float32)
+    y = stack.forward(x)
+    np.testing.assert_array_equal(y, stack_vgg.forward(x))
+    assert (y == 0).any() and (y > 0).any()
+    dy = RNG.standard_normal(y.shape).astype(np.float32)
+    np.testing.assert_array_equal(stack.backward(dy.copy()), stack_vgg.backward(dy.copy()))
+
+
+@pytest.mark.parametrize("o,k,p", [(16, 27, 600), (16, 27, 601), (20, 30, 64), (3, 4, 10)])
+def test_small_weight_gradients_split_in_halves_equal_the_plain_product(o, k, p):
+    """dW of a small layer (O * K <= 500, where NumPy would hold the GIL through the product) is
+    computed as two halves of the pixels; it equals dy @ cols.T to float32 rounding (odd P: the
+    plain product itself), and a larger one is the plain product."""
+    dy = RNG.standard_normal((o, p)).astype(np.float32)
+    cols = RNG.standard_normal((k, p)).astype(np.float32)
+    got = nn._weight_grad(dy, cols)
+    assert got.shape == (o, k) and got.dtype == np.float32
+    np.testing.assert_allclose(got, (dy.astype(np.float64) @ cols.T.astype(np.float64)),
+                               rtol=1e-4, atol=1e-4 * np.sqrt(p))
+    if o * k > nn._GIL_FREE_OUTPUTS or p % 2:
+        np.testing.assert_array_equal(got, dy @ cols.T)
 
 
 def test_inplace_relu_writes_over_its_input_and_gradient():
