@@ -157,9 +157,9 @@ class Module:
 
 # Bytes of im2col columns the convolution builds at a time (one band of output rows): a band's
 # columns are multiplied while still in cache (L2 / L3), never 9x the input at once.  Measured on
-# 3x3 convolutions at 600 x 1000 (forward + backward): 0.5-8 MB within 10% of each other on one
-# thread of a 2-core EPYC, 4 MB the fastest; on a 16-core Xeon, 4 MB bands kept 4-16 threads busy
-# where 1 MB bands spent their time handing work out (2-4x slower there).
+# whole training steps (2-core EPYC, 240 x 400 to 600 x 1000): 2 MB and 4 MB bands within 2% on
+# one thread, 2 MB 1-8% faster on two, 1 MB 4-7% slower on one; smaller bands give more pieces
+# to share among threads (a 60 x 80 map: 6 bands instead of 3).
 BAND_BYTES = 4 << 20
 
 
@@ -204,16 +204,17 @@ def col2im_add(dxp, dcols, kh, kw, sh, sw, row0, row1):
 _GIL_FREE_OUTPUTS = 500
 
 
-def _weight_grad(dy_band, cols):
+def _weight_grad(dy_band, cols, other_bands):
     """dW2 = dy_band @ cols^T, (O, P) x (K, P) -> (O, K).
 
-    Where O * K is too small for NumPy to let other threads run (_GIL_FREE_OUTPUTS), the P pixels
-    are split in two halves, multiplied as one batch of two products, and the halves added: the
-    same sum in a fixed order, computed while the other bands run.
+    Where other bands run beside this one and O * K is too small for NumPy to let them
+    (_GIL_FREE_OUTPUTS), the P pixels are split in two halves, multiplied as one batch of two
+    products, and the halves added: the same sum in a fixed order (the bands, and so this choice,
+    depend on the sizes only, never on the thread count).
     """
     o, p = dy_band.shape
     k = cols.shape[0]
-    if o * k > _GIL_FREE_OUTPUTS or p % 2:
+    if not other_bands or o * k > _GIL_FREE_OUTPUTS or p % 2:
         return dy_band @ cols.T
     halves = np.matmul(dy_band.reshape(o, 2, p // 2).transpose(1, 0, 2),   # (2, O, P/2)
                        cols.reshape(k, 2, p // 2).transpose(1, 2, 0))      # (2, P/2, K)
@@ -325,47 +326,30 @@ class Conv2d(Module):
         w2 = w.reshape(o, -1)                                         # (O, K)
         # y = W2 @ cols + b   =>   dW2 = sum over images and bands of dy @ cols^T,
         #                          db = sum of dy,  dcols = W2^T @ dy, then col2im
-        # every row of dxp is written below (a stride wider than the kernel skips rows: zeros)
-        dxp = (np.zeros if sh > kh else np.empty)(xp.shape, dtype=w.dtype) \
-            if self.need_input_grad else None
-        c, wp = xp.shape[1], xp.shape[3]
-        overlap = max(0, kh - sh)      # input rows a band shares with each neighbour (2 for 3x3)
+        dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
+        bands = self._bands(ho, wo, xp.itemsize)
 
-        def band(task):                    # -> this band's dW2, db parts, the rows it shares
-            i, (row0, row1), first, last = task
+        def band(task):                                               # -> this band's part of dW2
+            i, (row0, row1) = task
             size = w2.shape[1] * (row1 - row0) * wo
             cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=threads.scratch(size, xp.dtype))
             dy_band = dy[i, :, row0:row1].reshape(o, -1)              # (O, bh*Wo)
-            shared = []                                               # [(image, first row, rows)]
             if dxp is not None:
-                # col2im into the band's own rows first: its input rows [in0, in1) of xp
-                in0, in1 = row0 * sh, (row1 - 1) * sh + kh
-                own = threads.scratch(c * (in1 - in0) * wp, xp.dtype, "rows").reshape(c, in1 - in0, wp)
-                own[...] = 0
-                col2im_add(own, w2.T @ dy_band, kh, kw, sh, sw, 0, row1 - row0)
-                top = 0 if first else overlap                         # rows shared with the band
-                bottom = 0 if last else overlap                       # above / below: kept apart
-                dxp[i, :, in0 + top:in1 - bottom] = own[:, top:in1 - in0 - bottom]
-                shared = [(i, in0, own[:, :top].copy()), (i, in1 - bottom, own[:, in1 - in0 - bottom:].copy())]
-            return _weight_grad(dy_band, cols), dy_band.sum(axis=1), shared   # (O, K), (O,)
+                col2im_add(dxp[i], w2.T @ dy_band, kh, kw, sh, sw, row0, row1)
+            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)  # (O, K), (O,)
 
-        # Neighbouring bands read the same `overlap` input rows (a window spans kh rows), so both
-        # add into them: each band writes the rows that are its alone and hands back the shared
-        # ones, added below in band order.  Every sum then has a fixed order, and the results are
-        # the same bit for bit however many threads run the bands.
-        tasks = []
-        for i in range(n):
-            bands = self._bands(ho, wo, xp.itemsize)
-            tasks += [(i, rows, k == 0, k == len(bands) - 1) for k, rows in enumerate(bands)]
-        parts = threads.parallel(band, tasks)
-        if dxp is not None:
-            for _, _, shared in parts:                                # the shared rows, in order
-                (i, row, top_rows), (_, row_b, bottom_rows) = shared
-                dxp[i, :, row:row + top_rows.shape[1]] += top_rows    # onto the band above's part
-                dxp[i, :, row_b:row_b + bottom_rows.shape[1]] = bottom_rows   # the band below adds
-            dxp[:, :, (ho - 1) * sh + kh:] = 0                        # rows no window reads
+        # Neighbouring bands add into the same few input rows (a window spans kh rows): even bands
+        # run together first, then odd ones, so no two running bands share a row.  The order of the
+        # adds is then fixed, and so are the sums, however many threads run them.  (A first layer
+        # adds nothing into its input: its bands all run at once, their parts summed in that order.)
+        tasks = [(i, rows) for i in range(n) for rows in bands]
+        if dxp is None:
+            parts = threads.parallel(band, tasks)
+            parts = parts[0::2] + parts[1::2]
+        else:
+            parts = threads.parallel(band, tasks[0::2]) + threads.parallel(band, tasks[1::2])
         dw, db = np.zeros(w2.shape, dtype=w.dtype), np.zeros(o, dtype=w.dtype)
-        for dw_part, db_part, _ in parts:                             # a fixed order of sums
+        for dw_part, db_part in parts:                                # a fixed order of sums
             dw += dw_part
             db += db_part
         self.grads["weight"] = dw.reshape(w.shape)                    # (O, C, kh, kw)

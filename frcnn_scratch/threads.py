@@ -26,9 +26,10 @@ import threading
 
 import numpy as np
 
-# Below this many pixels a training step is fastest on one thread (measured on a 2-core EPYC:
-# 240 x 400 and smaller lose with two threads, 480 x 640 and larger gain; see README, "Speed").
-SMALL_IMAGE_PIXELS = 200_000
+# Below this many pixels a training step is fastest on one thread.  Measured on a 2-core EPYC
+# (whole training steps, 1 vs 2 threads): 96 x 160 12.7 / 13.0 ms, 128 x 224 17.2 / 18.8,
+# 160 x 256 21.7 / 22.1, 200 x 320 31.3 / 27.3, 240 x 400 42 / 32; see README, "Speed".
+SMALL_IMAGE_PIXELS = 50_000
 MAX_THREADS = 256
 
 _chosen = None          # the user's thread count (set_threads), None: chosen by the work
@@ -196,11 +197,11 @@ def _pool(n):
         return pool
 
 
-def scratch(size, dtype, name="columns"):
-    """A reusable 1-D buffer of at least `size` elements for the calling thread, one per `name`
-    (no new pages per call: im2col columns are rebuilt band after band into the same memory)."""
+def scratch(size, dtype):
+    """A reusable 1-D buffer of at least `size` elements for the calling thread (no new pages per
+    call: im2col columns are rebuilt band after band into the same memory)."""
     dtype = np.dtype(dtype)
-    key = (name, dtype.str)
+    key = dtype.str
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}

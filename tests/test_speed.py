@@ -128,17 +128,19 @@ def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
 
 @pytest.mark.parametrize("o,k,p", [(16, 27, 600), (16, 27, 601), (20, 30, 64), (3, 4, 10)])
 def test_small_weight_gradients_split_in_halves_equal_the_plain_product(o, k, p):
-    """dW of a small layer (O * K <= 500, where NumPy would hold the GIL through the product) is
-    computed as two halves of the pixels; it equals dy @ cols.T to float32 rounding (odd P: the
-    plain product itself), and a larger one is the plain product."""
+    """dW of a small layer (O * K <= 500, where NumPy would hold the GIL through the product) in a
+    convolution of several bands is computed as two halves of the pixels; it equals dy @ cols.T to
+    float32 rounding (odd P: the plain product itself); a larger one, or a layer of one band
+    (nothing runs beside it), is the plain product."""
     dy = RNG.standard_normal((o, p)).astype(np.float32)
     cols = RNG.standard_normal((k, p)).astype(np.float32)
-    got = nn._weight_grad(dy, cols)
+    got = nn._weight_grad(dy, cols, other_bands=True)
     assert got.shape == (o, k) and got.dtype == np.float32
     np.testing.assert_allclose(got, (dy.astype(np.float64) @ cols.T.astype(np.float64)),
                                rtol=1e-4, atol=1e-4 * np.sqrt(p))
     if o * k > nn._GIL_FREE_OUTPUTS or p % 2:
         np.testing.assert_array_equal(got, dy @ cols.T)
+    np.testing.assert_array_equal(nn._weight_grad(dy, cols, other_bands=False), dy @ cols.T)
 
 
 def test_inplace_relu_writes_over_its_input_and_gradient():
@@ -204,8 +206,9 @@ def test_work_threads_one_for_small_images_all_cores_for_large_and_the_user_wins
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     try:
-        assert threads.work_threads(96, 160) == 1
+        assert threads.work_threads(96, 160) == 1 and threads.work_threads(160, 256) == 1
         assert threads.work_threads(600, 1000) == threads.usable_cores()
+        assert threads.work_threads(240, 400) == threads.usable_cores()
         threads.set_threads(3)
         assert threads.work_threads(96, 160) == 3 and threads.work_threads(600, 1000) == 3
     finally:
@@ -237,6 +240,31 @@ def test_parallel_keeps_order_and_raises_errors():
         other.join()
     assert seen == [1]
     assert threads.chunks(10, 3) == [(0, 3), (3, 6), (6, 10)] and threads.chunks(2, 8) == [(0, 1), (1, 2)]
+
+
+def test_background_runs_beside_the_caller_or_at_once_on_one_thread():
+    import threading
+    here = threading.get_ident()
+    done = threads.background(lambda a, b: (a + b, threading.get_ident()), 2, 3)
+    assert done.result() == (5, here)                             # one thread: at once, here
+    with threads.using(2):
+        job = threads.background(lambda: threading.get_ident())
+        assert job.result() != here                               # beside the caller
+        assert threads.background(lambda: 7).result() == 7
+
+        def fail():
+            raise KeyError("boom")
+
+        for n in (1, 2):
+            with threads.using(n), pytest.raises(KeyError, match="boom"):
+                threads.background(fail).result()                 # raised where it is read
+
+
+def test_feature_size_is_the_backbones_output_size():
+    model = FasterRCNN(Config(**SMALL))
+    for h, w in [(32, 32), (33, 47), (97, 161), (120, 64)]:
+        x = np.zeros((1, 3, h, w), np.float32)
+        assert model.features(x).shape[2:] == model.feature_size(h, w)
 
 
 def test_cli_threads_option_is_checked_and_reset(capsys):
