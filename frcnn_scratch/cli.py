@@ -503,7 +503,7 @@ def _add_common(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", dest="work_threads", type=int, default=None, metavar="N",
                    help="threads to compute with (default: 1 for small images, all usable cores "
-                        "from about 50k pixels, e.g. 200 x 250)")
+                        "from about 200k pixels)")
 
 
 def build_parser():

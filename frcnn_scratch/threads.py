@@ -27,9 +27,10 @@ import threading
 import numpy as np
 
 # Below this many pixels a training step is fastest on one thread.  Measured on a 2-core EPYC
-# (whole training steps, 1 vs 2 threads): 96 x 160 12.7 / 13.0 ms, 128 x 224 17.2 / 18.8,
-# 160 x 256 21.7 / 22.1, 200 x 320 31.3 / 27.3, 240 x 400 42 / 32; see README, "Speed".
-SMALL_IMAGE_PIXELS = 50_000
+# (whole training steps, median of 8, five processes each): 160 x 256 22.4-23.4 ms on one thread
+# against 24.2-25.2 on two, 240 x 400 42.5-45.4 against 42.1-48.2 (no gain), 480 x 640 two
+# threads 0.7-0.8x of one; see README, "Speed".
+SMALL_IMAGE_PIXELS = 200_000
 MAX_THREADS = 256
 
 _chosen = None          # the user's thread count (set_threads), None: chosen by the work

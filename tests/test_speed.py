@@ -208,7 +208,7 @@ def test_work_threads_one_for_small_images_all_cores_for_large_and_the_user_wins
     try:
         assert threads.work_threads(96, 160) == 1 and threads.work_threads(160, 256) == 1
         assert threads.work_threads(600, 1000) == threads.usable_cores()
-        assert threads.work_threads(240, 400) == threads.usable_cores()
+        assert threads.work_threads(240, 400) == 1 and threads.work_threads(480, 640) == threads.usable_cores()
         threads.set_threads(3)
         assert threads.work_threads(96, 160) == 3 and threads.work_threads(600, 1000) == 3
     finally:
