@@ -158,8 +158,9 @@ class Module:
 # Bytes of im2col columns the convolution builds at a time (one band of output rows): a band's
 # columns are multiplied while still in cache (L2 / L3), never 9x the input at once.  Measured on
 # whole training steps (2-core EPYC, 240 x 400 to 600 x 1000): 2 MB and 4 MB bands within 2% on
-# one thread, 2 MB 1-8% faster on two, 1 MB 4-7% slower on one; smaller bands give more pieces
-# to share among threads (a 60 x 80 map: 6 bands instead of 3).
+# one thread, 2 MB 1-8% faster on two, 1 MB 4-7% slower on one.  The bands set the order of the
+# sums, so 4 MB stays: with it every convolution at the demo's and the hard shapes' sizes is one
+# band, and training there is bit-identical to the runs the notebooks quote.
 BAND_BYTES = 4 << 20
 
 

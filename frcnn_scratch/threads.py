@@ -13,6 +13,8 @@ in its copies, ufuncs and matrix products, so the pieces run at once, and the co
 products (im2col, col2im, max pooling, ReLU) are spread over the cores too, which threads inside
 OpenBLAS never do.  Each piece writes its own part of the output, and partial sums are added in a
 fixed order: the results are the same, bit for bit, whatever the number of threads (tested).
+`background` runs one independent stage beside the others (the training step labels its anchors
+while the backbone runs).
 
 The user's setting wins: `set_threads(n)` (the command line's --threads), else OMP_NUM_THREADS or
 OPENBLAS_NUM_THREADS in the environment (which also leave OpenBLAS's own count alone).
