@@ -29,7 +29,7 @@ import numpy as np
 from . import _checks, ops, rpn as _rpn, threads
 from .anchors import generate_anchors, shift_anchors
 from .losses import rpn_loss
-from .nn import Conv2d, MaxPool2d, ReLU, Sequential
+from .nn import BAND_BYTES, Conv2d, MaxPool2d, ReLU, Sequential
 from .roi_head import (HEAD_BOX_WEIGHTS, FastRCNNHead, fast_rcnn_loss, postprocess_detections,
                        proposal_targets)
 
@@ -255,28 +255,32 @@ def parameter_count(cfg):
 def memory_estimate(cfg, image_hw, training=True):
     """Bytes a training step (or a detection) on one image of image_hw pixels needs, roughly.
 
-    Weights (with training: their gradients and SGD's momentum too), and the float32 activations
-    the step keeps: each conv's input unrolled for its matrix product (9 x its channels per
-    pixel) and its output, the RPN's anchors, the pooled RoIs and fc layers, and RoI Align's
-    sampling points.  A lower bound of what the process holds, good to refuse the impossible.
+    Weights (with training: their gradients and SGD's momentum too), and the float32 activations:
+    per conv layer the padded input it keeps for its backward, its output and (training) the
+    gradient of it; im2col columns one band at a time (nn.BAND_BYTES, with their gradient, on
+    each thread); the RPN's anchors, the pooled RoIs and fc layers, and RoI Align's sampling
+    points.  Measured peaks (`frcnn bench-model --memory`) are 40-70% of it (480 x 640: 43-78 MB
+    added by training and predicting, against 114 MB): it refuses the impossible, not what fits.
     """
     h, w = (float(v) for v in image_hw)
+    grads = 2 if training else 1
     weights = parameter_count(cfg) * 4 * (3 if training else 1)
     acts, c_in = 3 * h * w * 4 * 2, 3                        # the image, normalised
     for i, c in enumerate(cfg.channels):
         cells = (h / 2 ** i) * (w / 2 ** i)
-        acts += cells * (9 * c_in + 2 * c) * 4               # im2col columns, output, ReLU
+        acts += cells * (c_in + grads * c) * 4               # padded input, output (+ gradient)
         c_in = c
+    acts += BAND_BYTES * grads * threads.usable_cores()      # the columns of one band per thread
     cells = (h / cfg.stride) * (w / cfg.stride)
     anchors = cells * cfg.num_anchors
     acts += anchors * 4 * 4 * 6                              # anchors, deltas, decoded boxes ...
     rois = cfg.roi_batch_size if training else cfg.rpn_post_nms_test
     pooled = cfg.pooled_size ** 2
-    acts += rois * (c_in * pooled + 2 * cfg.fc_hidden) * 4 * 2
+    acts += rois * (c_in * pooled + 2 * cfg.fc_hidden) * 4 * grads
     side = max(h, w) / cfg.stride                            # adaptive sampling: up to the map
     grid = cfg.sampling_ratio if cfg.sampling_ratio > 0 else max(side / cfg.pooled_size, 1)
-    acts += rois * cfg.pooled_size * grid * 4 * 8 * 2        # sampling points, both axes
-    return int(weights + acts * (2 if training else 1))
+    acts += rois * cfg.pooled_size * grid * 4 * 8 * grads    # sampling points, both axes
+    return int(weights + acts)
 
 
 def available_memory():
@@ -614,10 +618,14 @@ class FasterRCNN:
         labelling = threads.background(_rpn.anchor_targets, self.anchors(*self.feature_size(h, w)),
                                        gt_boxes, image_shape, cfg.rpn_pos_iou, cfg.rpn_neg_iou,
                                        cfg.rpn_batch_size, cfg.rpn_positive_fraction, rng)
-        features = self.features(x)                                        # (1, C, H', W')
-
-        # RPN (3.1): objectness + t for every anchor, its targets, the proposals
-        logits, deltas, anchors, rpn_proposals = self.propose(features, image_shape, training=True)
+        try:
+            features = self.features(x)                                    # (1, C, H', W')
+            # RPN (3.1): objectness + t for every anchor, its targets, the proposals
+            logits, deltas, anchors, rpn_proposals = self.propose(features, image_shape,
+                                                                  training=True)
+        except BaseException:
+            threads.wait(labelling)            # it draws from rng: never left running after us
+            raise
         if proposals is None:
             proposals = rpn_proposals                                      # constants from here on
         labels, targets = labelling.result()                               # (A,), (A, 4)

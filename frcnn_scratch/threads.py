@@ -191,6 +191,12 @@ def background(fn, *args):
     return _pool(n).submit(fn, *args)
 
 
+def wait(job):
+    """Wait until a job of background() has ended, whatever its outcome (nothing is raised)."""
+    if isinstance(job, concurrent.futures.Future):
+        concurrent.futures.wait([job])
+
+
 def _pool(n):
     """The pool of exactly n threads (made on first use, then kept)."""
     with _pool_lock:

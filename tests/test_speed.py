@@ -260,6 +260,37 @@ def test_background_runs_beside_the_caller_or_at_once_on_one_thread():
                 threads.background(fail).result()                 # raised where it is read
 
 
+def test_a_failing_step_does_not_leave_the_anchor_labelling_running(monkeypatch):
+    """The labelling draws from the step's rng: when the backbone fails, the step waits for it
+    before raising, so a retried step never shares the rng with a stray thread."""
+    import time
+    from frcnn_scratch import model as model_module
+    ended = []
+    labelling = model_module._rpn.anchor_targets
+
+    def slow(*args):
+        time.sleep(0.3)
+        result = labelling(*args)
+        ended.append(True)
+        return result
+
+    monkeypatch.setattr(model_module._rpn, "anchor_targets", slow)
+    model = FasterRCNN(Config(**SMALL))
+
+    def broken(x):
+        raise RuntimeError("backbone failed")
+
+    monkeypatch.setattr(model, "features", broken)
+    sample = sample_at(120, 160, seed=0)
+    try:
+        threads.set_threads(2)
+        with pytest.raises(RuntimeError, match="backbone failed"):
+            model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+    finally:
+        threads.set_threads(None)
+    assert ended == [True]
+
+
 def test_feature_size_is_the_backbones_output_size():
     model = FasterRCNN(Config(**SMALL))
     for h, w in [(32, 32), (33, 47), (97, 161), (120, 64)]:
@@ -282,6 +313,29 @@ def test_bench_model_times_numpy_and_measures_memory(capsys):
     row = next(line for line in out.splitlines() if line.startswith("64x96"))
     train_ms, predict_ms, peak_mb = (float(v) for v in row.split()[2:5])
     assert train_ms > 0 and predict_ms > 0 and 0 <= peak_mb < 500
+
+
+def test_the_command_keeps_freed_memory_on_glibc():
+    """frcnn's allocator setting takes effect where the C library is glibc (this CI's), and is a
+    quiet no-op elsewhere."""
+    import platform
+    from frcnn_scratch.cli import keep_freed_memory
+    done = keep_freed_memory()
+    assert isinstance(done, bool)
+    if platform.libc_ver()[0] == "glibc":
+        assert done
+
+
+def test_memory_estimate_is_above_the_measured_peak_but_not_far():
+    """check_memory refuses images by model.memory_estimate: it must cover what a step really
+    holds (measured in a fresh process), and not refuse sizes that fit by being far above it."""
+    from frcnn_scratch.bench_model import peak_memory_mb
+    from frcnn_scratch.model import memory_estimate, parameter_count
+    cfg = Config()
+    peak = peak_memory_mb("numpy", (240, 400), 1, [], repeat=2)
+    assert peak is not None and peak > 5
+    estimate = (memory_estimate(cfg, (240, 400)) - parameter_count(cfg) * 4 * 3) / 2 ** 20
+    assert peak <= estimate <= 4 * peak + 20, (peak, estimate)
 
 
 @pytest.mark.parametrize("argv,match", [
