@@ -3,8 +3,11 @@
 Small images give small matrices (a 64-channel 12 x 20 map, 64 RoIs), where threads cost more than
 they give: a 96 x 160 training step took 0.99 s with two OpenBLAS threads on a busy 2-core machine
 and 0.067 s with one.  Large images give convolutions over hundreds of thousands of pixels, where
-every core pays.  `work_threads(height, width)` picks one thread below SMALL_IMAGE_PIXELS and all
-usable cores above; the model's training step and prediction run under `for_image`.
+threads pay, up to a point: Python threads take turns at the GIL to start and finish each piece,
+and past about six they wait more than they work (a 600 x 1000 step on a 16-core Xeon: 213 ms
+on 6 threads, 458 on 16).  `work_threads(height, width)` picks one thread below
+SMALL_IMAGE_PIXELS and one per PIXELS_PER_THREAD pixels above, 2 to AUTO_MAX_THREADS; the
+model's training step and prediction run under `for_image`.
 
 The threads are this module's, not OpenBLAS's: under `for_image` OpenBLAS runs on one thread, and
 the layers hand independent pieces of work (a band of output rows of a convolution, a block of
@@ -30,13 +33,20 @@ import numpy as np
 
 # Below this many pixels a training step is fastest on one thread.  Measured on a 2-core EPYC
 # (whole training steps, median of 8, five processes each): 160 x 256 22.4-23.4 ms on one thread
-# against 24.2-25.2 on two, 240 x 400 42.5-45.4 against 42.1-48.2 (no gain), 480 x 640 two
-# threads 0.7-0.8x of one; see README, "Speed".
-SMALL_IMAGE_PIXELS = 200_000
+# against 24.2-25.2 on two; 240 x 400 (96k pixels) 42.5-45.4 against 42.1-48.2, and 121 against
+# 97 ms on a 16-core Xeon.
+SMALL_IMAGE_PIXELS = 90_000
+# Above it, one thread per PIXELS_PER_THREAD pixels, at least two, at most AUTO_MAX_THREADS.  More
+# threads lose: a piece of work needs the GIL to start and to end, and with many threads they wait
+# on it and on each other.  16-core Xeon (H100 host), training step ms on 1/2/3/4/6/8/16 threads:
+# 600 x 1000 664/362/285/254-288/213/361/458, 480 x 640 308/229/160/148-172/164/217/285.
+PIXELS_PER_THREAD = 100_000
+AUTO_MAX_THREADS = 6
 MAX_THREADS = 256
 
 _chosen = None          # the user's thread count (set_threads), None: chosen by the work
-_pools = {}                 # thread count -> its pool (exactly that many threads run)
+_pools = {}                 # thread count -> its pool (background jobs; regions when the team is busy)
+_teams = {}                 # thread count -> its team (parallel regions)
 _pool_lock = threading.Lock()
 _local = threading.local()  # per calling thread: `workers` (set by using / for_image), scratch buffers
 
@@ -77,11 +87,15 @@ def user_threads():
 
 def work_threads(height, width):
     """The threads for a (height, width) image: the user's choice (user_threads), else 1 for
-    small images and all usable cores for large ones."""
+    small images, and one per PIXELS_PER_THREAD pixels for larger ones (2 to AUTO_MAX_THREADS,
+    never more than the usable cores)."""
     chosen = user_threads()
     if chosen is not None:
         return chosen
-    return 1 if int(height) * int(width) < SMALL_IMAGE_PIXELS else usable_cores()
+    pixels = int(height) * int(width)
+    if pixels < SMALL_IMAGE_PIXELS:
+        return 1
+    return max(1, min(usable_cores(), AUTO_MAX_THREADS, max(2, pixels // PIXELS_PER_THREAD)))
 
 
 def _openblas_thread_functions():
@@ -153,12 +167,66 @@ def parallel(fn, items):
     """[fn(item) for item in items], on up to workers() threads; results in the items' order.
 
     The calls must be independent (each writes its own part of an output).  An exception in one
-    is raised here.
+    is raised here (the first item's, when several fail), after every call has ended.
     """
     items, n = list(items), workers()
     if n <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    return list(_pool(n).map(fn, items))
+    team = _team(n)
+    if not team.lock.acquire(blocking=False):     # another thread's region holds it: a pool
+        return list(_pool(n).map(fn, items))
+    try:
+        return team.run(fn, items)
+    finally:
+        team.lock.release()
+
+
+class _Team:
+    """n - 1 helper threads that work through one list of items together with the caller.
+
+    A parallel region costs one wake-up per helper, not a queued task and a future per item (on a
+    16-core VM the executor's bookkeeping and wake-ups cost more than a ReLU's work).  The items
+    are handed out one at a time from a shared iterator, so a slow item does not hold up the rest.
+    """
+
+    def __init__(self, n):
+        self.lock = threading.Lock()              # one region at a time
+        self._go = [threading.Semaphore(0) for _ in range(n - 1)]
+        self._done = threading.Semaphore(0)
+        self._work = None
+        for go in self._go:
+            threading.Thread(target=self._helper, args=(go,), daemon=True,
+                             name="frcnn-team").start()
+
+    def _helper(self, go):
+        while True:
+            go.acquire()
+            try:
+                self._work()
+            finally:
+                self._done.release()
+
+    def run(self, fn, items):
+        results, errors = [None] * len(items), []
+        order = iter(range(len(items)))           # next() on it is atomic under the GIL
+
+        def work():
+            for k in order:
+                try:
+                    results[k] = fn(items[k])
+                except BaseException as e:        # raised by the caller, below
+                    errors.append((k, e))
+
+        helpers = self._go[:len(items) - 1]
+        self._work = work
+        for go in helpers:
+            go.release()
+        work()                                    # the caller is one of the team
+        for _ in helpers:
+            self._done.acquire()
+        if errors:
+            raise min(errors, key=lambda e: e[0])[1]
+        return results
 
 
 class _Done:
@@ -204,6 +272,15 @@ def _pool(n):
         if pool is None:
             pool = _pools[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="frcnn")
         return pool
+
+
+def _team(n):
+    """The team of n threads (the caller and n - 1 helpers; made on first use, then kept)."""
+    with _pool_lock:
+        team = _teams.get(n)
+        if team is None:
+            team = _teams[n] = _Team(n)
+        return team
 
 
 def scratch(size, dtype):

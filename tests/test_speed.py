@@ -202,13 +202,19 @@ def test_top_n_equals_the_first_n_of_a_stable_sort():
 
 # ---- the thread policy -----------------------------------------------------------------------
 
-def test_work_threads_one_for_small_images_all_cores_for_large_and_the_user_wins(monkeypatch):
+def test_work_threads_one_for_small_images_a_few_for_large_and_the_user_wins(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    for cores, want in [(1, (1, 1, 1, 1, 1)), (2, (1, 1, 2, 2, 2)), (4, (1, 1, 2, 3, 4)),
+                        (16, (1, 1, 2, 3, 6)), (64, (1, 1, 2, 3, 6))]:
+        monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+        got = tuple(threads.work_threads(h, w) for h, w in
+                    [(96, 160), (160, 256), (240, 400), (480, 640), (600, 1000)])
+        assert got == want, (cores, got)
+    monkeypatch.undo()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     try:
-        assert threads.work_threads(96, 160) == 1 and threads.work_threads(160, 256) == 1
-        assert threads.work_threads(600, 1000) == threads.usable_cores()
-        assert threads.work_threads(240, 400) == 1 and threads.work_threads(480, 640) == threads.usable_cores()
         threads.set_threads(3)
         assert threads.work_threads(96, 160) == 3 and threads.work_threads(600, 1000) == 3
     finally:
@@ -219,7 +225,7 @@ def test_work_threads_one_for_small_images_all_cores_for_large_and_the_user_wins
     monkeypatch.setenv("OMP_NUM_THREADS", "1")                    # the environment is a choice too
     assert threads.work_threads(600, 1000) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "junk")
-    assert threads.work_threads(600, 1000) == threads.usable_cores()
+    assert threads.work_threads(600, 1000) == min(threads.usable_cores(), 6)
 
 
 def test_parallel_keeps_order_and_raises_errors():
