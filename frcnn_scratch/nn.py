@@ -78,8 +78,12 @@ def _float_dtype(x):
     return np.float64 if x.dtype == np.float64 else np.float32
 
 
-def _as_input(x, name, dtype, ndim=None, channels=None, layer=""):
-    """`x` as a `dtype` array of `ndim` dims (and `channels` at axis 1), finite; else ValueError."""
+def _as_input(x, name, dtype, ndim=None, channels=None, layer="", finite=True):
+    """`x` as a `dtype` array of `ndim` dims (and `channels` at axis 1), finite; else ValueError.
+
+    finite=False leaves the NaN / Inf check to the caller, which does it block by block while the
+    block is in cache (`_blocks_finite`) instead of in a pass of its own.
+    """
     where = f"{layer} {name}" if layer else name
     try:
         x = np.asarray(x)
@@ -93,21 +97,26 @@ def _as_input(x, name, dtype, ndim=None, channels=None, layer=""):
     if channels is not None and x.shape[1] != channels:
         want = f"(N, {channels}, H, W)" if x.ndim == 4 else f"(N, {channels})"
         raise ValueError(f"{where}: expected shape {want}, got {tuple(x.shape)}")
-    if not _all_finite(x):
+    if finite and not _all_finite(x):
         raise ValueError(f"{where}: contains NaN or Inf")
     return x
 
 
+def _finite(x):
+    """No NaN or Inf in x (one thread)."""
+    return bool(np.isfinite(x).all())
+
+
 def _all_finite(x):
     """np.isfinite(x).all(), by blocks of channels on threads for large 4-D arrays."""
-    return all(_by_channels(lambda part: bool(np.isfinite(x[part]).all()), x))
+    return all(_by_channels(lambda part: _finite(x[part]), x))
 
 
-def _as_grad(dy, cache_shape, dtype, layer):
+def _as_grad(dy, cache_shape, dtype, layer, finite=True):
     """Check the incoming gradient dL/dy against the shape of the cached forward output."""
     if cache_shape is None:
         raise RuntimeError(f"{layer}.backward called before forward")
-    dy = _as_input(dy, "dy", dtype, layer=layer + ".backward")
+    dy = _as_input(dy, "dy", dtype, layer=layer + ".backward", finite=finite)
     if dy.shape != cache_shape:
         raise ValueError(f"{layer}.backward dy: expected the forward output's shape {cache_shape}, "
                          f"got {tuple(dy.shape)}")
@@ -116,6 +125,12 @@ def _as_grad(dy, cache_shape, dtype, layer):
 
 # Element-wise layers (ReLU, max pooling) split their work over threads above this many elements.
 PARALLEL_MIN_SIZE = 1 << 18
+
+
+def _blocks_finite(flags, where):
+    """Raise the NaN / Inf error of _as_input unless every block's check passed."""
+    if not all(flags):
+        raise ValueError(f"{where}: contains NaN or Inf")
 
 
 def _by_channels(fn, x):
@@ -292,14 +307,19 @@ class Conv2d(Module):
     def forward(self, x):
         """x (N, in_ch, H, W) -> y (N, out_ch, Ho, Wo)."""
         w, b = self.params["weight"], self.params["bias"]  # (O, C, kh, kw), (O,)
-        x = _as_input(x, "x", w.dtype, ndim=4, channels=self.in_ch, layer="Conv2d")
+        x = _as_input(x, "x", w.dtype, ndim=4, channels=self.in_ch, layer="Conv2d", finite=False)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         n, c, h, wd = x.shape
         if h + 2 * ph < kh or wd + 2 * pw < kw:
             raise ValueError(f"Conv2d x: padded input {(h + 2 * ph, wd + 2 * pw)} is smaller than "
                              f"the kernel {(kh, kw)}; got x of shape {x.shape}")
         xp = np.empty((n, c, h + 2 * ph, wd + 2 * pw), dtype=x.dtype)  # (N, C, Hp, Wp) zero border
-        _by_channels(lambda part: _pad_into(xp[part], x[part], ph, pw), x)  # (np.pad: slower)
+
+        def pad(part):                                                # (np.pad: slower)
+            _pad_into(xp[part], x[part], ph, pw)
+            return _finite(x[part])                               # checked while in cache
+
+        _blocks_finite(_by_channels(pad, x), "Conv2d x")
         ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
         w2 = w.reshape(self.out_ch, -1)                               # (O, K)  K = C*kh*kw
         y = np.empty((n, self.out_ch, ho, wo), dtype=x.dtype)         # (N, O, Ho, Wo)
@@ -321,7 +341,7 @@ class Conv2d(Module):
         fills grads weight, bias."""
         w = self.params["weight"]
         xp, y_shape = self._cache if self._cache is not None else (None, None)
-        dy = _as_grad(dy, y_shape, w.dtype, "Conv2d")
+        dy = _as_grad(dy, y_shape, w.dtype, "Conv2d", finite=False)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         n, o, ho, wo = y_shape
         w2 = w.reshape(o, -1)                                         # (O, K)
@@ -335,9 +355,11 @@ class Conv2d(Module):
             size = w2.shape[1] * (row1 - row0) * wo
             cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=threads.scratch(size, xp.dtype))
             dy_band = dy[i, :, row0:row1].reshape(o, -1)              # (O, bh*Wo)
+            if not _finite(dy_band):                                  # the bands cover dy
+                return None, None, False
             if dxp is not None:
                 col2im_add(dxp[i], w2.T @ dy_band, kh, kw, sh, sw, row0, row1)
-            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)  # (O, K), (O,)
+            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1), True
 
         # Neighbouring bands add into the same few input rows (a window spans kh rows): even bands
         # run together first, then odd ones, so no two running bands share a row.  The order of the
@@ -349,8 +371,9 @@ class Conv2d(Module):
             parts = parts[0::2] + parts[1::2]
         else:
             parts = threads.parallel(band, tasks[0::2]) + threads.parallel(band, tasks[1::2])
+        _blocks_finite([finite for _, _, finite in parts], "Conv2d.backward dy")
         dw, db = np.zeros(w2.shape, dtype=w.dtype), np.zeros(o, dtype=w.dtype)
-        for dw_part, db_part in parts:                                # a fixed order of sums
+        for dw_part, db_part, _ in parts:                             # a fixed order of sums
             dw += dw_part
             db += db_part
         self.grads["weight"] = dw.reshape(w.shape)                    # (O, C, kh, kw)
@@ -379,24 +402,35 @@ class ReLU(Module):
 
     def forward(self, x):
         """x (any shape) -> y (same shape)."""
-        x = _as_input(x, "x", _float_dtype(np.asarray(x)), layer="ReLU")
-        self._mask = np.empty(x.shape, dtype=bool)
+        x = _as_input(x, "x", _float_dtype(np.asarray(x)), layer="ReLU", finite=False)
+        mask = np.empty(x.shape, dtype=bool)
         y = x if self.inplace else np.empty_like(x)
 
         def block(part):                                              # a block of channels
-            np.greater(x[part], 0, out=self._mask[part])              # (same shape) bool
+            if not _finite(x[part]):
+                return False
+            np.greater(x[part], 0, out=mask[part])                    # (same shape) bool
             np.maximum(x[part], x.dtype.type(0), out=y[part])
+            return True
 
-        _by_channels(block, x)
+        _blocks_finite(_by_channels(block, x), "ReLU x")
+        self._mask = mask
         return y
 
     def backward(self, dy):
         """dy (same shape as x) -> dx = dy * [x > 0]."""
         shape = None if self._mask is None else self._mask.shape
-        dy = _as_grad(dy, shape, _float_dtype(np.asarray(dy)), "ReLU")
+        dy = _as_grad(dy, shape, _float_dtype(np.asarray(dy)), "ReLU", finite=False)
         dx = dy if self.inplace else np.empty_like(dy)
-        _by_channels(lambda part: np.multiply(dy[part], self._mask[part], out=dx[part]), dy)
-        return dx                                                     # (np.where is slower)
+
+        def block(part):                                              # a block of channels
+            if not _finite(dy[part]):
+                return False
+            np.multiply(dy[part], self._mask[part], out=dx[part])     # (np.where is slower)
+            return True
+
+        _blocks_finite(_by_channels(block, dy), "ReLU.backward dy")
+        return dx
 
 
 # ----------------------------------------------------------------------------- MaxPool2d
@@ -423,7 +457,7 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         """x (N, C, H, W) -> y (N, C, Ho, Wo)."""
-        x = _as_input(x, "x", _float_dtype(np.asarray(x)), ndim=4, layer="MaxPool2d")
+        x = _as_input(x, "x", _float_dtype(np.asarray(x)), ndim=4, layer="MaxPool2d", finite=False)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         n, c, h, w = x.shape
         if h < kh or w < kw:
@@ -433,14 +467,17 @@ class MaxPool2d(Module):
         argmax = np.zeros(y.shape, dtype=np.uint8 if kh * kw < 256 else np.int64)
 
         def block(part):                                               # a block of channels
+            if not _finite(x[part]):
+                return False
             views = self._offset_views(x[part], ho, wo)
             y[part] = views[0]
             for offset, value in enumerate(views[1:], start=1):
                 larger = value > y[part]                               # strictly: ties keep the first
                 argmax[part] += larger * (offset - argmax[part])       # = offset where larger
                 np.maximum(y[part], value, out=y[part])
+            return True
 
-        _by_channels(block, x)
+        _blocks_finite(_by_channels(block, x), "MaxPool2d x")
         self._cache = (x.shape, argmax)                                # not x: one byte per window
         return y
 
@@ -454,13 +491,15 @@ class MaxPool2d(Module):
         """dy (N, C, Ho, Wo) -> dx (N, C, H, W), dy sent to each window's first max."""
         x_shape, argmax = self._cache if self._cache is not None else (None, None)
         dy = _as_grad(dy, None if argmax is None else argmax.shape,
-                      _float_dtype(np.asarray(dy)), "MaxPool2d")
+                      _float_dtype(np.asarray(dy)), "MaxPool2d", finite=False)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         ho, wo = argmax.shape[2:]
         tiled = (sh, sw) == (kh, kw)               # the windows tile the input: each value once
         dx = (np.empty if tiled else np.zeros)(x_shape, dtype=dy.dtype)  # (N, C, H, W)
 
         def block(part):                                               # a block of channels
+            if not _finite(dy[part]):
+                return False
             for offset, dx_view in enumerate(self._offset_views(dx[part], ho, wo)):
                 if tiled:
                     np.multiply(dy[part], argmax[part] == offset, out=dx_view)  # one window each
@@ -469,8 +508,9 @@ class MaxPool2d(Module):
             if tiled:
                 dx[part][:, :, ho * sh:] = 0                           # rows, columns no window
                 dx[part][:, :, :, wo * sw:] = 0                        # covers (odd sizes)
+            return True
 
-        _by_channels(block, dx)
+        _blocks_finite(_by_channels(block, dx), "MaxPool2d.backward dy")
         return dx
 
 

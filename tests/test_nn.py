@@ -6,7 +6,7 @@ import pytest
 import torch  # CI always installs torch: a plain import, so the NumPy checks here are never skipped
 from hypothesis import given, settings, strategies as st
 
-from frcnn_scratch import nn
+from frcnn_scratch import nn, threads
 
 F = torch.nn.functional
 
@@ -503,6 +503,33 @@ def test_bad_backward_inputs():
         conv.backward(np.full((1, 2, 2, 2), np.nan))
     with pytest.raises(RuntimeError, match="before forward"):
         nn.MaxPool2d().backward(np.zeros((1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("layer", ["Conv2d", "ReLU", "MaxPool2d"])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_one_bad_value_anywhere_is_caught_forward_and_backward(layer, n_threads, monkeypatch):
+    """The layers check x and dy block by block inside their own passes (not in a pass of their
+    own): a single NaN or Inf in any channel block, band or corner must still raise."""
+    monkeypatch.setattr(nn, "PARALLEL_MIN_SIZE", 64)          # several blocks on small arrays
+    make = {"Conv2d": lambda: nn.Conv2d(5, 4, 3, padding=1, rng=0, band_bytes=5 * 9 * 4 * 12 * 3),
+            "ReLU": lambda: nn.ReLU(inplace=True), "MaxPool2d": lambda: nn.MaxPool2d(2)}[layer]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 12, 12)).astype(np.float32)
+    with threads.using(n_threads):
+        y_shape = make().forward(x.copy()).shape
+        for bad in (np.nan, np.inf, -np.inf):
+            for where in [(0, 0, 0, 0), (1, 4, 11, 11), (0, 2, 6, 3), (1, 0, 11, 0)]:
+                xb = x.copy()
+                xb[where] = bad
+                with pytest.raises(ValueError, match=f"{layer} x: contains NaN or Inf"):
+                    make().forward(xb)
+                m = make()
+                y = m.forward(x.copy())
+                dy = np.ones(y_shape, np.float32)
+                dy[tuple(min(i, s - 1) for i, s in zip(where, y_shape))] = bad
+                with pytest.raises(ValueError, match=f"{layer}.backward dy: contains NaN or Inf"):
+                    m.backward(dy)
+                m.backward(np.ones(y_shape, np.float32))               # a good dy still works
 
 
 @pytest.mark.parametrize("make, match", [
