@@ -84,8 +84,8 @@ def test_maxpool_keeps_one_byte_per_window_not_its_input():
 @pytest.mark.parametrize("k,s", [(2, 2), (3, 2), (3, 3)])
 def test_pool_and_relu_are_the_same_on_any_number_of_threads(k, s):
     """Big enough to be split over channels (PARALLEL_MIN_SIZE): equal bit for bit, ties included."""
-    x = np.round(RNG.standard_normal((1, 8, 200, 190)), 1).astype(np.float32)   # many exact ties
-    assert x.size >= nn.PARALLEL_MIN_SIZE
+    x = np.round(RNG.standard_normal((1, 8, 400, 390)), 1).astype(np.float32)   # many exact ties
+    assert x.size >= 3 * nn.PARALLEL_MIN_SIZE                     # three blocks on three threads
     out = {}
     for workers in (1, 3):
         pool, relu = nn.MaxPool2d(k, s), nn.ReLU()
