@@ -184,13 +184,15 @@ def parallel(fn, items):
 class _Team:
     """n - 1 helper threads that work through one list of items together with the caller.
 
-    A parallel region costs one wake-up per helper, not a queued task and a future per item (on a
-    16-core VM the executor's bookkeeping and wake-ups cost more than a ReLU's work).  The items
-    are handed out one at a time from a shared iterator, so a slow item does not hold up the rest.
+    A parallel region costs one wake-up per helper, not a queued task and a future per item, and
+    the caller works instead of waiting (training steps on 4 threads of a 16-core Xeon: 254 against
+    276 ms at 600 x 1000, 148 against 188 at 480 x 640, with an executor).  The items are handed
+    out one at a time from a shared iterator, so a slow item does not hold up the rest.
     """
 
     def __init__(self, n):
         self.lock = threading.Lock()              # one region at a time
+        self.broken = False                       # a region was interrupted: helpers may be busy
         self._go = [threading.Semaphore(0) for _ in range(n - 1)]
         self._done = threading.Semaphore(0)
         self._work = None
@@ -216,16 +218,25 @@ class _Team:
                     results[k] = fn(items[k])
                 except BaseException as e:        # raised by the caller, below
                     errors.append((k, e))
+                    if not isinstance(e, Exception):
+                        return                    # Ctrl-C: this thread takes no more items
 
         helpers = self._go[:len(items) - 1]
         self._work = work
         for go in helpers:
             go.release()
-        work()                                    # the caller is one of the team
-        for _ in helpers:
-            self._done.acquire()
+        try:
+            work()                                # the caller is one of the team
+            for _ in helpers:
+                self._done.acquire()
+        except BaseException:
+            # Interrupted while its helpers still run: they would signal a later region's
+            # _done.  This team is never used again (_team makes a new one).
+            self.broken = True
+            raise
         if errors:
-            raise min(errors, key=lambda e: e[0])[1]
+            stop = [e for e in errors if not isinstance(e[1], Exception)]   # Ctrl-C first
+            raise min(stop or errors, key=lambda e: e[0])[1]
         return results
 
 
@@ -278,7 +289,7 @@ def _team(n):
     """The team of n threads (the caller and n - 1 helpers; made on first use, then kept)."""
     with _pool_lock:
         team = _teams.get(n)
-        if team is None:
+        if team is None or team.broken:
             team = _teams[n] = _Team(n)
         return team
 

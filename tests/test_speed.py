@@ -248,6 +248,41 @@ def test_parallel_keeps_order_and_raises_errors():
     assert threads.chunks(10, 3) == [(0, 3), (3, 6), (6, 10)] and threads.chunks(2, 8) == [(0, 1), (1, 2)]
 
 
+def test_an_interrupted_region_leaves_later_regions_whole():
+    """Ctrl-C inside a parallel region (in the caller's own item, or while it waits for its
+    helpers) raises KeyboardInterrupt, and the regions after it still get every result: helpers
+    still busy with the old region must not be counted as done in a new one."""
+    import threading
+    import time
+
+    def slow_square(v):
+        time.sleep(0.02)
+        if v == -1 and threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt
+        return v * v
+
+    with threads.using(3):
+        with pytest.raises(KeyboardInterrupt):          # every thread gets a -1 item, the caller too
+            threads.parallel(slow_square, [-1] * 6)
+        assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
+
+        team = threads._team(3)
+
+        class Interrupted:                              # Ctrl-C while the caller waits
+            def __init__(self, real):
+                self.release = real.release
+
+            def acquire(self):
+                raise KeyboardInterrupt
+
+        team._done = Interrupted(team._done)
+        with pytest.raises(KeyboardInterrupt):          # its helpers still sleep in items after it
+            threads.parallel(slow_square, range(3, 12))
+        assert team.broken and threads._team(3) is not team
+        for _ in range(3):
+            assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
+
+
 def test_background_runs_beside_the_caller_or_at_once_on_one_thread():
     import threading
     here = threading.get_ident()
