@@ -502,8 +502,8 @@ def _add_common(p):
                    help="ops backend (default: FRCNN_BACKEND or numpy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", dest="work_threads", type=int, default=None, metavar="N",
-                   help="threads to compute with (default: 1 below about 90k pixels, then one "
-                        "per 100k pixels, at most 6)")
+                   help="threads to compute with (default: 1 below about 90k pixels, else up to "
+                        "6)")
 
 
 def build_parser():

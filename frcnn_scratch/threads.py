@@ -4,10 +4,10 @@ Small images give small matrices (a 64-channel 12 x 20 map, 64 RoIs), where thre
 they give: a 96 x 160 training step took 0.99 s with two OpenBLAS threads on a busy 2-core machine
 and 0.067 s with one.  Large images give convolutions over hundreds of thousands of pixels, where
 threads pay, up to a point: Python threads take turns at the GIL to start and finish each piece,
-and past about six they wait more than they work (a 600 x 1000 step on a 16-core Xeon: 213 ms
-on 6 threads, 458 on 16).  `work_threads(height, width)` picks one thread below
-SMALL_IMAGE_PIXELS and one per PIXELS_PER_THREAD pixels above, 2 to AUTO_MAX_THREADS; the
-model's training step and prediction run under `for_image`.
+and past about six they wait more than they work (a 600 x 1000 step on a 16-core Xeon: 198-213
+ms on 6 threads, 458 on 16).  `work_threads(height, width)` picks one thread below
+SMALL_IMAGE_PIXELS and AUTO_MAX_THREADS (or all cores, if fewer) above; the model's training
+step and prediction run under `for_image`.
 
 The threads are this module's, not OpenBLAS's: under `for_image` OpenBLAS runs on one thread, and
 the layers hand independent pieces of work (a band of output rows of a convolution, a block of
@@ -34,13 +34,13 @@ import numpy as np
 # Below this many pixels a training step is fastest on one thread.  Measured on a 2-core EPYC
 # (whole training steps, median of 8, five processes each): 160 x 256 22.4-23.4 ms on one thread
 # against 24.2-25.2 on two; 240 x 400 (96k pixels) 42.5-45.4 against 42.1-48.2, and 121 against
-# 97 ms on a 16-core Xeon.
+# 94-98 ms on 2-6 threads of a 16-core Xeon.
 SMALL_IMAGE_PIXELS = 90_000
-# Above it, one thread per PIXELS_PER_THREAD pixels, at least two, at most AUTO_MAX_THREADS.  More
-# threads lose: a piece of work needs the GIL to start and to end, and with many threads they wait
-# on it and on each other.  16-core Xeon (H100 host), training step ms on 1/2/3/4/6/8/16 threads:
-# 600 x 1000 664/362/285/254-288/213/361/458, 480 x 640 308/229/160/148-172/164/217/285.
-PIXELS_PER_THREAD = 100_000
+# Above it, this many threads at most (or the usable cores, if fewer).  More threads lose: a piece
+# of work needs the GIL to start and to end, and with many threads they wait on it and on each
+# other.  16-core Xeon (H100 host), training step ms on 1/2/3/4/6/8/16 threads, two sessions:
+# 600 x 1000 664/362/285/236-288/198-213/221-361/458, 480 x 640 308/229/160/142-172/131-164/
+# 134-217/285.
 AUTO_MAX_THREADS = 6
 MAX_THREADS = 256
 
@@ -87,15 +87,13 @@ def user_threads():
 
 def work_threads(height, width):
     """The threads for a (height, width) image: the user's choice (user_threads), else 1 for
-    small images, and one per PIXELS_PER_THREAD pixels for larger ones (2 to AUTO_MAX_THREADS,
-    never more than the usable cores)."""
+    small images and AUTO_MAX_THREADS (at most the usable cores) for larger ones."""
     chosen = user_threads()
     if chosen is not None:
         return chosen
-    pixels = int(height) * int(width)
-    if pixels < SMALL_IMAGE_PIXELS:
+    if int(height) * int(width) < SMALL_IMAGE_PIXELS:
         return 1
-    return max(1, min(usable_cores(), AUTO_MAX_THREADS, max(2, pixels // PIXELS_PER_THREAD)))
+    return max(1, min(usable_cores(), AUTO_MAX_THREADS))
 
 
 def _openblas_thread_functions():

@@ -205,8 +205,8 @@ def test_top_n_equals_the_first_n_of_a_stable_sort():
 def test_work_threads_one_for_small_images_a_few_for_large_and_the_user_wins(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    for cores, want in [(1, (1, 1, 1, 1, 1)), (2, (1, 1, 2, 2, 2)), (4, (1, 1, 2, 3, 4)),
-                        (16, (1, 1, 2, 3, 6)), (64, (1, 1, 2, 3, 6))]:
+    for cores, want in [(1, (1, 1, 1, 1, 1)), (2, (1, 1, 2, 2, 2)), (4, (1, 1, 4, 4, 4)),
+                        (16, (1, 1, 6, 6, 6)), (64, (1, 1, 6, 6, 6))]:
         monkeypatch.setattr(threads, "usable_cores", lambda: cores)
         got = tuple(threads.work_threads(h, w) for h, w in
                     [(96, 160), (160, 256), (240, 400), (480, 640), (600, 1000)])
