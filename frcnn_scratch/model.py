@@ -29,7 +29,7 @@ import numpy as np
 from . import _checks, ops, rpn as _rpn, threads
 from .anchors import generate_anchors, shift_anchors
 from .losses import rpn_loss
-from .nn import BAND_BYTES, Conv2d, MaxPool2d, ReLU, Sequential
+from .nn import BAND_BYTES, BLOCK_SIZE, Conv2d, MaxPool2d, ReLU, Sequential
 from .roi_head import (HEAD_BOX_WEIGHTS, FastRCNNHead, fast_rcnn_loss, postprocess_detections,
                        proposal_targets)
 
@@ -528,8 +528,8 @@ class FasterRCNN:
             x[0, :, part] = ((block - mean) / std).transpose(2, 0, 1)
             return bool(np.isfinite(block).all()), block.min(), block.max()
 
-        blocks = threads.parallel(rows, [slice(a, b) for a, b in
-                                         threads.chunks(image.shape[0], threads.workers())])
+        pieces = max(threads.workers(), image.size // BLOCK_SIZE)         # blocks that fit in cache
+        blocks = threads.parallel(rows, [slice(a, b) for a, b in threads.chunks(image.shape[0], pieces)])
         if not all(finite for finite, _, _ in blocks):
             raise ValueError("image: contains NaN or Inf")
         low, high = min(b[1] for b in blocks), max(b[2] for b in blocks)

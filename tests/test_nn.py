@@ -510,7 +510,7 @@ def test_bad_backward_inputs():
 def test_one_bad_value_anywhere_is_caught_forward_and_backward(layer, n_threads, monkeypatch):
     """The layers check x and dy block by block inside their own passes (not in a pass of their
     own): a single NaN or Inf in any channel block, band or corner must still raise."""
-    monkeypatch.setattr(nn, "PARALLEL_MIN_SIZE", 64)          # several blocks on small arrays
+    monkeypatch.setattr(nn, "BLOCK_SIZE", 64)            # several blocks on small arrays
     make = {"Conv2d": lambda: nn.Conv2d(5, 4, 3, padding=1, rng=0, band_bytes=5 * 9 * 4 * 12 * 3),
             "ReLU": lambda: nn.ReLU(inplace=True), "MaxPool2d": lambda: nn.MaxPool2d(2)}[layer]
     rng = np.random.default_rng(3)

@@ -82,19 +82,23 @@ def test_maxpool_keeps_one_byte_per_window_not_its_input():
 
 
 @pytest.mark.parametrize("k,s", [(2, 2), (3, 2), (3, 3)])
-def test_pool_and_relu_are_the_same_on_any_number_of_threads(k, s):
-    """Big enough to be split over channels (PARALLEL_MIN_SIZE): equal bit for bit, ties included."""
+def test_pool_and_relu_are_the_same_in_blocks_and_on_any_number_of_threads(k, s, monkeypatch):
+    """Split into blocks of channels (BLOCK_SIZE), on one thread or three, or done as one block:
+    equal bit for bit, ties included."""
     x = np.round(RNG.standard_normal((1, 8, 400, 390)), 1).astype(np.float32)   # many exact ties
-    assert x.size >= 3 * nn.PARALLEL_MIN_SIZE                     # three blocks on three threads
+    assert x.size >= 3 * nn.BLOCK_SIZE                            # three blocks or more
     out = {}
-    for workers in (1, 3):
+    for name, workers, block in [("blocks", 1, nn.BLOCK_SIZE), ("threads", 3, nn.BLOCK_SIZE),
+                                 ("whole", 1, x.size + 1)]:
+        monkeypatch.setattr(nn, "BLOCK_SIZE", block)
         pool, relu = nn.MaxPool2d(k, s), nn.ReLU()
         with threads.using(workers):
             y = pool.forward(relu.forward(x))
             dy = np.linspace(-1, 1, y.size, dtype=np.float32).reshape(y.shape)
-            out[workers] = (y, relu.backward(pool.backward(dy)))
-    for a, b in zip(out[1], out[3]):
-        np.testing.assert_array_equal(a, b)
+            out[name] = (y, relu.backward(pool.backward(dy)))
+    for name in ("threads", "whole"):
+        for a, b in zip(out["blocks"], out[name]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
