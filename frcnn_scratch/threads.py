@@ -11,7 +11,8 @@ step and prediction run under `for_image`.
 
 The threads are this module's, not OpenBLAS's: under `for_image` OpenBLAS runs on one thread, and
 the layers hand independent pieces of work (a band of output rows of a convolution, a block of
-channels of a pooling layer) to `parallel`, a pool of `workers()` threads.  NumPy releases the GIL
+channels of a pooling layer) to `parallel`, a team of `workers()` threads (the caller and its
+helpers).  NumPy releases the GIL
 in its copies, ufuncs and matrix products, so the pieces run at once, and the copies around the
 products (im2col, col2im, max pooling, ReLU) are spread over the cores too, which threads inside
 OpenBLAS never do.  Each piece writes its own part of the output, and partial sums are added in a
