@@ -252,6 +252,25 @@ def test_parallel_keeps_order_and_raises_errors():
     assert threads.chunks(10, 3) == [(0, 3), (3, 6), (6, 10)] and threads.chunks(2, 8) == [(0, 1), (1, 2)]
 
 
+def test_one_team_grows_to_the_largest_thread_count_and_a_region_uses_n_threads(monkeypatch):
+    import threading
+    import time
+    monkeypatch.setattr(threads, "_the_team", None)                   # a fresh team
+    seen, lock = {}, threading.Lock()
+
+    def who(n):
+        time.sleep(0.003)
+        with lock:
+            seen.setdefault(n, set()).add(threading.get_ident())
+
+    for n in (2, 4, 3):
+        with threads.using(n):
+            threads.parallel(who, [n] * 16)
+        assert 1 < len(seen[n]) <= n                                   # the caller is one of them
+        assert threading.get_ident() in seen[n]
+    assert len(threads._team()._go) == 3                               # 4 threads: 3 helpers
+
+
 def test_an_interrupted_region_leaves_later_regions_whole():
     """Ctrl-C inside a parallel region (in the caller's own item, or while it waits for its
     helpers) raises KeyboardInterrupt, and the regions after it still get every result: helpers
@@ -270,7 +289,7 @@ def test_an_interrupted_region_leaves_later_regions_whole():
             threads.parallel(slow_square, [-1] * 6)
         assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
 
-        team = threads._team(3)
+        team = threads._team()
 
         class Interrupted:                              # Ctrl-C while the caller waits
             def __init__(self, real):
@@ -282,7 +301,7 @@ def test_an_interrupted_region_leaves_later_regions_whole():
         team._done = Interrupted(team._done)
         with pytest.raises(KeyboardInterrupt):          # its helpers still sleep in items after it
             threads.parallel(slow_square, range(3, 12))
-        assert team.broken and threads._team(3) is not team
+        assert team.broken and threads._team() is not team
         for _ in range(3):
             assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
 
