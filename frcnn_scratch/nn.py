@@ -354,30 +354,46 @@ class Conv2d(Module):
         dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
         bands = self._bands(ho, wo, xp.itemsize)
 
-        def band(task):                                               # -> this band's part of dW2
+        def weight_part(task):                                        # -> this band's dW2, db
             i, (row0, row1) = task
-            size = w2.shape[1] * (row1 - row0) * wo
-            cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=threads.scratch(size, xp.dtype))
             dy_band = dy[i, :, row0:row1].reshape(o, -1)              # (O, bh*Wo)
             if not _finite(dy_band):                                  # the bands cover dy
-                return None, None, False
-            if dxp is not None:
-                col2im_add(dxp[i], w2.T @ dy_band, kh, kw, sh, sw, row0, row1)
-            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1), True
+                return None
+            size = w2.shape[1] * (row1 - row0) * wo
+            cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=threads.scratch(size, xp.dtype))
+            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)  # (O, K), (O,)
 
-        # Neighbouring bands add into the same few input rows (a window spans kh rows): even bands
-        # run together first, then odd ones, so no two running bands share a row.  The order of the
-        # adds is then fixed, and so are the sums, however many threads run them.  (A first layer
-        # adds nothing into its input: its bands all run at once, their parts summed in that order.)
+        def input_part(task):                                         # dcols, added into dxp
+            i, (row0, row1) = task
+            dy_band = dy[i, :, row0:row1].reshape(o, -1)              # (O, bh*Wo)
+            if _finite(dy_band):                                      # (else weight_part says so)
+                size = w2.shape[1] * dy_band.shape[1]
+                dcols = np.matmul(w2.T, dy_band, out=threads.scratch(size, dy.dtype).reshape(
+                    w2.shape[1], -1))                                 # dcols = W2^T @ dy
+                col2im_add(dxp[i], dcols, kh, kw, sh, sw, row0, row1)
+
+        # Neighbouring bands add into the same few input rows (a window spans kh rows), so the even
+        # bands' input parts run in a first round and the odd ones' in a second: no two running
+        # bands share a row, the adds come in a fixed order, and so do the sums, however many
+        # threads run them.  The weight parts share nothing: the odd bands' run in the first round,
+        # the even bands' in the second, so that each round has one part per band to share out.
+        # Their sums are added in a fixed order too (even bands, then odd ones).  A first layer
+        # adds nothing into its input: it has weight parts only, all in one round.
         tasks = [(i, rows) for i in range(n) for rows in bands]
+        even, odd = tasks[0::2], tasks[1::2]
         if dxp is None:
-            parts = threads.parallel(band, tasks)
+            parts = threads.parallel(weight_part, tasks)
             parts = parts[0::2] + parts[1::2]
         else:
-            parts = threads.parallel(band, tasks[0::2]) + threads.parallel(band, tasks[1::2])
-        _blocks_finite([finite for _, _, finite in parts], "Conv2d.backward dy")
+            run = lambda job: job[0](job[1])                          # noqa: E731
+            first = threads.parallel(run, [(input_part, t) for t in even] +
+                                     [(weight_part, t) for t in odd])
+            second = threads.parallel(run, [(input_part, t) for t in odd] +
+                                      [(weight_part, t) for t in even])
+            parts = second[len(odd):] + first[len(even):]             # even bands', odd bands'
+        _blocks_finite([part is not None for part in parts], "Conv2d.backward dy")
         dw, db = np.zeros(w2.shape, dtype=w.dtype), np.zeros(o, dtype=w.dtype)
-        for dw_part, db_part, _ in parts:                             # a fixed order of sums
+        for dw_part, db_part in parts:                                # a fixed order of sums
             dw += dw_part
             db += db_part
         self.grads["weight"] = dw.reshape(w.shape)                    # (O, C, kh, kw)
