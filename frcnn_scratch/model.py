@@ -558,15 +558,19 @@ class FasterRCNN:
 
     def propose(self, features, image_shape, training):
         """RPN head + proposal layer -> (logits (A,), deltas (A, 4), anchors (A, 4), proposals (P, 4))."""
-        cfg = self.config
         logits, deltas = self.rpn.forward(features)                        # (1, A), (1, A, 4)
+        proposals = self._proposals(features, logits[0], deltas[0], image_shape, training)
+        return logits[0], deltas[0], self.anchors(*features.shape[2:]), proposals
+
+    def _proposals(self, features, logits, deltas, image_shape, training):
+        """The proposal layer on the RPN's outputs for this feature map -> (P, 4) boxes."""
+        cfg = self.config
         anchors = self.anchors(*features.shape[2:])                        # (A, 4)
         pre, post = ((cfg.rpn_pre_nms_train, cfg.rpn_post_nms_train) if training
                      else (cfg.rpn_pre_nms_test, cfg.rpn_post_nms_test))
-        proposals, _ = _rpn.generate_proposals(anchors, logits[0], deltas[0], image_shape, pre, post,
-                                               cfg.rpn_nms_threshold, cfg.rpn_min_size,
-                                               backend=self.backend)      # (P, 4)
-        return logits[0], deltas[0], anchors, proposals
+        return _rpn.generate_proposals(anchors, logits, deltas, image_shape, pre, post,
+                                       cfg.rpn_nms_threshold, cfg.rpn_min_size,
+                                       backend=self.backend)[0]           # (P, 4)
 
     # -- training: forward, the four losses, backward --
 
@@ -601,6 +605,10 @@ class FasterRCNN:
             raise ValueError("rng: pass a seed (int) or a np.random.Generator; an unseeded training "
                              "step cannot be repeated")
         rng = np.random.default_rng(rng)                                   # a Generator passes through
+        unknown = set(parts) - {"rpn", "head"}
+        if unknown or not parts:
+            raise ValueError(f"parts: expected 'rpn' and / or 'head', got {tuple(parts)!r}")
+        use_rpn, use_head = "rpn" in parts, "head" in parts
         gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")                   # (G, 4)
         gt_labels = _checks.as_labels(gt_labels, "gt_labels", 1, cfg.num_classes,
                                       size=len(gt_boxes))                  # (G,) int64
@@ -620,33 +628,28 @@ class FasterRCNN:
                                        cfg.rpn_batch_size, cfg.rpn_positive_fraction, rng)
         try:
             features = self.features(x)                                    # (1, C, H', W')
-            # RPN (3.1): objectness + t for every anchor, its targets, the proposals
-            logits, deltas, anchors, rpn_proposals = self.propose(features, image_shape,
-                                                                  training=True)
+            logits, deltas = self.rpn.forward(features)                    # RPN (3.1): (1, A), ...
         except BaseException:
             threads.wait(labelling)            # it draws from rng: never left running after us
             raise
-        if proposals is None:
-            proposals = rpn_proposals                                      # constants from here on
-        labels, targets = labelling.result()                               # (A,), (A, 4)
-        rpn = rpn_loss(logits, deltas, labels, targets, lam=cfg.rpn_lambda, sigma=cfg.rpn_sigma)
-
-        # Fast R-CNN head (3.2): sample RoIs, pool, classify and refine
-        rois, roi_labels, roi_targets, roi_weights = proposal_targets(
-            proposals, gt_boxes, gt_labels, cfg.num_classes, cfg.roi_batch_size,
-            cfg.roi_fg_fraction, cfg.roi_fg_iou, cfg.roi_bg_iou_hi, cfg.roi_bg_iou_lo,
-            HEAD_BOX_WEIGHTS, rng, backend=self.backend)                  # (R, 4), (R,), ...
-        rois5 = np.concatenate([np.zeros((len(rois), 1), np.float32), rois], axis=1)  # (R, 5)
-        cls_logits, bbox_deltas = self.head.forward(features, rois5)       # (R, C+1), (R, 4 (C+1))
-        head = fast_rcnn_loss(cls_logits, bbox_deltas, roi_labels, roi_targets, roi_weights)
-
+        # The two heads meet again only in the gradient of the feature map: with threads, the
+        # detector's side (proposals, RoI sampling, head, its loss and backward) runs beside the
+        # RPN's (its loss and backward).  The detector samples its RoIs after the anchor labelling
+        # has drawn from rng, so the draws come in the same order on any number of threads.
+        detector = threads.background(self._detector_step, features, logits[0], deltas[0],
+                                      image_shape, gt_boxes, gt_labels, rng, proposals,
+                                      labelling, use_head)
+        try:
+            labels, targets = labelling.result()                           # (A,), (A, 4)
+            rpn = rpn_loss(logits[0], deltas[0], labels, targets, lam=cfg.rpn_lambda,
+                           sigma=cfg.rpn_sigma)
+            g_rpn = self.rpn.backward(rpn["grad_logits"][None] * use_rpn,
+                                      rpn["grad_t"][None] * use_rpn)      # (1, C, H', W')
+        except BaseException:
+            threads.wait(detector)             # it draws from rng too
+            raise
+        head, g_head = detector.result()
         # backward: both heads send gradient into the shared feature map, then the backbone
-        unknown = set(parts) - {"rpn", "head"}
-        if unknown or not parts:
-            raise ValueError(f"parts: expected 'rpn' and / or 'head', got {tuple(parts)!r}")
-        use_rpn, use_head = "rpn" in parts, "head" in parts
-        g_rpn = self.rpn.backward(rpn["grad_logits"][None] * use_rpn, rpn["grad_t"][None] * use_rpn)
-        g_head = self.head.backward(head["grad_cls"] * use_head, head["grad_bbox"] * use_head)
         self.feature_gradients = dict(rpn=float(np.sqrt(np.sum(np.square(g_rpn, dtype=np.float64)))),
                                       head=float(np.sqrt(np.sum(np.square(g_head, dtype=np.float64)))))
         self.backbone.backward(g_rpn + g_head)
@@ -654,6 +657,24 @@ class FasterRCNN:
         return dict(loss=float(loss), rpn_cls=float(rpn["loss_cls"]),
                     rpn_reg=float(cfg.rpn_lambda * rpn["loss_reg"]), head_cls=float(head["loss_cls"]),
                     head_reg=float(head["loss_reg"]))
+
+    def _detector_step(self, features, logits, deltas, image_shape, gt_boxes, gt_labels, rng,
+                       proposals, labelling, use_head):
+        """Fast R-CNN's side of a training step (3.2): proposals (unless given), RoI sampling,
+        head, its loss and backward -> (the loss dict, the gradient of the features)."""
+        cfg = self.config
+        if proposals is None:                                              # constants from here on
+            proposals = self._proposals(features, logits, deltas, image_shape, training=True)
+        labelling.result()                     # its rng draws come before the RoI sampling's
+        rois, roi_labels, roi_targets, roi_weights = proposal_targets(
+            proposals, gt_boxes, gt_labels, cfg.num_classes, cfg.roi_batch_size,
+            cfg.roi_fg_fraction, cfg.roi_fg_iou, cfg.roi_bg_iou_hi, cfg.roi_bg_iou_lo,
+            HEAD_BOX_WEIGHTS, rng, backend=self.backend)                  # (R, 4), (R,), ...
+        rois5 = np.concatenate([np.zeros((len(rois), 1), np.float32), rois], axis=1)  # (R, 5)
+        cls_logits, bbox_deltas = self.head.forward(features, rois5)       # (R, C+1), (R, 4 (C+1))
+        head = fast_rcnn_loss(cls_logits, bbox_deltas, roi_labels, roi_targets, roi_weights)
+        g_head = self.head.backward(head["grad_cls"] * use_head, head["grad_bbox"] * use_head)
+        return head, g_head
 
     # -- inference --
 

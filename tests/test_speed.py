@@ -379,6 +379,59 @@ def test_a_failing_step_does_not_leave_the_anchor_labelling_running(monkeypatch)
     assert ended == [True]
 
 
+def test_a_failing_rpn_side_does_not_leave_the_detector_side_running(monkeypatch):
+    """With threads the detector's side of a step (proposals, RoI sampling, head) runs beside the
+    RPN's loss and backward.  It draws from rng: when the RPN's side fails, the step waits for it
+    before raising."""
+    import time
+    from frcnn_scratch import model as model_module
+    ended = []
+    sampling = model_module.proposal_targets
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        result = sampling(*args, **kwargs)
+        ended.append(True)
+        return result
+
+    monkeypatch.setattr(model_module, "proposal_targets", slow)
+    model = FasterRCNN(Config(**SMALL))
+
+    def broken(*args):
+        raise RuntimeError("rpn backward failed")
+
+    monkeypatch.setattr(model.rpn, "backward", broken)
+    sample = sample_at(120, 160, seed=0)
+    try:
+        threads.set_threads(2)
+        with pytest.raises(RuntimeError, match="rpn backward failed"):
+            model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+    finally:
+        threads.set_threads(None)
+    assert ended == [True]
+
+
+def test_the_two_sides_of_a_step_draw_from_rng_in_the_same_order_on_any_threads(monkeypatch):
+    """The anchor labelling draws before the RoI sampling, whichever thread runs first: a slow
+    labelling must not let the detector's side sample RoIs first (losses equal bit for bit)."""
+    import time
+    from frcnn_scratch import model as model_module
+    labelling = model_module._rpn.anchor_targets
+    sample = sample_at(120, 160, seed=0)
+    losses = {}
+    for n, delay in [(1, 0.0), (2, 0.2)]:
+        monkeypatch.setattr(model_module._rpn, "anchor_targets",
+                            lambda *a, d=delay: (time.sleep(d), labelling(*a))[1])
+        model = FasterRCNN(Config(**SMALL))
+        try:
+            threads.set_threads(n)
+            losses[n] = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"],
+                                             rng=np.random.default_rng(4))
+        finally:
+            threads.set_threads(None)
+    assert losses[1] == losses[2]
+
+
 def test_feature_size_is_the_backbones_output_size():
     model = FasterRCNN(Config(**SMALL))
     for h, w in [(32, 32), (33, 47), (97, 161), (120, 64)]:
