@@ -1,10 +1,15 @@
 """RPN (section 3.1): head layout and gradient, anchor targets, the proposal layer."""
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from frcnn_scratch.anchors import shift_anchors
 from frcnn_scratch.box_coding import encode
-from frcnn_scratch.rpn import RPNHead, anchor_targets, generate_proposals
+from frcnn_scratch import ops
+from frcnn_scratch.box_coding import decode
+from frcnn_scratch.boxes import clip_boxes, remove_small_boxes
+from frcnn_scratch.losses import sigmoid
+from frcnn_scratch.rpn import RPNHead, anchor_targets, generate_proposals, top_n
 
 
 # ---- the head ------------------------------------------------------------------------------------
@@ -129,6 +134,39 @@ def test_proposals_by_hand_decode_clip_small_nms_topn():
     # top-N after NMS
     boxes, _ = generate_proposals(anchors, logits, deltas, (40, 40), 10, 2, 0.7, 2)
     assert len(boxes) == 2
+
+
+def proposals_in_the_papers_order(anchors, logits, deltas, image_shape, pre, post, thr, min_size):
+    """The plain proposal layer: decode every anchor, clip, drop small, top-N, NMS, top-N."""
+    boxes = clip_boxes(decode(deltas, anchors), image_shape)
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, logits = boxes[keep], logits[keep]
+    order = top_n(logits, pre)
+    boxes, logits = boxes[order], logits[order]
+    keep = ops.nms(boxes, logits, thr)[:post]
+    return boxes[keep], sigmoid(logits[keep])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 400), st.integers(0, 300), st.integers(0, 60), st.floats(0, 40),
+       st.integers(0, 2 ** 32 - 1))
+def test_proposals_equal_decoding_every_anchor(num_anchors, pre, post, min_size, seed):
+    """generate_proposals decodes only the best-ranked anchors (more when the size test drops
+    many): its boxes and scores equal the paper's order, decode all -> clip -> drop small -> top-N
+    -> NMS, bit for bit.  Tied logits, tiny and huge boxes, t past the clamp, min sizes that drop
+    most boxes."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-20, 120, (num_anchors, 2))
+    wh = rng.choice([0.5, 3.0, 12.0, 40.0, 300.0], (num_anchors, 2)) * rng.uniform(0.5, 1.5, (num_anchors, 2))
+    anchors = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    logits = np.round(rng.normal(0, 2, num_anchors), 1).astype(np.float32)      # many ties
+    deltas = rng.normal(0, 1.5, (num_anchors, 4)).astype(np.float32)
+    deltas[rng.random(num_anchors) < 0.1, 2:] = 20.0                         # past the clamp
+    got = generate_proposals(anchors, logits, deltas, (100, 150), pre, post, 0.7, min_size)
+    want = proposals_in_the_papers_order(anchors, logits, deltas, (100, 150), pre, post, 0.7,
+                                         min_size)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1].astype(np.float32))
 
 
 def test_proposals_apply_the_deltas():
