@@ -18,7 +18,7 @@ products (im2col, col2im, max pooling, ReLU) are spread over the cores too, whic
 OpenBLAS never do.  Each piece writes its own part of the output, and partial sums are added in a
 fixed order: the results are the same, bit for bit, whatever the number of threads (tested).
 `background` runs one independent stage beside the others (the training step labels its anchors
-while the backbone runs).
+while the backbone runs, and runs the detector's side beside the RPN's loss and backward).
 
 The user's setting wins: `set_threads(n)` (the command line's --threads), else OMP_NUM_THREADS or
 OPENBLAS_NUM_THREADS in the environment (which also leave OpenBLAS's own count alone).
@@ -268,8 +268,9 @@ def background(fn, *args):
     (or raises its exception).  On one thread (workers() == 1) it runs at once, here.
 
     For a stage that needs nothing the next stages compute: the training step labels the anchors
-    (they need only the boxes and the image size) while the backbone runs.  fn runs on the pool
-    of `parallel`, as one of its threads, with one thread of its own.
+    (they need only the boxes and the image size) while the backbone runs, and runs the
+    detector's side while the RPN's loss and backward run.  fn runs on a pool thread beside the
+    team of `parallel`, on one thread of its own (workers() is 1 there).
     """
     n = workers()
     if n <= 1:
