@@ -302,6 +302,17 @@ def _team():
         return _the_team
 
 
+def _forget_threads():
+    """In a forked child only the forking thread exists: the team's helpers and the pools' workers
+    are gone, and a region would wait for them forever.  Start afresh there."""
+    global _the_team, _pools, _pool_lock
+    _the_team, _pools, _pool_lock = None, {}, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
+
+
 def scratch(size, dtype):
     """A reusable 1-D buffer of at least `size` elements for the calling thread (no new pages per
     call: im2col columns are rebuilt band after band into the same memory)."""

@@ -2,6 +2,8 @@
 textbook form) to float32 rounding, max pooling by stored index routes exactly as before, the
 thread count never changes a result (bit for bit), and the top-N selection equals a full stable
 sort.  Also the thread policy, `frcnn bench-model`, and the torch twin of the network."""
+import os
+
 import numpy as np
 import pytest
 
@@ -328,6 +330,29 @@ def test_an_interrupted_region_leaves_later_regions_whole():
         assert team.broken and threads._team() is not team
         for _ in range(3):
             assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_threads_work_in_a_forked_child():
+    """A child forked after the team (and the background pool) started has none of their threads:
+    its regions and background jobs must still run, not wait forever."""
+    import multiprocessing
+    with threads.using(3):                                   # the team and a pool exist now
+        threads.parallel(lambda v: v, range(6))
+        threads.background(lambda: 1).result()
+    child = multiprocessing.get_context("fork").Process(target=_regions_in_a_child)
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+
+
+def _regions_in_a_child():
+    with threads.using(3):
+        ok = threads.parallel(lambda v: v * v, range(9)) == [v * v for v in range(9)]
+        ok = ok and threads.background(lambda: 7).result() == 7
+    os._exit(0 if ok else 1)
 
 
 def test_background_runs_beside_the_caller_or_at_once_on_one_thread():
