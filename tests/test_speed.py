@@ -297,6 +297,27 @@ def test_one_team_grows_to_the_largest_thread_count_and_a_region_uses_n_threads(
     assert len(threads._team()._go) == 3                               # 4 threads: 3 helpers
 
 
+def test_regions_from_two_threads_at_once_are_each_whole():
+    """Two Python threads (two models, say) each running regions: one gets the team, the other a
+    pool, and every region gets all of its own results."""
+    import threading
+    failures = []
+
+    def regions(offset):
+        with threads.using(3):
+            for r in range(40):
+                items = list(range(offset + r, offset + r + 7))
+                if threads.parallel(lambda v: v * 3, items) != [v * 3 for v in items]:
+                    failures.append((offset, r))
+
+    workers = [threading.Thread(target=regions, args=(k * 1000,)) for k in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert failures == []
+
+
 def test_an_interrupted_region_leaves_later_regions_whole():
     """Ctrl-C inside a parallel region (in the caller's own item, or while it waits for its
     helpers) raises KeyboardInterrupt, and the regions after it still get every result: helpers
