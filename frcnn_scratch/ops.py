@@ -8,6 +8,7 @@ present), `kernels` runs them, and the results come back as NumPy.
 import contextlib
 import functools
 import os
+import threading
 
 import numpy as np
 
@@ -88,25 +89,41 @@ def _impl(backend):
     return _NumpyImpl if name == "numpy" else _triton_impl()
 
 
+# Triton's interpreter (no GPU) swaps triton.language's functions for its own while a kernel runs,
+# so two threads running kernels at once break each other ("Did you forget to add @triton.jit?").
+# The training step runs stages on threads (threads.background), so triton calls take turns.
+_TRITON_LOCK = threading.RLock()
+
+
+def _run(backend, op, *args):
+    """impl.op(*args) for the chosen backend; triton calls one at a time."""
+    impl = _impl(backend)
+    if impl is _NumpyImpl:
+        return getattr(impl, op)(*args)
+    with _TRITON_LOCK:
+        return getattr(impl, op)(*args)
+
+
 # ---- the public ops -------------------------------------------------------------------------
 
 def box_iou(boxes1, boxes2, backend=None):
     """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes -> (N, M) float32; zero union gives 0."""
     a = _checks.as_boxes(boxes1, "boxes1")
     b = _checks.as_boxes(boxes2, "boxes2")
-    return _impl(backend).box_iou(a, b)
+    return _run(backend, "box_iou", a, b)
 
 
 def nms(boxes, scores, iou_threshold, backend=None):
     """Greedy NMS (section 3.3): int64 indices kept, highest score first, ties by lower index."""
     boxes, scores, iou_threshold = _nms.check_nms_inputs(boxes, scores, iou_threshold)
-    return _impl(backend).nms(boxes, scores, iou_threshold)
+    return _run(backend, "nms", boxes, scores, iou_threshold)
 
 
 def batched_nms(boxes, scores, classes, iou_threshold, backend=None):
     """NMS within each class separately; indices kept, by score over all classes."""
-    impl = _impl(backend)
-    return _nms.batched_nms(boxes, scores, classes, iou_threshold, nms_fn=impl.nms)
+    _impl(backend)                                            # an unknown backend fails here
+    return _nms.batched_nms(boxes, scores, classes, iou_threshold,
+                            nms_fn=lambda b, s, t: _run(backend, "nms", b, s, t))
 
 
 def roi_pool(features, rois, output_size, spatial_scale, backend=None):
@@ -118,13 +135,13 @@ def roi_pool(features, rois, output_size, spatial_scale, backend=None):
     rois = _checks.as_rois(rois, num_images=features.shape[0])
     output_size = _checks.pair(output_size)
     spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
-    return _impl(backend).roi_pool(features, rois, output_size, spatial_scale)
+    return _run(backend, "roi_pool", features, rois, output_size, spatial_scale)
 
 
 def roi_pool_backward(grad_out, argmax, input_shape, backend=None):
     """Gradient of features: each grad_out value goes to the feature its argmax names."""
     grad_out, argmax, input_shape = _roi_pool.check_backward_inputs(grad_out, argmax, input_shape)
-    return _impl(backend).roi_pool_backward(grad_out, argmax, input_shape)
+    return _run(backend, "roi_pool_backward", grad_out, argmax, input_shape)
 
 
 def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, aligned=False,
@@ -135,8 +152,8 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     output_size = _checks.pair(output_size)
     spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
     sampling_ratio = _checks.sampling_ratio(sampling_ratio)
-    return _impl(backend).roi_align(features, rois, output_size, spatial_scale,
-                                    sampling_ratio, bool(aligned))
+    return _run(backend, "roi_align", features, rois, output_size, spatial_scale,
+                sampling_ratio, bool(aligned))
 
 
 def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
@@ -151,5 +168,5 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
         raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
     spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
     sampling_ratio = _checks.sampling_ratio(sampling_ratio)
-    return _impl(backend).roi_align_backward(grad_out, rois, input_shape, output_size,
-                                             spatial_scale, sampling_ratio, bool(aligned))
+    return _run(backend, "roi_align_backward", grad_out, rois, input_shape, output_size,
+                spatial_scale, sampling_ratio, bool(aligned))

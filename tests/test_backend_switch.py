@@ -166,3 +166,37 @@ def test_kernels_are_not_a_top_level_package():
                            "print(importlib.util.find_spec('kernels'))"],
                           capture_output=True, text=True, timeout=120, cwd=os.path.dirname(sys.executable))
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stdout + done.stderr[-500:]
+
+
+def test_triton_ops_from_several_threads_at_once_are_right():
+    """The training step runs stages on threads; without a GPU Triton's interpreter swaps
+    triton.language's functions while a kernel runs, so two threads' kernels broke each other
+    (InterpreterError).  ops runs triton calls one at a time: every result equals NumPy's."""
+    import threading
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 50, (120, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (120, 2))], 1).astype(np.float32)
+    scores = rng.random(120).astype(np.float32)
+    want_iou = ops.box_iou(boxes, boxes[:5], backend="numpy")
+    want_nms = ops.nms(boxes, scores, 0.5, backend="numpy")
+    errors = []
+
+    def work(kind):
+        try:
+            for _ in range(6):
+                if kind:
+                    got = ops.nms(boxes, scores, 0.5, backend="triton")
+                    ok = np.array_equal(got, want_nms)
+                else:
+                    ok = np.array_equal(ops.box_iou(boxes, boxes[:5], backend="triton"), want_iou)
+                if not ok:
+                    errors.append("wrong result")
+        except Exception as e:                     # noqa: BLE001 (collected, asserted below)
+            errors.append(repr(e))
+
+    workers = [threading.Thread(target=work, args=(k % 2,)) for k in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
