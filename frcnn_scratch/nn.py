@@ -487,14 +487,15 @@ class MaxPool2d(Module):
         argmax = np.zeros(y.shape, dtype=np.uint8 if kh * kw < 256 else np.int64)
 
         def block(part):                                               # a block of channels
-            if not _finite(x[part]):
+            xb, yb, ab = x[part], y[part], argmax[part]
+            if not _finite(xb):
                 return False
-            views = self._offset_views(x[part], ho, wo)
-            y[part] = views[0]
+            views = self._offset_views(xb, ho, wo)
+            yb[...] = views[0]
             for offset, value in enumerate(views[1:], start=1):
-                larger = value > y[part]                               # strictly: ties keep the first
-                argmax[part] += larger * (offset - argmax[part])       # = offset where larger
-                np.maximum(y[part], value, out=y[part])
+                larger = value > yb                                    # strictly: ties keep the first
+                ab += larger * (offset - ab)                           # = offset where larger
+                np.maximum(yb, value, out=yb)
             return True
 
         _blocks_finite(_by_channels(block, x), "MaxPool2d x")
@@ -518,16 +519,17 @@ class MaxPool2d(Module):
         dx = (np.empty if tiled else np.zeros)(x_shape, dtype=dy.dtype)  # (N, C, H, W)
 
         def block(part):                                               # a block of channels
-            if not _finite(dy[part]):
+            dyb, ab, dxb = dy[part], argmax[part], dx[part]
+            if not _finite(dyb):
                 return False
-            for offset, dx_view in enumerate(self._offset_views(dx[part], ho, wo)):
+            for offset, dx_view in enumerate(self._offset_views(dxb, ho, wo)):
                 if tiled:
-                    np.multiply(dy[part], argmax[part] == offset, out=dx_view)  # one window each
+                    np.multiply(dyb, ab == offset, out=dx_view)        # one window each
                 else:
-                    dx_view += dy[part] * (argmax[part] == offset)     # overlaps or gaps: add
+                    dx_view += dyb * (ab == offset)                    # overlaps or gaps: add
             if tiled:
-                dx[part][:, :, ho * sh:] = 0                           # rows, columns no window
-                dx[part][:, :, :, wo * sw:] = 0                        # covers (odd sizes)
+                dxb[:, :, ho * sh:] = 0                                # rows, columns no window
+                dxb[:, :, :, wo * sw:] = 0                             # covers (odd sizes)
             return True
 
         _blocks_finite(_by_channels(block, dx), "MaxPool2d.backward dy")
