@@ -529,7 +529,8 @@ class FasterRCNN:
             return bool(np.isfinite(block).all()), block.min(), block.max()
 
         pieces = max(threads.workers(), image.size // BLOCK_SIZE)         # blocks that fit in cache
-        blocks = threads.parallel(rows, [slice(a, b) for a, b in threads.chunks(image.shape[0], pieces)])
+        blocks = threads.parallel(rows, [slice(a, b) for a, b in
+                                         threads.chunks(image.shape[0], pieces)])
         if not all(finite for finite, _, _ in blocks):
             raise ValueError("image: contains NaN or Inf")
         low, high = min(b[1] for b in blocks), max(b[2] for b in blocks)

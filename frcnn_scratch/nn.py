@@ -493,7 +493,7 @@ class MaxPool2d(Module):
             views = self._offset_views(xb, ho, wo)
             yb[...] = views[0]
             for offset, value in enumerate(views[1:], start=1):
-                larger = value > yb                                    # strictly: ties keep the first
+                larger = value > yb                                # strictly: ties keep the first
                 ab += larger * (offset - ab)                           # = offset where larger
                 np.maximum(yb, value, out=yb)
             return True

@@ -39,14 +39,14 @@ import numpy as np
 SMALL_IMAGE_PIXELS = 90_000
 # Above it, this many threads at most (or the usable cores, if fewer).  More threads lose: a piece
 # of work needs the GIL to start and to end, and with many threads they wait on it and on each
-# other.  16-core Xeon (H100 host), training step ms on 1/2/3/4/6/8/16 threads, three lent machines:
+# other.  16-core Xeon (H100 host), training step ms on 1/2/3/4/6/8/16 threads, 3 lent machines:
 # 600 x 1000 664/362/285/236-288/198-213/221-361/458, 480 x 640 308/229/160/142-172/131-164/
 # 134-217/285.
 AUTO_MAX_THREADS = 6
 MAX_THREADS = 256
 
 _chosen = None          # the user's thread count (set_threads), None: chosen by the work
-_pools = {}                 # thread count -> its pool (background jobs; regions when the team is busy)
+_pools = {}                 # thread count -> its pool (background jobs; a region if the team is busy)
 _the_team = None            # the helpers of parallel regions (_team)
 _pool_lock = threading.Lock()
 _local = threading.local()  # per calling thread: `workers` (set by using / for_image), scratch buffers

@@ -157,7 +157,8 @@ def test_proposals_equal_decoding_every_anchor(num_anchors, pre, post, min_size,
     most boxes."""
     rng = np.random.default_rng(seed)
     xy = rng.uniform(-20, 120, (num_anchors, 2))
-    wh = rng.choice([0.5, 3.0, 12.0, 40.0, 300.0], (num_anchors, 2)) * rng.uniform(0.5, 1.5, (num_anchors, 2))
+    wh = rng.choice([0.5, 3.0, 12.0, 40.0, 300.0], (num_anchors, 2))
+    wh *= rng.uniform(0.5, 1.5, (num_anchors, 2))
     anchors = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
     logits = np.round(rng.normal(0, 2, num_anchors), 1).astype(np.float32)      # many ties
     deltas = rng.normal(0, 1.5, (num_anchors, 4)).astype(np.float32)

@@ -70,7 +70,8 @@ def test_banded_conv_backward_is_bit_identical_on_any_number_of_threads(need_inp
     dy = None
     out = {}
     for workers in (1, 2, 4, 7):
-        conv = nn.Conv2d(5, 6, 3, padding=1, rng=2, need_input_grad=need_input_grad, band_bytes=2000)
+        conv = nn.Conv2d(5, 6, 3, padding=1, rng=2, need_input_grad=need_input_grad,
+                         band_bytes=2000)
         with threads.using(workers):
             y = conv.forward(x)
             assert len(conv._bands(y.shape[2], y.shape[3], 4)) % 2 == 1 and y.shape[2] > 9
@@ -332,7 +333,7 @@ def test_an_interrupted_region_leaves_later_regions_whole():
         return v * v
 
     with threads.using(3):
-        with pytest.raises(KeyboardInterrupt):          # every thread gets a -1 item, the caller too
+        with pytest.raises(KeyboardInterrupt):          # every thread gets a -1 item, the caller
             threads.parallel(slow_square, [-1] * 6)
         assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
 
