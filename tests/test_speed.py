@@ -333,7 +333,7 @@ def test_an_interrupted_region_leaves_later_regions_whole():
         return v * v
 
     with threads.using(3):
-        with pytest.raises(KeyboardInterrupt):          # every thread gets a -1 item, the caller
+        with pytest.raises(KeyboardInterrupt):          # all items -1: the caller gets one too
             threads.parallel(slow_square, [-1] * 6)
         assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
 
