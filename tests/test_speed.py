@@ -395,63 +395,37 @@ def test_background_runs_beside_the_caller_or_at_once_on_one_thread():
                 threads.background(fail).result()                 # raised where it is read
 
 
-def test_a_failing_step_does_not_leave_the_anchor_labelling_running(monkeypatch):
-    """The labelling draws from the step's rng: when the backbone fails, the step waits for it
-    before raising, so a retried step never shares the rng with a stray thread."""
+@pytest.mark.parametrize("slow_stage, broken_stage", [
+    ("anchor_targets", "features"),            # labelling beside the backbone; the backbone fails
+    ("proposal_targets", "rpn.backward"),      # detector side beside the RPN side; the RPN fails
+])
+def test_a_failing_step_leaves_no_stage_running_on_another_thread(slow_stage, broken_stage,
+                                                                  monkeypatch):
+    """Stages that draw from the step's rng run on other threads (the anchor labelling beside the
+    backbone, the detector's side beside the RPN's loss and backward): when the step fails, it
+    waits for them before raising, so a retried step never shares the rng with a stray thread."""
     import time
     from frcnn_scratch import model as model_module
-    ended = []
-    labelling = model_module._rpn.anchor_targets
-
-    def slow(*args):
-        time.sleep(0.3)
-        result = labelling(*args)
-        ended.append(True)
-        return result
-
-    monkeypatch.setattr(model_module._rpn, "anchor_targets", slow)
-    model = FasterRCNN(Config(**SMALL))
-
-    def broken(x):
-        raise RuntimeError("backbone failed")
-
-    monkeypatch.setattr(model, "features", broken)
-    sample = sample_at(120, 160, seed=0)
-    try:
-        threads.set_threads(2)
-        with pytest.raises(RuntimeError, match="backbone failed"):
-            model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
-    finally:
-        threads.set_threads(None)
-    assert ended == [True]
-
-
-def test_a_failing_rpn_side_does_not_leave_the_detector_side_running(monkeypatch):
-    """With threads the detector's side of a step (proposals, RoI sampling, head) runs beside the
-    RPN's loss and backward.  It draws from rng: when the RPN's side fails, the step waits for it
-    before raising."""
-    import time
-    from frcnn_scratch import model as model_module
-    ended = []
-    sampling = model_module.proposal_targets
+    owner = model_module._rpn if slow_stage == "anchor_targets" else model_module
+    real, ended = getattr(owner, slow_stage), []
 
     def slow(*args, **kwargs):
         time.sleep(0.3)
-        result = sampling(*args, **kwargs)
+        result = real(*args, **kwargs)
         ended.append(True)
         return result
 
-    monkeypatch.setattr(model_module, "proposal_targets", slow)
-    model = FasterRCNN(Config(**SMALL))
-
     def broken(*args):
-        raise RuntimeError("rpn backward failed")
+        raise RuntimeError(f"{broken_stage} failed")
 
-    monkeypatch.setattr(model.rpn, "backward", broken)
+    monkeypatch.setattr(owner, slow_stage, slow)
+    model = FasterRCNN(Config(**SMALL))
+    target = model.rpn if broken_stage == "rpn.backward" else model
+    monkeypatch.setattr(target, broken_stage.split(".")[-1], broken)
     sample = sample_at(120, 160, seed=0)
     try:
         threads.set_threads(2)
-        with pytest.raises(RuntimeError, match="rpn backward failed"):
+        with pytest.raises(RuntimeError, match=f"{broken_stage} failed"):
             model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
     finally:
         threads.set_threads(None)
