@@ -162,7 +162,7 @@ def test_small_weight_gradients_split_in_halves_equal_the_plain_product(o, k, p)
     """dW of a small layer (O * K <= 500, where NumPy would hold the GIL through the product) in a
     convolution of several bands is computed as two halves of the pixels; it equals dy @ cols.T to
     float32 rounding (odd P: the plain product itself); a larger one, or a layer of one band
-    (nothing runs beside it), is the plain product."""
+    (nothing runs beside it), is the plain product, taken as (cols @ dy^T)^T."""
     dy = RNG.standard_normal((o, p)).astype(np.float32)
     cols = RNG.standard_normal((k, p)).astype(np.float32)
     got = nn._weight_grad(dy, cols, other_bands=True)
@@ -170,8 +170,8 @@ def test_small_weight_gradients_split_in_halves_equal_the_plain_product(o, k, p)
     np.testing.assert_allclose(got, (dy.astype(np.float64) @ cols.T.astype(np.float64)),
                                rtol=1e-4, atol=1e-4 * np.sqrt(p))
     if o * k > nn._GIL_FREE_OUTPUTS or p % 2:
-        np.testing.assert_array_equal(got, dy @ cols.T)
-    np.testing.assert_array_equal(nn._weight_grad(dy, cols, other_bands=False), dy @ cols.T)
+        np.testing.assert_array_equal(got, (cols @ dy.T).T)
+    np.testing.assert_array_equal(nn._weight_grad(dy, cols, other_bands=False), (cols @ dy.T).T)
 
 
 def test_inplace_relu_writes_over_its_input_and_gradient():
