@@ -7,9 +7,10 @@ and two fc layers, the same anchors per position, sampling sizes, proposal count
 and the same initial weights.  torchvision's resize is switched off (both sides see the image as
 it is) and its padding is to a multiple of the stride, which the four sizes already are.
 
-The two sides run interleaved in one process on the same images (NumPy step, torch step, NumPy
-prediction, torch prediction, ...), so that a change in the machine's load hits both; each time
-is the median of --repeat runs after one warm-up.  A training step is the forward pass, the four
+The two sides take turns in one process on the same images, in blocks of three calls (three NumPy
+steps, three torch steps, three NumPy predictions, ...), so that a change in the machine's load
+hits both; each time is the median of --repeat calls, not counting the first of each block (it
+runs right after the other side, whose threads are still busy: `BLOCK`).  A training step is the forward pass, the four
 losses, the backward pass and one SGD update; a prediction is the test-time forward with its NMS.
 
 --threads N runs both sides with N threads (numpy's OpenBLAS and torch's intra-op pool);
@@ -26,7 +27,7 @@ import time
 
 import numpy as np
 
-from .threads import for_image, set_threads, usable_cores, work_threads
+from .threads import for_image, openblas_kernels, set_threads, usable_cores, work_threads
 
 SIZES = ((96, 160), (240, 400), (480, 640), (600, 1000))
 
@@ -213,18 +214,36 @@ class TorchSide:
             self.twin(images)
 
 
-def interleaved_medians(sides, samples, repeat):
-    """{(side, "train" | "predict"): median ms}; the sides alternate call by call."""
+# Calls per side in a row.  The first call of each block is not timed: it runs right after the other
+# side, whose leftovers slow it down.  torch's OpenMP threads keep spinning on the cores for a while
+# after its step ends (libgomp's default wait policy), which a program running torch alone never
+# meets: timed straight after a torch step, the NumPy step at 240 x 400 on two threads took 32-35 ms
+# against 26-29 alone; with OMP_WAIT_POLICY=PASSIVE it was 28, and torch's own step slower.
+BLOCK = 3
+
+
+def interleaved_medians(sides, samples, repeat, block=BLOCK):
+    """{(side, "train" | "predict"): median ms of `repeat` calls}.
+
+    The sides take turns in blocks of `block` calls on the same images (so that a change in the
+    machine's load hits both); the first call of each block is not timed (see BLOCK).
+    """
+    if block < 2:
+        raise ValueError(f"block: expected an int >= 2 (the first call of a block is not timed), "
+                         f"got {block}")
     times = {(name, what): [] for name in sides for what in ("train", "predict")}
-    for r in range(repeat + 1):                              # run 0 warms up
-        sample = samples[r % len(samples)]
+    calls = 0
+    while min(len(v) for v in times.values()) < repeat:
         for what in ("train", "predict"):
             for name, side in sides.items():
-                start = time.perf_counter()
-                getattr(side, what)(sample)
-                if r:
-                    times[name, what].append(1e3 * (time.perf_counter() - start))
-    return {k: statistics.median(v) for k, v in times.items()}
+                for b in range(block):
+                    sample = samples[(calls + b) % len(samples)]
+                    start = time.perf_counter()
+                    getattr(side, what)(sample)
+                    if b:
+                        times[name, what].append(1e3 * (time.perf_counter() - start))
+        calls += block
+    return {k: statistics.median(v[:repeat]) for k, v in times.items()}
 
 
 def peak_memory_mb(side, size, threads, overrides, repeat=2):
@@ -328,9 +347,9 @@ def main(args):
     set_threads(threads)                 # None: the library chooses by the image
     try:
         rows = []
-        print(f"frcnn bench-model: median of {repeat} after one warm-up, ms; threads "
-              f"{'each side its default' if threads is None else threads}; "
-              f"load average {load_average()}", flush=True)
+        print(f"frcnn bench-model: median of {repeat} calls, ms; threads "
+              f"{'each side its default' if threads is None else threads}; numpy's BLAS: "
+              f"{blas_kernels()}; load average {load_average()}", flush=True)
         for h, w in sizes:
             samples = [sample_at(h, w, seed=i) for i in range(2)]
             from .model import FasterRCNN
@@ -372,6 +391,16 @@ def main(args):
     for note in notes:
         print("note:", note)
     return 0
+
+
+def blas_kernels():
+    """Which kernels numpy's matrix products run on, for the table's header: "OpenBLAS Haswell
+    kernels", with the OPENBLAS_CORETYPE that chose them if one is set."""
+    name = openblas_kernels()
+    if name is None:
+        return "not OpenBLAS"
+    chosen = os.environ.get("OPENBLAS_CORETYPE")
+    return f"OpenBLAS {name} kernels" + (f" (OPENBLAS_CORETYPE={chosen})" if chosen else "")
 
 
 def _mb(value):

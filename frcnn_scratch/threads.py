@@ -97,21 +97,38 @@ def work_threads(height, width):
     return max(1, min(usable_cores(), AUTO_MAX_THREADS))
 
 
-def _openblas_thread_functions():
-    """(get, set) of numpy's bundled OpenBLAS thread count, or None where it cannot be found."""
+def _openblas_functions(names):
+    """The first tuple of functions of `names` (tuples of symbol names) that numpy's bundled
+    OpenBLAS has all of, or None where it cannot be found."""
     folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    names = [("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-             ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-             ("openblas_get_num_threads", "openblas_set_num_threads")]
     for path in glob.glob(os.path.join(folder, "*openblas*")):
         try:
             lib = ctypes.CDLL(path)                 # already loaded by numpy: the same library
         except OSError:
             continue
-        for get, set_ in names:
-            if hasattr(lib, get) and hasattr(lib, set_):
-                return getattr(lib, get), getattr(lib, set_)
+        for group in names:
+            if all(hasattr(lib, name) for name in group):
+                return tuple(getattr(lib, name) for name in group)
     return None
+
+
+def _openblas_thread_functions():
+    """(get, set) of numpy's bundled OpenBLAS thread count, or None where it cannot be found."""
+    return _openblas_functions([
+        ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+        ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+        ("openblas_get_num_threads", "openblas_set_num_threads")])
+
+
+def openblas_kernels():
+    """The kernels numpy's OpenBLAS chose for this CPU ("Haswell", "SkylakeX", ...; see
+    _blas_kernels), or None where numpy uses another BLAS."""
+    found = _openblas_functions([("scipy_openblas_get_corename64_",),
+                                 ("scipy_openblas_get_corename",), ("openblas_get_corename",)])
+    if found is None:
+        return None
+    found[0].restype = ctypes.c_char_p
+    return found[0]().decode(errors="replace")
 
 
 @contextlib.contextmanager

@@ -472,9 +472,52 @@ def test_bench_model_times_numpy_and_measures_memory(capsys):
     assert main(["bench-model", "--sizes", "64x96", "--repeat", "1", "--numpy-only", "--memory",
                  "--set", "channels=[4,8]", "--set", "fc_hidden=16"]) == 0
     out = capsys.readouterr().out
+    assert "numpy's BLAS: " in out.splitlines()[0]
     row = next(line for line in out.splitlines() if line.startswith("64x96"))
     train_ms, predict_ms, peak_mb = (float(v) for v in row.split()[2:5])
     assert train_ms > 0 and predict_ms > 0 and 0 <= peak_mb < 500
+
+
+def test_openblas_kernels_names_the_kernels_numpy_runs():
+    """The name bench-model prints: OpenBLAS's own, which follows OPENBLAS_CORETYPE where the
+    environment sets one (this machine's sets Haswell)."""
+    import os
+    name = threads.openblas_kernels()
+    assert name is None or (isinstance(name, str) and name)
+    chosen = os.environ.get("OPENBLAS_CORETYPE")
+    if name is not None and chosen:
+        assert name.lower() == chosen.lower()
+
+
+def test_sides_take_turns_in_blocks_and_the_call_after_the_other_side_is_not_timed():
+    """A side is slow right after the other one ran (torch's spinning threads); the medians are of
+    the calls that follow a call of the same side, `repeat` of them per side and kind of call."""
+    import time
+    from frcnn_scratch.bench_model import interleaved_medians
+    log = []
+
+    class Side:
+        def __init__(self, name):
+            self.name = name
+
+        def _call(self, what):
+            after_other = not log or log[-1][0] != self.name     # the first call too
+            log.append((self.name, what))
+            time.sleep(0.03 if after_other else 0.001)
+
+        def train(self, sample):
+            self._call("train")
+
+        def predict(self, sample):
+            self._call("predict")
+
+    t = interleaved_medians({"a": Side("a"), "b": Side("b")}, [None], repeat=3, block=2)
+    assert set(t) == {(n, w) for n in "ab" for w in ("train", "predict")}
+    assert all(ms < 15 for ms in t.values()), t            # timed: the slow first calls median 30
+    assert log[:4] == [("a", "train")] * 2 + [("b", "train")] * 2
+    assert sum(1 for entry in log if entry == ("a", "train")) == 2 * 3   # 3 blocks of 2
+    with pytest.raises(ValueError, match="block"):
+        interleaved_medians({"a": Side("a")}, [None], repeat=1, block=1)
 
 
 def test_the_command_keeps_freed_memory_on_glibc():
