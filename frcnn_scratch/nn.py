@@ -381,13 +381,16 @@ class Conv2d(Module):
         # the even bands' in the second, so that each round has one part per band to share out.
         # Their sums are added in a fixed order too (even bands, then odd ones).  A first layer
         # adds nothing into its input: it has weight parts only, all in one round.
+        # One band of one image has no neighbour: its two parts run together, in one round.
         tasks = [(i, rows) for i in range(n) for rows in bands]
         even, odd = tasks[0::2], tasks[1::2]
+        run = lambda job: job[0](job[1])                              # noqa: E731
         if dxp is None:
             parts = threads.parallel(weight_part, tasks)
             parts = parts[0::2] + parts[1::2]
+        elif not odd:
+            parts = threads.parallel(run, [(weight_part, even[0]), (input_part, even[0])])[:1]
         else:
-            run = lambda job: job[0](job[1])                          # noqa: E731
             first = threads.parallel(run, [(input_part, t) for t in even] +
                                      [(weight_part, t) for t in odd])
             second = threads.parallel(run, [(input_part, t) for t in odd] +

@@ -86,6 +86,28 @@ def test_banded_conv_backward_is_bit_identical_on_any_number_of_threads(need_inp
                 np.testing.assert_array_equal(a, b)
 
 
+def test_a_conv_of_one_band_runs_its_two_backward_parts_in_one_region(monkeypatch):
+    """One band of one image has no neighbour: its weight part and input part run side by side in
+    one parallel region (not one after the other, in two); the results are those of one thread."""
+    x = RNG.standard_normal((1, 4, 9, 11)).astype(np.float32)
+    dy = RNG.standard_normal((1, 5, 9, 11)).astype(np.float32)
+    out = {}
+    for workers in (1, 2):
+        conv = nn.Conv2d(4, 5, 3, padding=1, rng=3, band_bytes=None)
+        with threads.using(workers):
+            conv.forward(x)
+            regions = []
+            real = threads.parallel
+            monkeypatch.setattr(threads, "parallel",
+                                lambda fn, items: regions.append(len(list(items))) or real(fn, items))
+            dx = conv.backward(dy)
+            monkeypatch.setattr(threads, "parallel", real)
+        assert regions == [2], regions
+        out[workers] = (dx, conv.grads["weight"], conv.grads["bias"])
+    for a, b in zip(out[1], out[2]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_first_layer_banded_skips_dx_and_keeps_param_grads():
     banded, whole = _conv_pair(3, 4, 3, 1, 1, False, band_bytes=500)
     x = RNG.standard_normal((1, 3, 30, 22)).astype(np.float32)
