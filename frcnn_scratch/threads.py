@@ -26,6 +26,7 @@ OPENBLAS_NUM_THREADS in the environment (which also leave OpenBLAS's own count a
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import glob
 import os
 import threading
@@ -97,9 +98,11 @@ def work_threads(height, width):
     return max(1, min(usable_cores(), AUTO_MAX_THREADS))
 
 
+@functools.lru_cache(maxsize=None)
 def _openblas_functions(names):
-    """The first tuple of functions of `names` (tuples of symbol names) that numpy's bundled
-    OpenBLAS has all of, or None where it cannot be found."""
+    """The first tuple of functions of `names` (a tuple of tuples of symbol names) that numpy's
+    bundled OpenBLAS has all of, or None where it cannot be found.  Looked up once (a folder
+    listing and a dlopen: 20 us, paid by every prediction's `for_image` before)."""
     folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
     for path in glob.glob(os.path.join(folder, "*openblas*")):
         try:
@@ -114,17 +117,17 @@ def _openblas_functions(names):
 
 def _openblas_thread_functions():
     """(get, set) of numpy's bundled OpenBLAS thread count, or None where it cannot be found."""
-    return _openblas_functions([
+    return _openblas_functions((
         ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
         ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-        ("openblas_get_num_threads", "openblas_set_num_threads")])
+        ("openblas_get_num_threads", "openblas_set_num_threads")))
 
 
 def openblas_kernels():
     """The kernels numpy's OpenBLAS chose for this CPU ("Haswell", "SkylakeX", ...; see
     _blas_kernels), or None where numpy uses another BLAS."""
-    found = _openblas_functions([("scipy_openblas_get_corename64_",),
-                                 ("scipy_openblas_get_corename",), ("openblas_get_corename",)])
+    found = _openblas_functions((("scipy_openblas_get_corename64_",),
+                                 ("scipy_openblas_get_corename",), ("openblas_get_corename",)))
     if found is None:
         return None
     found[0].restype = ctypes.c_char_p
