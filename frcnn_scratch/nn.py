@@ -179,7 +179,7 @@ class Module:
 # whole training steps (2-core EPYC, 240 x 400 to 600 x 1000): 2 MB and 4 MB bands within 2% on
 # one thread, 2 MB 1-8% faster on two, 1 MB 4-7% slower on one.  The bands set the order of the
 # sums, so 4 MB stays: with it every convolution at the demo's and the hard shapes' sizes is one
-# band, and training there is bit-identical to the runs the notebooks quote.
+# band, summed as the textbook whole-image product is.
 BAND_BYTES = 4 << 20
 
 
