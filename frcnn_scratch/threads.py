@@ -42,7 +42,8 @@ SMALL_IMAGE_PIXELS = 90_000
 # of work needs the GIL to start and to end, and with many threads they wait on it and on each
 # other.  16-core Xeon (H100 host), training step ms on 1/2/3/4/6/8/16 threads, 3 lent machines:
 # 600 x 1000 664/362/285/236-288/198-213/221-361/458, 480 x 640 308/229/160/142-172/131-164/
-# 134-217/285.
+# 134-217/285.  A fourth, on 1/6/8/12/16 threads: 600 x 1000 605/172/192/258/241, 480 x 640
+# 354/113/105/105/107.
 AUTO_MAX_THREADS = 6
 MAX_THREADS = 256
 
