@@ -108,6 +108,29 @@ def test_a_conv_of_one_band_runs_its_two_backward_parts_in_one_region(monkeypatc
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_large_single_band_forward_is_shared_by_two_threads(monkeypatch):
+    """A forward of one band with SPLIT_BYTES of columns or more runs as two halves of its rows
+    (two pieces for two threads); y is the same on 1 and 2 threads, bit for bit, and equals the
+    unsplit product to float32 rounding."""
+    x = RNG.standard_normal((1, 4, 10, 11)).astype(np.float32)
+    monkeypatch.setattr(nn, "SPLIT_BYTES", 4 * 9 * 10 * 11 * 4)        # this layer's columns
+    out = {}
+    for workers in (1, 2):
+        conv = nn.Conv2d(4, 5, 3, padding=1, rng=3, band_bytes=None)
+        regions = []
+        real = threads.parallel
+        monkeypatch.setattr(threads, "parallel",
+                            lambda fn, items: regions.append(len(list(items))) or real(fn, items))
+        with threads.using(workers):
+            out[workers] = conv.forward(x)
+        monkeypatch.setattr(threads, "parallel", real)
+        assert regions[-1] == 2, regions
+    np.testing.assert_array_equal(out[1], out[2])
+    monkeypatch.setattr(nn, "SPLIT_BYTES", 1 << 40)
+    conv = nn.Conv2d(4, 5, 3, padding=1, rng=3, band_bytes=None)
+    np.testing.assert_allclose(out[1], conv.forward(x), rtol=1e-5, atol=1e-5)
+
+
 def test_first_layer_banded_skips_dx_and_keeps_param_grads():
     banded, whole = _conv_pair(3, 4, 3, 1, 1, False, band_bytes=500)
     x = RNG.standard_normal((1, 3, 30, 22)).astype(np.float32)
