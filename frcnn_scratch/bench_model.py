@@ -10,8 +10,9 @@ it is) and its padding is to a multiple of the stride, which the four sizes alre
 The two sides take turns in one process on the same images, in blocks of three calls (three NumPy
 steps, three torch steps, three NumPy predictions, ...), so that a change in the machine's load
 hits both; each time is the median of --repeat calls, not counting the first of each block (it
-runs right after the other side, whose threads are still busy: `BLOCK`).  A training step is the forward pass, the four
-losses, the backward pass and one SGD update; a prediction is the test-time forward with its NMS.
+runs right after the other side, whose threads are still busy: `BLOCK`).  A training step is the
+forward pass, the four losses, the backward pass and one SGD update; a prediction is the
+test-time forward with its NMS.  The header names the kernels numpy's matrix products run on.
 
 --threads N runs both sides with N threads (numpy's OpenBLAS and torch's intra-op pool);
 --threads default leaves each side to its own choice (this library's `threads.work_threads`, torch's

@@ -125,8 +125,9 @@ def _openblas_thread_functions():
 
 
 def openblas_kernels():
-    """The kernels numpy's OpenBLAS chose for this CPU ("Haswell", "SkylakeX", ...; see
-    _blas_kernels), or None where numpy uses another BLAS."""
+    """The kernels numpy's OpenBLAS runs its matrix products on ("Haswell" for AVX2, "SkylakeX"
+    for AVX-512, ...): its own choice for this CPU, or OPENBLAS_CORETYPE's where the environment
+    sets it.  None where numpy uses another BLAS."""
     found = _openblas_functions((("scipy_openblas_get_corename64_",),
                                  ("scipy_openblas_get_corename",), ("openblas_get_corename",)))
     if found is None:

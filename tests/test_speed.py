@@ -98,8 +98,8 @@ def test_a_conv_of_one_band_runs_its_two_backward_parts_in_one_region(monkeypatc
             conv.forward(x)
             regions = []
             real = threads.parallel
-            monkeypatch.setattr(threads, "parallel",
-                                lambda fn, items: regions.append(len(list(items))) or real(fn, items))
+            counted = lambda fn, items: regions.append(len(list(items))) or real(fn, items)  # noqa
+            monkeypatch.setattr(threads, "parallel", counted)
             dx = conv.backward(dy)
             monkeypatch.setattr(threads, "parallel", real)
         assert regions == [2], regions
