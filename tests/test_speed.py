@@ -2,6 +2,7 @@
 textbook form) to float32 rounding, max pooling by stored index routes exactly as before, the
 thread count never changes a result (bit for bit), and the top-N selection equals a full stable
 sort.  Also the thread policy, `frcnn bench-model`, and the torch twin of the network."""
+import contextlib
 import os
 
 import numpy as np
@@ -86,6 +87,18 @@ def test_banded_conv_backward_is_bit_identical_on_any_number_of_threads(need_inp
                 np.testing.assert_array_equal(a, b)
 
 
+@contextlib.contextmanager
+def _regions_counted(monkeypatch):
+    """Inside: threads.parallel records how many pieces each region it runs has."""
+    regions, real = [], threads.parallel
+    monkeypatch.setattr(threads, "parallel",
+                        lambda fn, items: regions.append(len(list(items))) or real(fn, items))
+    try:
+        yield regions
+    finally:
+        monkeypatch.setattr(threads, "parallel", real)
+
+
 def test_a_conv_of_one_band_runs_its_two_backward_parts_in_one_region(monkeypatch):
     """One band of one image has no neighbour: its weight part and input part run side by side in
     one parallel region (not one after the other, in two); the results are those of one thread."""
@@ -96,12 +109,8 @@ def test_a_conv_of_one_band_runs_its_two_backward_parts_in_one_region(monkeypatc
         conv = nn.Conv2d(4, 5, 3, padding=1, rng=3, band_bytes=None)
         with threads.using(workers):
             conv.forward(x)
-            regions = []
-            real = threads.parallel
-            counted = lambda fn, items: regions.append(len(list(items))) or real(fn, items)  # noqa
-            monkeypatch.setattr(threads, "parallel", counted)
-            dx = conv.backward(dy)
-            monkeypatch.setattr(threads, "parallel", real)
+            with _regions_counted(monkeypatch) as regions:
+                dx = conv.backward(dy)
         assert regions == [2], regions
         out[workers] = (dx, conv.grads["weight"], conv.grads["bias"])
     for a, b in zip(out[1], out[2]):
@@ -117,13 +126,8 @@ def test_a_large_single_band_forward_is_shared_by_two_threads(monkeypatch):
     out = {}
     for workers in (1, 2):
         conv = nn.Conv2d(4, 5, 3, padding=1, rng=3, band_bytes=None)
-        regions = []
-        real = threads.parallel
-        monkeypatch.setattr(threads, "parallel",
-                            lambda fn, items: regions.append(len(list(items))) or real(fn, items))
-        with threads.using(workers):
+        with threads.using(workers), _regions_counted(monkeypatch) as regions:
             out[workers] = conv.forward(x)
-        monkeypatch.setattr(threads, "parallel", real)
         assert regions[-1] == 2, regions
     np.testing.assert_array_equal(out[1], out[2])
     monkeypatch.setattr(nn, "SPLIT_BYTES", 1 << 40)
