@@ -62,6 +62,26 @@ def test_banded_conv_equals_the_whole_image_im2col(c, o, k, s, p, hw, n, workers
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("c,k,ho,wo,band_bytes", [
+    (16, 3, 240, 320, 4 << 20), (3, 3, 480, 640, 4 << 20), (64, 3, 60, 80, 4 << 20),
+    (5, 3, 27, 23, 2000), (4, 5, 7, 30, 10), (8, 1, 33, 17, 900), (2, 3, 9, 9, None)])
+def test_bands_cover_the_rows_in_an_even_number_of_equal_bands(c, k, ho, wo, band_bytes):
+    """The rows in order, each band within band_bytes of columns unless kh rows need more, every
+    band but the last at least kh rows; more than one band: an even number of equal bands (the
+    last no longer), unless kh rows a band leave no way to (the two last cases)."""
+    conv = nn.Conv2d(c, 2, k, padding=k // 2, rng=0, band_bytes=band_bytes)
+    bands = conv._bands(ho, wo, 4)
+    assert bands[0][0] == 0 and bands[-1][1] == ho
+    assert all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    rows = [r1 - r0 for r0, r1 in bands]
+    assert all(r >= k for r in rows[:-1]) and rows[-1] >= 1
+    if band_bytes is not None:
+        assert all(r <= k or c * k * k * wo * 4 * r <= band_bytes for r in rows)
+    if len(bands) > 1 and rows[0] > k:
+        assert len(bands) % 2 == 0 and rows[-1] <= rows[0] == max(rows), rows
+    assert (len(bands) == 1) == (band_bytes is None or c * k * k * wo * 4 * ho <= band_bytes)
+
+
 @pytest.mark.parametrize("need_input_grad", [True, False])
 def test_banded_conv_backward_is_bit_identical_on_any_number_of_threads(need_input_grad):
     """The backward's two rounds (even bands' input parts with odd bands' weight parts, then the
