@@ -68,10 +68,11 @@ def box_iou(boxes1, boxes2):
     return _to_numpy(_iou.box_iou(_to_device(boxes1), _to_device(boxes2)))
 
 
-def nms(boxes, scores, iou_threshold):
-    """(N, 4) boxes, (N,) scores -> (K,) int64 kept indices, best first (kernels/nms.py)."""
+def nms(boxes, scores, iou_threshold, max_keep=None):
+    """(N, 4) boxes, (N,) scores -> (K,) int64 kept indices, best first (kernels/nms.py); the
+    kernel suppresses in one pass over all boxes, so max_keep only shortens the result."""
     keep = _nms.nms(_to_device(boxes), _to_device(scores), float(iou_threshold))
-    return _to_numpy(keep).astype(np.int64, copy=False)
+    return _to_numpy(keep).astype(np.int64, copy=False)[:max_keep]
 
 
 def roi_pool_forward(features, rois, output_size, spatial_scale):

@@ -23,7 +23,7 @@ array([0, 2])
 """
 import numpy as np
 
-from ._checks import as_boxes, as_float_array, as_labels
+from ._checks import as_boxes, as_float_array, as_labels, whole_number
 
 __all__ = ["check_nms_inputs", "float32_threshold", "nms", "nms_reference", "batched_nms"]
 
@@ -78,7 +78,7 @@ def _score_order(scores):
 BLOCK = 64   # boxes whose IoU rows `nms` computes at once
 
 
-def nms(boxes, scores, iou_threshold):
+def nms(boxes, scores, iou_threshold, max_keep=None):
     """Greedy NMS (section 3.3): the indices of the boxes kept, best score first.
 
     The greedy rule needs one IoU row per kept box: that box against every later one.  Doing
@@ -98,11 +98,16 @@ def nms(boxes, scores, iou_threshold):
         scores: (N,) scores; higher is better.
         iou_threshold: in [0, 1]; a box is suppressed when its IoU with a kept, higher-scored
             box is strictly greater than this.
+        max_keep: None, or stop once this many boxes are kept (the proposal layer keeps only its
+            post-NMS top N).  A kept box is never revisited, so these are the first max_keep of
+            the whole NMS, and the rest of the boxes need not be compared at all.
     Returns:
         (K,) int64 indices into `boxes`, sorted by score descending (ties: lower index first).
         N = 0 gives an empty int64 array.
     """
     boxes, scores, thr = check_nms_inputs(boxes, scores, iou_threshold)
+    if max_keep is not None:
+        max_keep = whole_number(max_keep, "max_keep")
     thr = float32_threshold(thr)                # IoU > thr in float32 == IoU > threshold in float64
     order = _score_order(scores)                                       # (N,)
     ranked = boxes[order]                                              # (N, 4) best first
@@ -135,10 +140,12 @@ def nms(boxes, scores, iou_threshold):
                 suppressed |= overlaps[k, :r]
         keep.extend(live[:r][kept])
         alive[live[:r]] = False                 # the block's boxes are decided
+        if max_keep is not None and len(keep) >= max_keep:
+            break                               # the later boxes cannot change these
         # 3. The block's kept boxes suppress the later live boxes they overlap.
         hit = overlaps[kept, r:].any(axis=0)                           # (M - r,)
         alive[live[r:][hit]] = False
-    return order[np.array(keep, dtype=np.int64)]
+    return order[np.array(keep[:max_keep], dtype=np.int64)]
 
 
 def _pair_iou(a, b):

@@ -113,10 +113,13 @@ def box_iou(boxes1, boxes2, backend=None):
     return _run(backend, "box_iou", a, b)
 
 
-def nms(boxes, scores, iou_threshold, backend=None):
-    """Greedy NMS (section 3.3): int64 indices kept, highest score first, ties by lower index."""
+def nms(boxes, scores, iou_threshold, backend=None, max_keep=None):
+    """Greedy NMS (section 3.3): int64 indices kept, highest score first, ties by lower index;
+    max_keep: at most that many, the first of the whole NMS (nms.nms)."""
     boxes, scores, iou_threshold = _nms.check_nms_inputs(boxes, scores, iou_threshold)
-    return _run(backend, "nms", boxes, scores, iou_threshold)
+    if max_keep is not None:
+        max_keep = _checks.whole_number(max_keep, "max_keep")
+    return _run(backend, "nms", boxes, scores, iou_threshold, max_keep)
 
 
 def batched_nms(boxes, scores, classes, iou_threshold, backend=None):

@@ -139,7 +139,7 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
     pre_nms_top_n = _checks.whole_number(pre_nms_top_n, "pre_nms_top_n")
     post_nms_top_n = _checks.whole_number(post_nms_top_n, "post_nms_top_n")
     boxes, logits = _best_boxes(anchors, logits, deltas, image_shape, min_size, pre_nms_top_n)
-    keep = ops.nms(boxes, logits, nms_threshold, backend=backend)[:post_nms_top_n]
+    keep = ops.nms(boxes, logits, nms_threshold, backend=backend, max_keep=post_nms_top_n)
     return boxes[keep].astype(np.float32), sigmoid(logits[keep]).astype(np.float32)
 
 

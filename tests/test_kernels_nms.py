@@ -153,6 +153,10 @@ def test_through_ops_with_triton_backend():
     scores = rng.random(70).astype(np.float32)
     assert_same_keep(ops.nms(boxes, scores, 0.5, backend="triton"),
                      ops.nms(boxes, scores, 0.5, backend="numpy"), "ops.nms")
+    for max_keep in (0, 3, 1000):                 # the proposal layer's post-NMS top N
+        assert_same_keep(ops.nms(boxes, scores, 0.5, backend="triton", max_keep=max_keep),
+                         ops.nms(boxes, scores, 0.5, backend="numpy", max_keep=max_keep),
+                         f"ops.nms max_keep={max_keep}")
     classes = rng.integers(0, 3, 70)
     assert_same_keep(ops.batched_nms(boxes, scores, classes, 0.5, backend="triton"),
                      ops.batched_nms(boxes, scores, classes, 0.5, backend="numpy"),

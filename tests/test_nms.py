@@ -205,6 +205,32 @@ def test_nms_equals_the_reference_whatever_the_block_size(data, block):
 
 
 @PROPS
+@given(box_sets(max_n=40), st.sampled_from([1, 3, 64]), st.integers(0, 45))
+def test_nms_stopped_at_max_keep_gives_the_first_boxes_of_the_whole_nms(data, block, max_keep):
+    """max_keep stops the greedy walk once that many boxes are kept (small blocks: the stop falls
+    inside and between blocks); the result is the whole NMS's first max_keep, in ops too."""
+    boxes, scores, thr = data
+    want = nms_reference(boxes, scores, thr)[:max_keep]
+    saved = nms_module.BLOCK
+    nms_module.BLOCK = block
+    try:
+        got = nms(boxes, scores, thr, max_keep=max_keep)
+    finally:
+        nms_module.BLOCK = saved
+    assert got.tolist() == want.tolist(), f"max_keep={max_keep}: {got.tolist()} != {want.tolist()}"
+    assert got.dtype == np.int64
+    assert ops.nms(boxes, scores, thr, max_keep=max_keep).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("max_keep", [-1, 1.5, "3", True])
+def test_a_bad_max_keep_is_named(max_keep):
+    boxes, scores = np.array([[0, 0, 2, 2]], np.float32), np.ones(1, np.float32)
+    for fn in (nms, ops.nms):
+        with pytest.raises(ValueError, match="max_keep"):
+            fn(boxes, scores, 0.5, max_keep=max_keep)
+
+
+@PROPS
 @given(box_sets())
 def test_nms_keeps_no_overlapping_pair_and_each_suppressed_box_has_a_reason(data):
     boxes, scores, thr = data
