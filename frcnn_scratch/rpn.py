@@ -115,6 +115,9 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
                        nms_threshold=0.7, min_size=0.0, backend=None):
     """The proposal layer for one image: decode, clip, drop small, top-N, NMS, top-N.
 
+    The NMS stops once it has kept the post-NMS top N (`ops.nms(..., max_keep=)`): greedy NMS
+    never revisits a kept box, so these are the first N of the whole NMS.
+
     Args:
         anchors: (A, 4) anchors, xyxy.
         logits: (A,) objectness logits (the score is sigmoid(logit); ranking by logit is the same).
