@@ -141,8 +141,10 @@ def _by_channels(fn, x):
     threads.parallel, part an index (slice(None), slice(c0, c1)); one call with everything for
     small or non-4-D arrays."""
     pieces = x.size // BLOCK_SIZE if x.ndim == 4 else 1
-    return threads.parallel(fn, [(slice(None), slice(c0, c1)) for c0, c1 in threads.chunks(x.shape[1], pieces)]
-                            if x.ndim >= 2 and pieces > 1 else [(Ellipsis,)])
+    if pieces <= 1:
+        return threads.parallel(fn, [(Ellipsis,)])
+    blocks = threads.chunks(x.shape[1], pieces)                       # [(c0, c1), ...]
+    return threads.parallel(fn, [(slice(None), slice(c0, c1)) for c0, c1 in blocks])
 
 
 # ----------------------------------------------------------------------------- base class
