@@ -335,11 +335,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_threads)
 
 
-def scratch(size, dtype):
+def scratch(size, dtype, slot="columns"):
     """A reusable 1-D buffer of at least `size` elements for the calling thread (no new pages per
-    call: im2col columns are rebuilt band after band into the same memory)."""
+    call: im2col columns are rebuilt band after band into the same memory); one per `slot` name,
+    for a piece of work that needs two at once."""
     dtype = np.dtype(dtype)
-    key = dtype.str
+    key = (dtype.str, slot)
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}

@@ -40,7 +40,8 @@ def _conv_pair(c, o, k, s, p, need_input_grad, band_bytes):
 @pytest.mark.parametrize("c,o,k,s,p,hw,n", [
     (3, 8, 3, 1, 1, (37, 29), 1), (5, 4, 3, 2, 1, (31, 40), 2), (4, 6, 5, 1, 2, (23, 17), 1),
     (6, 3, 1, 1, 0, (19, 21), 2), (2, 5, 3, 3, 0, (26, 26), 1), (3, 4, (3, 5), (2, 1), (1, 2), (20, 18), 1),
-    (3, 4, 2, 3, 0, (25, 23), 1)])                                  # stride > kernel: rows no window reads
+    (3, 4, 2, 3, 0, (25, 23), 1),                                   # stride > kernel: rows no window reads
+    (3, 4, (3, 5), 1, (1, 2), (20, 18), 1), (4, 5, 3, 1, 0, (15, 13), 2)])   # flat, no padding too
 @pytest.mark.parametrize("workers", [1, 3])
 def test_banded_conv_equals_the_whole_image_im2col(c, o, k, s, p, hw, n, workers):
     """Many small bands (a few rows each, the last one short), run on 1 or 3 threads, against
@@ -153,6 +154,54 @@ def test_a_large_single_band_forward_is_shared_by_two_threads(monkeypatch):
     monkeypatch.setattr(nn, "SPLIT_BYTES", 1 << 40)
     conv = nn.Conv2d(4, 5, 3, padding=1, rng=3, band_bytes=None)
     np.testing.assert_allclose(out[1], conv.forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flat_columns_are_im2cols_and_their_adjoint_adds_them_back():
+    """flat_im2col's columns, junk (j >= Wo) left out, are im2col's, in the same order; and
+    flat_col2im_add is its adjoint: <cols(x), D> = <x, col2im(D)> for D zero in the junk."""
+    c, kh, kw, h, w, row0, row1 = 3, 3, 4, 9, 11, 2, 6
+    hp, wp = h, w                                                    # already padded
+    ho, wo = hp - kh + 1, wp - kw + 1
+    image = RNG.standard_normal((c, hp, wp)).astype(np.float64)
+    flat = np.concatenate([image.reshape(c, -1), np.zeros((c, kw - 1))], axis=1)
+    cols = nn.flat_im2col(flat, kh, kw, wp, row0, row1)             # (K, bh * Wp)
+    assert cols.shape == (c * kh * kw, (row1 - row0) * wp)
+    kept = cols.reshape(-1, row1 - row0, wp)[:, :, :wo].reshape(c * kh * kw, -1)
+    np.testing.assert_array_equal(kept, nn.im2col(image, kh, kw, 1, 1, row0, row1))
+    d = RNG.standard_normal(cols.shape)
+    d.reshape(-1, row1 - row0, wp)[:, :, wo:] = 0                    # the junk's gradient
+    back = np.zeros_like(flat)
+    nn.flat_col2im_add(back, d, kh, kw, wp, row0, row1)
+    np.testing.assert_allclose(np.sum(cols * d), np.sum(flat * back), rtol=1e-12)
+    assert ho > row1 and not back[:, hp * wp:].any()                 # nothing into the tail
+    one = nn.flat_im2col(flat, 1, 1, wp, row0, row1)                  # a 1x1 kernel: a view
+    assert np.shares_memory(one, flat) and one.shape == (c, (row1 - row0) * wp)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_flat_conv_never_reads_uninitialised_memory(workers, monkeypatch):
+    """Fresh arrays and the threads' scratch buffers full of NaN: the flat layout's junk columns
+    and the zeros after each flat channel must keep it out of y, dx, dW and db (0 * NaN is NaN)."""
+    x = RNG.standard_normal((2, 3, 13, 10)).astype(np.float32)
+    whole = nn.Conv2d(3, 4, 3, padding=1, rng=5, band_bytes=None)
+    y_ref = whole.forward(x)
+    dy = RNG.standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref = whole.backward(dy)
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda shape, dtype=float, *a, **k:
+                        np.full(shape, np.nan, dtype=dtype))
+    with threads.using(workers):
+        threads.parallel(lambda slot: [threads.scratch(1 << 16, np.float32, slot=slot).fill(np.nan)
+                                       for slot in ("columns", "dy")], range(workers))
+        conv = nn.Conv2d(3, 4, 3, padding=1, rng=5, band_bytes=600)
+        y = conv.forward(x)
+        dx = conv.backward(dy)
+    monkeypatch.setattr(np, "empty", real_empty)
+    assert conv._flat() and len(conv._bands(13, 12, 4)) >= 3
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        np.testing.assert_allclose(conv.grads[name], whole.grads[name], rtol=1e-5, atol=1e-4)
 
 
 def test_first_layer_banded_skips_dx_and_keeps_param_grads():
