@@ -418,7 +418,7 @@ class Conv2d(Module):
             np.matmul(w2, cols, out=y_band)                           # y = W2 @ cols
             y_band += b[:, None]
 
-        bands = self._bands(ho, width, x.itemsize)
+        bands = self._bands(ho, wo, x.itemsize)
         if n == 1 and len(bands) == 1 and ho >= 2 * kh and \
                 w2.shape[1] * ho * wo * x.itemsize >= SPLIT_BYTES:           # see SPLIT_BYTES
             bands = [(0, ho // 2), (ho // 2, ho)]
@@ -436,40 +436,37 @@ class Conv2d(Module):
         n, o, ho, wo = y_shape
         flat = xp.ndim == 3                        # the forward's layout (flat_im2col)
         hp, wp = (ho + kh - 1, wo + kw - 1) if flat else xp.shape[2:]
-        width = wp if flat else wo                                    # of the product's rows
+        padded = xp[..., :hp * wp].reshape(n, -1, hp, wp) if flat else xp  # (N, C, Hp, Wp)
         w2 = w.reshape(o, -1)                                         # (O, K)
         # y = W2 @ cols + b   =>   dW2 = sum over images and bands of dy @ cols^T,
         #                          db = sum of dy,  dcols = W2^T @ dy, then col2im
         dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
-        bands = self._bands(ho, width, xp.itemsize)
+        bands = self._bands(ho, wo, xp.itemsize)
 
-        def dy_of(i, row0, row1):                                     # (O, bh*width)
-            """The band's dy as the products read it: in the flat layout Wp wide, junk 0."""
-            if not flat:
-                return dy[i, :, row0:row1].reshape(o, -1)
+        # The weight part reads dy as it comes and im2col's columns of the padded image (in the
+        # flat layout its columns would need a Wp-wide copy of dy); the input part's flat
+        # col2im adds contiguous slices, worth the copy of dy it needs.
+        def weight_part(task):                                        # -> this band's dW2, db
+            i, (row0, row1) = task
+            dy_band = dy[i, :, row0:row1].reshape(o, -1)              # (O, bh*Wo)
+            if not _finite(dy_band):                                  # the bands cover dy
+                return None
+            size = w2.shape[1] * (row1 - row0) * wo
+            cols = im2col(padded[i], kh, kw, sh, sw, row0, row1,
+                          out=threads.scratch(size, xp.dtype))       # (K, bh*Wo)
+            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)  # (O, K), (O,)
+
+        def flat_dy(i, row0, row1):                                   # (O, bh*Wp)
+            """The band's dy in the flat layout, Wp wide, its junk columns 0."""
             rows = threads.scratch(o * (row1 - row0) * wp, dy.dtype, slot="dy")
             rows = rows.reshape(o, row1 - row0, wp)
             rows[:, :, :wo] = dy[i, :, row0:row1]
             rows[:, :, wo:] = 0                                       # the junk adds nothing
             return rows.reshape(o, -1)
 
-        def columns(i, row0, row1):                                   # (K, bh*width)
-            buffer = threads.scratch(w2.shape[1] * (row1 - row0) * width, xp.dtype)
-            if flat:
-                return flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)
-            return im2col(xp[i], kh, kw, sh, sw, row0, row1, out=buffer)
-
-        def weight_part(task):                                        # -> this band's dW2, db
-            i, (row0, row1) = task
-            dy_band = dy_of(i, row0, row1)
-            if not _finite(dy_band):                                  # the bands cover dy
-                return None
-            cols = columns(i, row0, row1)
-            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)  # (O, K), (O,)
-
         def input_part(task):                                         # dcols, added into dxp
             i, (row0, row1) = task
-            dy_band = dy_of(i, row0, row1)
+            dy_band = flat_dy(i, row0, row1) if flat else dy[i, :, row0:row1].reshape(o, -1)
             if _finite(dy_band):                                      # (else weight_part says so)
                 size = w2.shape[1] * dy_band.shape[1]
                 dcols = np.matmul(w2.T, dy_band, out=threads.scratch(size, dy.dtype).reshape(
