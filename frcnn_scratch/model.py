@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _checks, ops, rpn as _rpn, threads
+from . import _checks, nn, ops, rpn as _rpn, threads
 from .anchors import generate_anchors, shift_anchors
 from .losses import rpn_loss
 from .nn import BAND_BYTES, BLOCK_SIZE, Conv2d, MaxPool2d, ReLU, Sequential
@@ -689,7 +689,7 @@ class FasterRCNN:
             dict(boxes (D, 4) float32 xyxy in image pixels, scores (D,) float32, labels (D,) int64
             in 1..C), best score first, after class-wise NMS.
         """
-        with threads.for_image(*_image_size(image)):         # BLAS threads chosen by the image
+        with threads.for_image(*_image_size(image)), nn.no_grad():   # no backward follows
             return self._predict(image)
 
     def _predict(self, image):

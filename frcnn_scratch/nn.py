@@ -19,8 +19,13 @@ checks; layers without parameters keep float64 inputs as float64 and make everyt
     opt.step(net.grads)
 
 backward overwrites `grads` (it does not accumulate): call each layer once per step, and
-backward after the forward whose cache it uses.
+backward after the forward whose cache it uses.  Under `with no_grad():` (inference) a forward
+keeps nothing for a backward pass, and skips what only the backward needs: max pooling's argmax,
+ReLU's mask.
 """
+import contextlib
+import threading
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -55,6 +60,30 @@ def _init_weight(shape, fan_in, rng, std):
     if not np.isfinite(std) or std < 0:
         raise ValueError(f"std: expected a finite number >= 0 or None, got {std}")
     return (np.random.default_rng(rng).standard_normal(shape) * std).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- no_grad
+
+_state = threading.local()          # per thread: whether forward passes keep a cache
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Forward passes inside this block (on this thread) keep nothing for a backward pass, as
+    torch.no_grad: for inference.  Max pooling then finds only the max, not which offset held it,
+    ReLU writes no mask, and each layer drops the cache of any earlier forward, so that a
+    backward after it is refused instead of using stale values."""
+    previous = grad_enabled()
+    _state.grad = False
+    try:
+        yield
+    finally:
+        _state.grad = previous
+
+
+def grad_enabled():
+    """False inside no_grad (on this thread), else True."""
+    return getattr(_state, "grad", True)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -115,7 +144,8 @@ def _all_finite(x):
 def _as_grad(dy, cache_shape, dtype, layer, finite=True):
     """Check the incoming gradient dL/dy against the shape of the cached forward output."""
     if cache_shape is None:
-        raise RuntimeError(f"{layer}.backward called before forward")
+        raise RuntimeError(f"{layer}.backward called before forward (or after a forward under "
+                           f"nn.no_grad, which keeps nothing for it)")
     dy = _as_input(dy, "dy", dtype, layer=layer + ".backward", finite=finite)
     if dy.shape != cache_shape:
         raise ValueError(f"{layer}.backward dy: expected the forward output's shape {cache_shape}, "
@@ -424,7 +454,7 @@ class Conv2d(Module):
                 w2.shape[1] * ho * wo * x.itemsize >= SPLIT_BYTES:           # see SPLIT_BYTES
             bands = [(0, ho // 2), (ho // 2, ho)]
         threads.parallel(band, [(i, rows) for i in range(n) for rows in bands])
-        self._cache = (xp, (n, self.out_ch, ho, wo))
+        self._cache = (xp, (n, self.out_ch, ho, wo)) if grad_enabled() else None
         return y[..., :wo]                                            # without the junk columns
 
     def backward(self, dy):
@@ -532,13 +562,14 @@ class ReLU(Module):
     def forward(self, x):
         """x (any shape) -> y (same shape)."""
         x = _as_input(x, "x", _float_dtype(np.asarray(x)), layer="ReLU", finite=False)
-        mask = np.empty(x.shape, dtype=bool)
+        mask = np.empty(x.shape, dtype=bool) if grad_enabled() else None   # for backward only
         y = x if self.inplace else np.empty_like(x)
 
         def block(part):                                              # a block of channels
             if not _finite(x[part]):
                 return False
-            np.greater(x[part], 0, out=mask[part])                    # (same shape) bool
+            if mask is not None:
+                np.greater(x[part], 0, out=mask[part])                # (same shape) bool
             np.maximum(x[part], x.dtype.type(0), out=y[part])
             return True
 
@@ -593,22 +624,25 @@ class MaxPool2d(Module):
             raise ValueError(f"MaxPool2d x: spatial size {(h, w)} is smaller than the kernel {(kh, kw)}")
         ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
         y = np.empty((n, c, ho, wo), dtype=x.dtype)                    # (N, C, Ho, Wo)
-        argmax = np.zeros(y.shape, dtype=np.uint8 if kh * kw < 256 else np.int64)
+        argmax = np.zeros(y.shape, dtype=np.uint8 if kh * kw < 256 else np.int64) \
+            if grad_enabled() else None                                # for backward only
 
         def block(part):                                               # a block of channels
-            xb, yb, ab = x[part], y[part], argmax[part]
+            xb, yb = x[part], y[part]
             if not _finite(xb):
                 return False
             views = self._offset_views(xb, ho, wo)
             yb[...] = views[0]
             for offset, value in enumerate(views[1:], start=1):
-                larger = value > yb                                # strictly: ties keep the first
-                ab += larger * (offset - ab)                           # = offset where larger
+                if argmax is not None:
+                    ab = argmax[part]
+                    larger = value > yb                            # strictly: ties keep the first
+                    ab += larger * (offset - ab)                       # = offset where larger
                 np.maximum(yb, value, out=yb)
             return True
 
         _blocks_finite(_by_channels(block, x), "MaxPool2d x")
-        self._cache = (x.shape, argmax)                                # not x: one byte per window
+        self._cache = None if argmax is None else (x.shape, argmax)    # not x: one byte per window
         return y
 
     def _offset_views(self, x, ho, wo):
@@ -672,7 +706,7 @@ class Linear(Module):
         """x (N, in_features) -> y (N, out_features)."""
         w, b = self.params["weight"], self.params["bias"]             # (O, I), (O,)
         x = _as_input(x, "x", w.dtype, ndim=2, channels=self.in_features, layer="Linear")
-        self._x = x
+        self._x = x if grad_enabled() else None
         return x @ w.T + b                                            # (N, O)
 
     def backward(self, dy):
@@ -699,7 +733,7 @@ class Flatten(Module):
         if x.ndim < 1:
             raise ValueError(f"Flatten x: expected shape (N, ...), got {tuple(x.shape)}")
         x = _as_input(x, "x", _float_dtype(x), layer="Flatten")
-        self._shape = x.shape
+        self._shape = x.shape if grad_enabled() else None
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy):

@@ -419,3 +419,22 @@ def test_paper_preset_has_the_papers_scale_free_values():
         == (12000, 2000, 6000, 300)
     assert (c.pooler, c.pooled_size, c.roi_bg_iou_lo, c.rpn_pos_iou, c.rpn_neg_iou) == ("pool", 7, 0.1, 0.7, 0.3)
     assert c.num_classes == 20 and c.channels == Config().channels    # the network stays ours
+
+
+def test_predict_runs_under_no_grad_and_gives_what_the_full_forward_gives():
+    """predict keeps nothing for a backward pass (nn.no_grad) and detects exactly what the same
+    forward with every cache kept detects; training goes on after it as before."""
+    from frcnn_scratch import nn as fnn, threads
+    model = FasterRCNN(tiny_config(score_threshold=0.0))
+    sample = tiny_sample()
+    det = model.predict(sample["image"])
+    assert model.backbone[0]._cache is None and model.rpn.conv._cache is None
+    with threads.for_image(*sample["image"].shape[:2]):
+        full = model._predict(sample["image"])                         # outside no_grad
+    assert fnn.grad_enabled() and model.backbone[0]._cache is not None
+    for key in det:
+        np.testing.assert_array_equal(det[key], full[key], err_msg=key)
+    a = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+    model.predict(sample["image"])
+    b = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+    assert a == b

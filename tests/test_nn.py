@@ -564,3 +564,60 @@ def test_sgd_bad_grads():
         opt.step({"w": np.array([0.0, np.nan])})
     with pytest.raises(ValueError, match="velocity.w"):
         opt.load_state_dict({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "steps": 0})
+
+
+# ----------------------------------------------------------------------------- no_grad
+
+def _no_grad_layers():
+    rng = np.random.default_rng(7)
+    return [nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.Conv2d(3, 4, 3, stride=2, rng=rng),
+            nn.MaxPool2d(2, 2), nn.MaxPool2d(3, 2), nn.ReLU(), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Linear(3 * 12 * 10, 5, rng=rng)]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_no_grad_forward_is_the_same_and_keeps_nothing_for_backward(index):
+    """Under no_grad each layer's output equals its normal forward bit for bit (ties in the max
+    pools included), and a backward after it is refused with a message that says why: also when
+    an earlier normal forward had left a cache, which must not be used for the new input."""
+    layer = _no_grad_layers()[index]
+    x = np.round(np.random.default_rng(index).standard_normal((2, 3, 12, 10)), 1).astype(np.float32)
+    if isinstance(layer, nn.Linear):
+        x = x.reshape(2, -1)
+    y = layer.forward(x.copy())
+    dy = np.ones_like(y)
+    layer.backward(dy.copy())                                          # a normal pair works
+    layer.forward(x.copy())                                            # a cache is left ...
+    with nn.no_grad():
+        assert not nn.grad_enabled()
+        y_inference = layer.forward(x.copy())
+    assert nn.grad_enabled()
+    np.testing.assert_array_equal(y_inference, y)
+    with pytest.raises(RuntimeError, match="no_grad"):                 # ... and dropped
+        layer.backward(dy.copy())
+
+
+def test_no_grad_is_per_thread_and_restores_the_previous_state():
+    import threading
+    seen = {}
+    with nn.no_grad():
+        with nn.no_grad():
+            pass
+        assert not nn.grad_enabled()                                   # the inner block restored it
+        worker = threading.Thread(target=lambda: seen.setdefault("other", nn.grad_enabled()))
+        worker.start()
+        worker.join()
+    assert seen["other"] and nn.grad_enabled()
+    with pytest.raises(ZeroDivisionError):
+        with nn.no_grad():
+            1 / 0
+    assert nn.grad_enabled()                                           # also after an exception
+
+
+def test_no_grad_max_pool_skips_the_argmax():
+    """What inference saves: no argmax array (one byte per window) and no ReLU mask."""
+    pool, relu = nn.MaxPool2d(2, 2), nn.ReLU()
+    x = np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)
+    with nn.no_grad():
+        relu.forward(pool.forward(x))
+    assert pool._cache is None and relu._mask is None
