@@ -467,7 +467,7 @@ class Conv2d(Module):
         n, o, ho, wo = y_shape
         flat = xp.ndim == 3                        # the forward's layout (flat_im2col)
         hp, wp = (ho + kh - 1, wo + kw - 1) if flat else xp.shape[2:]
-        padded = xp[..., :hp * wp].reshape(n, -1, hp, wp) if flat else xp  # (N, C, Hp, Wp)
+        padded = xp[..., :hp * wp].reshape(xp.shape[:2] + (hp, wp)) if flat else xp  # N, C, Hp, Wp
         w2 = w.reshape(o, -1)                                         # (O, K)
         # y = W2 @ cols + b   =>   dW2 = sum over images and bands of dy @ cols^T,
         #                          db = sum of dy,  dcols = W2^T @ dy, then col2im
@@ -518,7 +518,9 @@ class Conv2d(Module):
         tasks = [(i, rows) for i in range(n) for rows in bands]
         even, odd = tasks[0::2], tasks[1::2]
         run = lambda job: job[0](job[1])                              # noqa: E731
-        if dxp is None:
+        if not tasks:                                                 # an empty batch: zeros
+            parts = []
+        elif dxp is None:
             parts = threads.parallel(weight_part, tasks)
             parts = parts[0::2] + parts[1::2]
         elif not odd:
@@ -539,7 +541,7 @@ class Conv2d(Module):
         if dxp is None:
             return None                                               # the input is the image
         if flat:
-            dxp = dxp[..., :hp * wp].reshape(n, -1, hp, wp)           # (N, C, Hp, Wp), a view
+            dxp = dxp[..., :hp * wp].reshape(xp.shape[:2] + (hp, wp))  # (N, C, Hp, Wp), a view
         return dxp[:, :, ph:hp - ph, pw:wp - pw]                      # (N, C, H, W)
 
 

@@ -208,6 +208,19 @@ def test_flat_conv_never_reads_uninitialised_memory(workers, monkeypatch):
         np.testing.assert_allclose(conv.grads[name], whole.grads[name], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride,band_bytes", [(1, 600), (2, 600), (1, None)])
+def test_conv_of_an_empty_batch_gives_empty_outputs_and_zero_grads(stride, band_bytes):
+    """N = 0 images (flat, strided and textbook forms): y and dx of the right empty shapes, and
+    weight and bias gradients of zero, not an error."""
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=1, rng=0, band_bytes=band_bytes)
+    y = conv.forward(np.zeros((0, 3, 9, 8), np.float32))
+    assert y.shape == (0, 4, (9 + 2 - 3) // stride + 1, (8 + 2 - 3) // stride + 1)
+    dx = conv.backward(np.zeros(y.shape, np.float32))
+    assert dx.shape == (0, 3, 9, 8)
+    assert not conv.grads["weight"].any() and not conv.grads["bias"].any()
+    assert conv.grads["weight"].shape == (4, 3, 3, 3)
+
+
 def test_first_layer_banded_skips_dx_and_keeps_param_grads():
     banded, whole = _conv_pair(3, 4, 3, 1, 1, False, band_bytes=500)
     x = RNG.standard_normal((1, 3, 30, 22)).astype(np.float32)
