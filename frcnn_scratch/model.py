@@ -322,6 +322,15 @@ def _image_size(image):
     return (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (1, 1)
 
 
+def _checked_features(features):
+    """The backbone's output, refused if it holds NaN or Inf (weights that overflowed); the
+    layers themselves run under nn.no_finite_checks, and any NaN on the way ends up here."""
+    if not np.isfinite(features).all():
+        raise ValueError("features: the backbone's output contains NaN or Inf (do the weights "
+                         "hold NaN or Inf, or did they overflow?)")
+    return features
+
+
 def build_backbone(channels, rng):
     """conv3x3(pad 1) + ReLU per entry of `channels`, with a 2x2 max pool between entries.
 
@@ -598,8 +607,15 @@ class FasterRCNN:
             feature_gradients holds the norm of the gradient each part sent into the shared
             feature map (how much of the backbone's learning comes from each).
         """
-        with threads.for_image(*_image_size(image)):         # BLAS threads chosen by the image
-            return self._loss_and_grads(image, gt_boxes, gt_labels, rng, proposals, parts)
+        # The layers skip their own NaN / Inf scans: the image, the feature map and the gradients
+        # are checked here instead (a NaN anywhere in between reaches them: 0 * NaN is NaN).
+        with threads.for_image(*_image_size(image)), nn.no_finite_checks():
+            losses = self._loss_and_grads(image, gt_boxes, gt_labels, rng, proposals, parts)
+        for name, grad in self.grads().items():
+            if not np.isfinite(grad).all():
+                raise ValueError(f"the gradient of {name} contains NaN or Inf: the step "
+                                 f"overflowed (is the learning rate too high?)")
+        return losses
 
     def _loss_and_grads(self, image, gt_boxes, gt_labels, rng, proposals, parts):
         cfg = self.config
@@ -629,7 +645,7 @@ class FasterRCNN:
                                        gt_boxes, image_shape, cfg.rpn_pos_iou, cfg.rpn_neg_iou,
                                        cfg.rpn_batch_size, cfg.rpn_positive_fraction, rng)
         try:
-            features = self.features(x)                                    # (1, C, H', W')
+            features = _checked_features(self.features(x))                # (1, C, H', W')
             logits, deltas = self.rpn.forward(features)                    # RPN (3.1): (1, A), ...
         except BaseException:
             threads.wait(labelling)            # it draws from rng: never left running after us
@@ -664,6 +680,12 @@ class FasterRCNN:
                        proposals, labelling, use_head):
         """Fast R-CNN's side of a training step (3.2): proposals (unless given), RoI sampling,
         head, its loss and backward -> (the loss dict, the gradient of the features)."""
+        with nn.no_finite_checks():                           # (on a thread of its own)
+            return self._detector_losses(features, logits, deltas, image_shape, gt_boxes,
+                                         gt_labels, rng, proposals, labelling, use_head)
+
+    def _detector_losses(self, features, logits, deltas, image_shape, gt_boxes, gt_labels, rng,
+                         proposals, labelling, use_head):
         cfg = self.config
         if proposals is None:                                              # constants from here on
             proposals = self._proposals(features, logits, deltas, image_shape, training=True)
@@ -689,13 +711,13 @@ class FasterRCNN:
             dict(boxes (D, 4) float32 xyxy in image pixels, scores (D,) float32, labels (D,) int64
             in 1..C), best score first, after class-wise NMS.
         """
-        with threads.for_image(*_image_size(image)), nn.no_grad():   # no backward follows
-            return self._predict(image)
+        with threads.for_image(*_image_size(image)), nn.no_grad(), nn.no_finite_checks():
+            return self._predict(image)                # (no backward; checked as it goes)
 
     def _predict(self, image):
         cfg = self.config
         x = self.preprocess(image)                                         # (1, 3, H, W)
-        features = self.features(x)                                        # (1, C, H', W')
+        features = _checked_features(self.features(x))                     # (1, C, H', W')
         _, _, _, proposals = self.propose(features, x.shape[2:], training=False)  # (P, 4)
         rois5 = np.concatenate([np.zeros((len(proposals), 1), np.float32), proposals], axis=1)
         cls_logits, bbox_deltas = self.head.forward(features, rois5)       # (P, C+1), (P, 4 (C+1))

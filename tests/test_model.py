@@ -438,3 +438,27 @@ def test_predict_runs_under_no_grad_and_gives_what_the_full_forward_gives():
     model.predict(sample["image"])
     b = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
     assert a == b
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # NaN arithmetic is the point
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_nan_inside_the_network_still_stops_a_step_and_a_prediction(n_threads, monkeypatch):
+    """The layers skip their own NaN / Inf scans inside loss_and_grads and predict
+    (nn.no_finite_checks); the model's checks of the features and of every gradient must then
+    catch what they would have: NaN weights in the backbone, and a backward that overflows."""
+    from frcnn_scratch import threads
+    sample = tiny_sample()
+    with threads.using(n_threads):
+        model = FasterRCNN(tiny_config())
+        model.backbone[3].params["weight"][0, 0, 1, 1] = np.nan      # a deeper conv layer
+        with pytest.raises(ValueError, match="features: .*NaN or Inf"):
+            model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+        with pytest.raises(ValueError, match="features: .*NaN or Inf"):
+            model.predict(sample["image"])
+        model = FasterRCNN(tiny_config())
+        rpn_backward = model.rpn.backward
+        monkeypatch.setattr(model.rpn, "backward", lambda *a: rpn_backward(*a) * np.inf)
+        with pytest.raises(ValueError, match=r"gradient of backbone\..* NaN or Inf"):
+            model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+        monkeypatch.undo()
+        model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)

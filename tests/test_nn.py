@@ -614,6 +614,46 @@ def test_no_grad_is_per_thread_and_restores_the_previous_state():
     assert nn.grad_enabled()                                           # also after an exception
 
 
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_no_finite_checks_lets_nan_through_on_every_thread_and_only_inside(n_threads, monkeypatch):
+    """Inside no_finite_checks the layers do not scan x or dy (their blocks may run on other
+    threads: the caller's setting must reach them); NaN then flows through as arithmetic makes
+    it.  Outside, and on other threads, the checks are back."""
+    monkeypatch.setattr(nn, "BLOCK_SIZE", 64)            # several blocks, on the team's threads
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=0, band_bytes=2 * 9 * 4 * 12 * 3),
+                        nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(108, 2, rng=1))
+    x = np.random.default_rng(0).standard_normal((1, 2, 12, 12)).astype(np.float32)
+    x[0, 1, 5, 7] = np.nan
+    with threads.using(n_threads):
+        with pytest.raises(ValueError, match="Conv2d x: contains NaN or Inf"):
+            net.forward(x)
+        with nn.no_finite_checks(), np.errstate(invalid="ignore"):
+            assert not nn.finite_checks_enabled()
+            y = net.forward(x)
+            assert np.isnan(y).all()                     # the NaN reached every output
+            net.backward(np.ones_like(y))
+            assert np.isnan(net[0].grads["weight"]).any()   # 0 * NaN = NaN: it reaches dW
+        assert nn.finite_checks_enabled()
+        for layer, x_bad in [(nn.ReLU(), np.full((1, 1, 4, 4), np.inf, np.float32)),
+                             (nn.MaxPool2d(2), np.full((1, 1, 4, 4), np.nan, np.float32)),
+                             (nn.Linear(4, 2, rng=0), np.full((1, 4), np.nan, np.float32))]:
+            with pytest.raises(ValueError, match="contains NaN or Inf"):
+                layer.forward(x_bad)
+            with nn.no_finite_checks(), np.errstate(invalid="ignore"):
+                layer.forward(x_bad)
+    import threading
+    seen = {}
+    with nn.no_finite_checks():
+        worker = threading.Thread(target=lambda: seen.setdefault("other", nn.finite_checks_enabled()))
+        worker.start()
+        worker.join()
+    assert seen["other"]
+    with pytest.raises(ZeroDivisionError):
+        with nn.no_finite_checks():
+            1 / 0
+    assert nn.finite_checks_enabled()                                  # also after an exception
+
+
 def test_no_grad_max_pool_skips_the_argmax():
     """What inference saves: no argmax array (one byte per window) and no ReLU mask."""
     pool, relu = nn.MaxPool2d(2, 2), nn.ReLU()
