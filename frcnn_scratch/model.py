@@ -492,6 +492,7 @@ class FasterRCNN:
         # anchors at the origin cell, (k, 4); shifted over each feature map as needed
         self.base_anchors = generate_anchors(base_size=cfg.stride, ratios=cfg.anchor_ratios,
                                              scales=cfg.anchor_scales)
+        self._anchors = None                 # ((H', W'), anchors) of the last map size
 
     # -- parameters: one flat dict "part.layer.name" -> array (the arrays the layers use) --
 
@@ -550,8 +551,15 @@ class FasterRCNN:
         return x
 
     def anchors(self, feat_height, feat_width):
-        """All anchors of a (feat_height, feat_width) map, (H' W' k, 4), index (y W' + x) k + a."""
-        return shift_anchors(self.base_anchors, feat_height, feat_width, self.config.stride)
+        """All anchors of a (feat_height, feat_width) map, (H' W' k, 4), index (y W' + x) k + a;
+        those of the last size asked for are kept (read-only)."""
+        key = (int(feat_height), int(feat_width))
+        last = self._anchors                 # a step needs them twice; a run, on every step
+        if last is None or last[0] != key:
+            anchors = shift_anchors(self.base_anchors, *key, self.config.stride)
+            anchors.setflags(write=False)    # shared: no caller may change them
+            self._anchors = last = (key, anchors)
+        return last[1]
 
     def feature_size(self, height, width):
         """(H', W') of the backbone's map for a (height, width) image: the 3x3 convs keep the

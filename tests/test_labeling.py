@@ -150,7 +150,7 @@ def test_labeling_goes_through_ops_box_iou(monkeypatch):
         return box_iou(a, b)
     monkeypatch.setattr(ops, "box_iou", spy)
     label_anchors([[0, 0, 10, 10]] * 3, GT)
-    assert calls == [(3, 1)], "label_anchors must call ops.box_iou (the backend dispatch point)"
+    assert calls == [(1, 3)], "label_anchors must call ops.box_iou (the backend dispatch point)"
     assert labeling.ops is ops
 
 

@@ -462,3 +462,15 @@ def test_nan_inside_the_network_still_stops_a_step_and_a_prediction(n_threads, m
             model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
         monkeypatch.undo()
         model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
+
+
+def test_anchors_of_the_last_map_size_are_kept_read_only():
+    from frcnn_scratch.anchors import shift_anchors
+    model = FasterRCNN(tiny_config())
+    a = model.anchors(4, 6)
+    assert model.anchors(4, 6) is a and not a.flags.writeable        # kept, and shared safely
+    np.testing.assert_array_equal(a, shift_anchors(model.base_anchors, 4, 6, model.config.stride))
+    b = model.anchors(5, 6)                                           # another size: new anchors
+    np.testing.assert_array_equal(b, shift_anchors(model.base_anchors, 5, 6, model.config.stride))
+    with pytest.raises(ValueError, match="read-only"):
+        a[0, 0] = 1
