@@ -205,18 +205,21 @@ def rpn_loss(logits, t_pred, labels, t_target, n_cls=None, n_reg=None, lam=1.0, 
     n_reg = _normaliser(n_reg, "n_reg", sampled)
     lam = finite_number(lam, "lam", minimum=0)
 
-    cls_sum, grad_cls = binary_log_loss(x, y)                          # sum over sampled anchors
-    positive = (y == 1).astype(t.dtype)                                # p_i*, (A,)
-    reg_sum, grad_reg = smooth_l1(t, t_star.astype(t.dtype), sigma=sigma, weights=positive)
+    # Only the sampled anchors count (a few hundred of tens of thousands): both sums run over
+    # them alone, and every other anchor's gradient is 0.
+    sampled_rows = np.flatnonzero(y >= 0)                              # (S,)
+    positive_rows = np.flatnonzero(y == 1)                             # p_i* = 1, (P,)
+    cls_sum, grad_cls = binary_log_loss(x[sampled_rows], y[sampled_rows])
+    reg_sum, grad_reg = smooth_l1(t[positive_rows], t_star[positive_rows].astype(t.dtype),
+                                  sigma=sigma)                         # p_i* L_reg, summed
     loss_cls = cls_sum / n_cls
     loss_reg = reg_sum / n_reg
-    return dict(
-        loss=loss_cls + lam * loss_reg,
-        loss_cls=loss_cls,
-        loss_reg=loss_reg,
-        grad_logits=(grad_cls / n_cls).astype(x.dtype),               # (A,)
-        grad_t=(grad_reg * (lam / n_reg)).astype(t.dtype),            # (A, 4)
-    )
+    grad_logits = np.zeros(num, x.dtype)                               # (A,)
+    grad_logits[sampled_rows] = grad_cls / n_cls
+    grad_t = np.zeros((num, 4), t.dtype)                               # (A, 4)
+    grad_t[positive_rows] = grad_reg * (lam / n_reg)
+    return dict(loss=loss_cls + lam * loss_reg, loss_cls=loss_cls, loss_reg=loss_reg,
+                grad_logits=grad_logits, grad_t=grad_t)
 
 
 def _normaliser(n, name, sampled):
