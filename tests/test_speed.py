@@ -292,6 +292,95 @@ def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
     np.testing.assert_array_equal(stack.backward(dy.copy()), stack_vgg.backward(dy.copy()))
 
 
+@pytest.mark.parametrize("k, hw", [(2, (8, 12)), (2, (9, 13)), (3, (13, 11))])
+def test_a_pooled_gradient_is_the_pools_dx_whole_and_in_any_band_of_rows(k, hw):
+    """PooledGradient (dy and the argmax of a pool whose windows tile its input) is
+    MaxPool2d.backward's dx: as an array, and band by band for any band of rows, at a width
+    past W (0 there, as the flat layout's junk needs); odd sizes (rows and columns that no
+    window covers) and ties included."""
+    pool = nn.MaxPool2d(k, k)
+    x = np.round(RNG.standard_normal((2, 3) + hw), 1).astype(np.float32)   # many exact ties
+    y = pool.forward(x)
+    dy = RNG.standard_normal(y.shape).astype(np.float32)
+    pooled = pool.backward_pooled(dy)
+    want = pool.backward(dy)
+    assert isinstance(pooled, nn.PooledGradient) and pooled.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(pooled), want)
+    h, w = hw
+    for i in range(2):
+        for row0 in range(h):
+            for row1 in range(row0 + 1, h + 1):
+                out = np.full((3, row1 - row0, w + 3), np.nan, np.float32)
+                assert pooled.rows(i, row0, row1, out) is out
+                np.testing.assert_array_equal(out[:, :, :w], want[i, :, row0:row1])
+                assert not out[:, :, w:].any()
+    overlapping = nn.MaxPool2d(3, 2)                                   # windows that do not tile:
+    y = overlapping.forward(x)                                         # the plain array
+    dy = RNG.standard_normal(y.shape).astype(np.float32)
+    got = overlapping.backward_pooled(dy)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, overlapping.backward(dy))
+    with pytest.raises(ValueError, match="MaxPool2d.backward dy: contains NaN or Inf"):
+        pool.forward(x)
+        pool.backward_pooled(np.full(pool._cache[1].shape, np.nan, np.float32))
+
+
+@pytest.mark.parametrize("stride, need_input_grad, band_bytes", [
+    (1, True, 600), (1, False, 600), (1, True, None), (2, True, 600), (1, True, nn.BAND_BYTES)])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_conv_backward_of_a_pooled_gradient_equals_that_of_its_array(stride, need_input_grad,
+                                                                    band_bytes, workers):
+    """A Conv2d under a max pool unpools the pool's PooledGradient band by band: the same dx,
+    dW and db bit for bit as from the full-size array, in the flat layout and in im2col's, with
+    and without dx, in one band or many, on any number of threads."""
+    conv, twin = (nn.Conv2d(3, 4, 3, stride=stride, padding=1, rng=0, band_bytes=band_bytes,
+                            need_input_grad=need_input_grad) for _ in range(2))
+    x = RNG.standard_normal((2, 3, 37, 23)).astype(np.float32)
+    pool = nn.MaxPool2d(2)
+    y = conv.forward(x)
+    twin.forward(x)
+    pool.forward(y)
+    pooled = pool.backward_pooled(RNG.standard_normal(pool._cache[1].shape).astype(np.float32))
+    assert band_bytes != 600 or len(conv._bands(*y.shape[2:], 4)) >= 3, "several bands"
+    with threads.using(workers):
+        dx, dx_twin = conv.backward(pooled), twin.backward(np.asarray(pooled))
+    for name in ("weight", "bias"):
+        np.testing.assert_array_equal(conv.grads[name], twin.grads[name], err_msg=name)
+    if need_input_grad:
+        np.testing.assert_array_equal(dx, dx_twin)
+    else:
+        assert dx is None and dx_twin is None
+    wrong = nn.PooledGradient(pooled.dy[:1], pooled.argmax[:1], (2, 2), (1,) + y.shape[1:])
+    with pytest.raises(ValueError, match=r"expected the forward output's shape"):
+        conv.backward(wrong)
+    with pytest.raises(RuntimeError, match="before forward"):
+        nn.Conv2d(3, 4, 3).backward(pooled)
+
+
+def test_sequential_hands_a_conv_the_pools_gradient_unpooled_by_the_conv(monkeypatch):
+    """In conv -> max pool -> ..., Sequential's backward passes the conv a PooledGradient (not
+    a full-size dx); the gradients are those of the layers' plain backward passes, bit for bit."""
+    seen = []
+    backward = nn.Conv2d.backward
+    monkeypatch.setattr(nn.Conv2d, "backward", lambda self, dy: seen.append(type(dy)) or
+                        backward(self, dy))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=0), nn.MaxPool2d(2), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, padding=1, rng=1), nn.ReLU())
+    x = RNG.standard_normal((1, 3, 14, 18)).astype(np.float32)
+    y = net.forward(x)
+    dy = RNG.standard_normal(y.shape).astype(np.float32)
+    dx = net.backward(dy.copy())
+    assert seen == [np.ndarray, nn.PooledGradient]
+    grads = {k: v.copy() for k, v in net.grads.items()}
+    net.forward(x)
+    g = dy.copy()
+    for layer in reversed(net.layers):                                 # the plain backward passes
+        g = backward(layer, g) if isinstance(layer, nn.Conv2d) else layer.backward(g)
+    np.testing.assert_array_equal(dx, g)
+    for k, v in net.grads.items():
+        np.testing.assert_array_equal(grads[k], v, err_msg=k)
+
+
 @pytest.mark.parametrize("o,k,p", [(16, 27, 600), (16, 27, 601), (20, 30, 64), (3, 4, 10)])
 def test_small_weight_gradients_split_in_halves_equal_the_plain_product(o, k, p):
     """dW of a small layer (O * K <= 500, where NumPy would hold the GIL through the product) in a
