@@ -387,6 +387,9 @@ class Conv2d(Module):
     A banded stride-1 convolution (every one of the detector's) keeps its padded input in the
     flat layout (`flat_im2col`): the columns are then contiguous slices of the image, and its
     output rows are computed Wp wide and returned as a view of their first Wo values.
+    Under a max pool (conv -> pool in a Sequential) each band is pooled as soon as it is made
+    (`forward_pooled`) and the pool's gradient is unpooled band by band in the backward pass
+    (`PooledGradient`): the conv's full output and its full gradient are never stored.
 
     Args:
         in_ch, out_ch: channels in and out.
@@ -421,19 +424,21 @@ class Conv2d(Module):
         self.params["bias"] = np.zeros(self.out_ch, dtype=np.float32)
         self._cache = None
 
-    def _bands(self, ho, wo, itemsize):
+    def _bands(self, ho, wo, itemsize, multiple=1):
         """[(row0, row1), ...] covering the Ho output rows, each band's columns <= band_bytes, and
         never fewer than kh rows (see backward).  Several bands are made an even number of equal
         ones where the rows allow, so that two threads share them evenly (11 bands of 22 rows, the
         last of 20, at 240 x 320 became 12 of 20: a 480 x 640 step 2-3% faster on two threads).
         The bands depend on the sizes only, never on the number of threads: the sums, and so the
-        results, are the same on any number."""
+        results, are the same on any number.  multiple: every band but the last starts and ends
+        on a multiple of this many rows (whole windows of the pool that forward_pooled feeds)."""
         kh, kw = self.kernel_size
         row_bytes = self.in_ch * kh * kw * wo * itemsize
         rows = ho if self.band_bytes is None else max(kh, min(ho, self.band_bytes // row_bytes))
         count = -(-ho // rows)                                        # ceil(Ho / rows)
         if count > 1:
             rows = max(kh, -(-ho // (count + count % 2)))             # even, equal (the last <=)
+        rows = -(-rows // multiple) * multiple
         return [(r, min(ho, r + rows)) for r in range(0, ho, rows)]
 
     def _flat(self):
@@ -442,6 +447,19 @@ class Conv2d(Module):
 
     def forward(self, x):
         """x (N, in_ch, H, W) -> y (N, out_ch, Ho, Wo)."""
+        return self._forward(x, None)
+
+    def forward_pooled(self, x, pool):
+        """pool.forward(self.forward(x)) for a MaxPool2d whose windows tile its input (stride =
+        kernel), worked band by band: each band of output rows is pooled as soon as it is made,
+        while in cache, and y itself is never stored (Sequential does this for conv -> pool).
+        The same values as the two layers' own forward passes; pool keeps what its backward
+        needs, as after its own forward."""
+        if not pool.tiles():
+            return pool.forward(self.forward(x))
+        return self._forward(x, pool)
+
+    def _forward(self, x, pool):
         w, b = self.params["weight"], self.params["bias"]  # (O, C, kh, kw), (O,)
         x = _as_input(x, "x", w.dtype, ndim=4, channels=self.in_ch, layer="Conv2d", finite=False)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -467,7 +485,10 @@ class Conv2d(Module):
         _blocks_finite(_by_channels(pad, x), "Conv2d x")
         w2 = w.reshape(self.out_ch, -1)                               # (O, K)  K = C*kh*kw
         width = wp if flat else wo                                    # of the product's rows
-        y = np.empty((n, self.out_ch, ho, width), dtype=x.dtype)      # (N, O, Ho, Wp | Wo)
+        if pool is None:
+            y = np.empty((n, self.out_ch, ho, width), dtype=x.dtype)  # (N, O, Ho, Wp | Wo)
+        else:                                                         # pool's output instead
+            pooled = pool._start((n, self.out_ch, ho, wo), x.dtype)
 
         def band(task):                                               # one band of one image
             i, (row0, row1) = task
@@ -476,16 +497,29 @@ class Conv2d(Module):
                 cols = flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)
             else:
                 cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=buffer)
-            y_band = y[i, :, row0:row1].reshape(self.out_ch, -1)      # (O, bh*width), a view of y
+            if pool is None:
+                y_band = y[i, :, row0:row1].reshape(self.out_ch, -1)  # (O, bh*width), a view of y
+            else:                                                     # a buffer, pooled at once
+                y_band = threads.scratch(self.out_ch * (row1 - row0) * width, x.dtype,
+                                         slot="y").reshape(self.out_ch, -1)
             np.matmul(w2, cols, out=y_band)                           # y = W2 @ cols
             y_band += b[:, None]
+            if pool is not None:
+                rows = y_band.reshape(self.out_ch, row1 - row0, width)[..., :wo]
+                return pool._pool_rows(rows, i, row0, pooled, finite)
+            return True
 
-        bands = self._bands(ho, wo, x.itemsize)
-        if n == 1 and len(bands) == 1 and ho >= 2 * kh and \
+        multiple = 1 if pool is None else pool.kernel_size[0]         # bands of whole windows
+        bands = self._bands(ho, wo, x.itemsize, multiple)
+        half = ho // 2 // multiple * multiple
+        if n == 1 and len(bands) == 1 and half >= kh and \
                 w2.shape[1] * ho * wo * x.itemsize >= SPLIT_BYTES:           # see SPLIT_BYTES
-            bands = [(0, ho // 2), (ho // 2, ho)]
-        threads.parallel(band, [(i, rows) for i in range(n) for rows in bands])
+            bands = [(0, half), (half, ho)]
+        done = threads.parallel(band, [(i, rows) for i in range(n) for rows in bands])
         self._cache = (xp, (n, self.out_ch, ho, wo)) if grad_enabled() else None
+        if pool is not None:
+            _blocks_finite(done, "MaxPool2d x")
+            return pool._finish(pooled)
         return y[..., :wo]                                            # without the junk columns
 
     def backward(self, dy):
@@ -680,28 +714,70 @@ class MaxPool2d(Module):
         finite = _finite_check()
 
         def block(part):                                               # a block of channels
-            xb, yb = x[part], y[part]
-            if not finite(xb):
+            if not finite(x[part]):
                 return False
-            views = self._offset_views(xb, ho, wo)
-            yb[...] = views[0]
-            for offset, value in enumerate(views[1:], start=1):
-                if argmax is not None:
-                    ab = argmax[part]
-                    larger = value > yb                            # strictly: ties keep the first
-                    ab += larger * (offset - ab)                       # = offset where larger
-                np.maximum(yb, value, out=yb)
+            self._pool(x[part], y[part], None if argmax is None else argmax[part])
             return True
 
         _blocks_finite(_by_channels(block, x), "MaxPool2d x")
         self._cache = None if argmax is None else (x.shape, argmax)    # not x: one byte per window
         return y
 
+    def _pool(self, x, y, argmax):
+        """y = the max of each window of x (.., H, W), y (.., Ho, Wo); argmax (None, or zeros
+        like y) = the offset of the first max (row-major) in each window."""
+        views = self._offset_views(x, *y.shape[-2:])
+        y[...] = views[0]
+        for offset, value in enumerate(views[1:], start=1):
+            if argmax is not None:
+                larger = value > y                                     # strictly: ties keep the first
+                argmax += larger * (offset - argmax)                   # = offset where larger
+            np.maximum(y, value, out=y)
+
     def _offset_views(self, x, ho, wo):
-        """For each window offset (u, v), row-major, the (N, C, Ho, Wo) strided view of x that
+        """For each window offset (u, v), row-major, the (.., Ho, Wo) strided view of x that
         holds every window's value at that offset: x[.., i*s + u, j*s + v] for window (i, j)."""
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        return [x[:, :, u:u + sh * ho:sh, v:v + sw * wo:sw] for u in range(kh) for v in range(kw)]
+        return [x[..., u:u + sh * ho:sh, v:v + sw * wo:sw] for u in range(kh) for v in range(kw)]
+
+    # -- fed band by band by Conv2d.forward_pooled --
+
+    def tiles(self):
+        """Whether the windows tile the input (stride = kernel): each value in one window."""
+        return self.stride == self.kernel_size
+
+    def _start(self, x_shape, dtype):
+        """The output (and argmax) that _pool_rows fills, for an input of x_shape."""
+        (kh, kw), (n, c, h, w) = self.kernel_size, x_shape
+        if h < kh or w < kw:
+            raise ValueError(f"MaxPool2d x: spatial size {(h, w)} is smaller than the kernel {(kh, kw)}")
+        y = np.empty((n, c, h // kh, w // kw), dtype)
+        argmax = np.zeros(y.shape, np.uint8 if kh * kw < 256 else np.int64) \
+            if grad_enabled() else None
+        return x_shape, y, argmax
+
+    def _pool_rows(self, rows, i, row0, pooled, finite):
+        """Pool rows [row0, row0 + bh) of image i's input, rows (C, bh, W), row0 a multiple of
+        kh, into the output rows of the windows they fill; channel block by channel block (a
+        block's temporaries stay in cache).  -> finite(rows)."""
+        if not finite(rows):
+            return False
+        kh = self.kernel_size[0]
+        _, y, argmax = pooled
+        first = row0 // kh
+        last = min(y.shape[2], first + rows.shape[1] // kh)
+        if last > first:
+            step = max(1, BLOCK_SIZE // rows[0].size)                  # channels per block
+            for c in range(0, rows.shape[0], step):
+                part = slice(c, c + step)
+                self._pool(rows[part, :(last - first) * kh], y[i, part, first:last],
+                           None if argmax is None else argmax[i, part, first:last])
+        return True
+
+    def _finish(self, pooled):
+        x_shape, y, argmax = pooled
+        self._cache = None if argmax is None else (x_shape, argmax)
+        return y
 
     def backward(self, dy):
         """dy (N, C, Ho, Wo) -> dx (N, C, H, W), dy sent to each window's first max."""
@@ -876,8 +952,15 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+        i = 0
+        while i < len(self.layers):
+            layer, above = self.layers[i], self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if isinstance(layer, Conv2d) and isinstance(above, MaxPool2d) and above.tiles():
+                x = layer.forward_pooled(x, above)   # each band pooled while in cache
+                i += 2
+            else:
+                x = layer.forward(x)
+                i += 1
         return x
 
     def backward(self, dy):

@@ -357,17 +357,63 @@ def test_conv_backward_of_a_pooled_gradient_equals_that_of_its_array(stride, nee
         nn.Conv2d(3, 4, 3).backward(pooled)
 
 
+@pytest.mark.parametrize("stride, band_bytes, k", [
+    (1, 600, 2), (1, 10800, 3), (1, None, 2), (2, 600, 2), (1, nn.BAND_BYTES, 2)])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_conv_pooled_band_by_band_equals_the_conv_then_the_pool(stride, band_bytes, k, workers,
+                                                                   monkeypatch):
+    """Conv2d.forward_pooled (each band of output rows pooled at once, the conv's output never
+    stored) gives the pool's output and argmax of the two layers' own forward passes, bit for
+    bit: the flat layout and im2col's, bands that end mid-window in the plain layer, rows and
+    columns no window covers (odd sizes), a single band split in two, on any number of threads;
+    and what each backward pass needs."""
+    monkeypatch.setattr(nn, "SPLIT_BYTES", 1)                      # a single band is split too
+    conv, twin = (nn.Conv2d(3, 4, 3, stride=stride, padding=1, rng=0, band_bytes=band_bytes)
+                  for _ in range(2))
+    pool, pool_twin = nn.MaxPool2d(k), nn.MaxPool2d(k)
+    x = np.round(RNG.standard_normal((2, 3, 39, 25)), 1).astype(np.float32)   # ties
+    with threads.using(workers):
+        y = conv.forward_pooled(x, pool)
+        y_twin = pool_twin.forward(twin.forward(x))
+        np.testing.assert_array_equal(y, y_twin)
+        np.testing.assert_array_equal(pool._cache[1], pool_twin._cache[1])       # the argmax
+        assert pool._cache[0] == pool_twin._cache[0]
+        np.testing.assert_array_equal(conv._cache[0], twin._cache[0])            # the padded x
+        if band_bytes in (600, 10800):
+            bands = twin._bands(*twin._cache[1][2:], 4)
+            assert len(bands) >= 3 and any(r % k for band in bands for r in band), "mid-window"
+        with nn.no_grad():
+            np.testing.assert_array_equal(conv.forward_pooled(x, pool), y)
+        assert pool._cache is None and conv._cache is None
+    overlapping = nn.MaxPool2d(3, 2)                                   # windows that do not tile
+    np.testing.assert_array_equal(conv.forward_pooled(x, overlapping),
+                                  nn.MaxPool2d(3, 2).forward(twin.forward(x)))
+    conv.params["weight"][0, 0, 1, 1] = np.inf                         # the conv's output checked
+    with pytest.raises(ValueError, match="MaxPool2d x: contains NaN or Inf"), \
+            np.errstate(invalid="ignore"):
+        conv.forward_pooled(x, pool)
+    with nn.no_finite_checks(), np.errstate(invalid="ignore"):
+        assert not np.isfinite(conv.forward_pooled(x, pool)).all()
+
+
 def test_sequential_hands_a_conv_the_pools_gradient_unpooled_by_the_conv(monkeypatch):
     """In conv -> max pool -> ..., Sequential's backward passes the conv a PooledGradient (not
     a full-size dx); the gradients are those of the layers' plain backward passes, bit for bit."""
-    seen = []
-    backward = nn.Conv2d.backward
+    seen, pooled_forward = [], []
+    backward, forward_pooled = nn.Conv2d.backward, nn.Conv2d.forward_pooled
     monkeypatch.setattr(nn.Conv2d, "backward", lambda self, dy: seen.append(type(dy)) or
                         backward(self, dy))
+    monkeypatch.setattr(nn.Conv2d, "forward_pooled", lambda self, x, pool:
+                        pooled_forward.append(pool) or forward_pooled(self, x, pool))
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=0), nn.MaxPool2d(2), nn.ReLU(),
                         nn.Conv2d(4, 5, 3, padding=1, rng=1), nn.ReLU())
     x = RNG.standard_normal((1, 3, 14, 18)).astype(np.float32)
     y = net.forward(x)
+    assert pooled_forward == [net[1]]                                  # forward: pooled in bands
+    g = x
+    for layer in net.layers:
+        g = layer.forward(g)
+    np.testing.assert_array_equal(y, g)
     dy = RNG.standard_normal(y.shape).astype(np.float32)
     dx = net.backward(dy.copy())
     assert seen == [np.ndarray, nn.PooledGradient]
