@@ -558,9 +558,10 @@ class Conv2d(Module):
                 return dy[i, :, row0:row1].reshape(o, -1)             # dy as it comes
             return flat_dy(i, row0, row1)
 
-        def weight_part(task):                                        # -> this band's dW2, db
+        def weight_part(task, dy_band=None):                          # -> this band's dW2, db
             i, (row0, row1) = task
-            dy_band = dy_rows(i, row0, row1, wo)                      # (O, bh*Wo)
+            if dy_band is None:
+                dy_band = dy_rows(i, row0, row1, wo)                  # (O, bh*Wo)
             if not finite(dy_band):                                   # the bands cover dy
                 return None
             size = w2.shape[1] * (row1 - row0) * wo
@@ -576,9 +577,10 @@ class Conv2d(Module):
             rows[:, :, wo:] = 0                                       # the junk adds nothing
             return rows.reshape(o, -1)
 
-        def input_part(task):                                         # dcols, added into dxp
+        def input_part(task, dy_band=None):                           # dcols, added into dxp
             i, (row0, row1) = task
-            dy_band = dy_rows(i, row0, row1, wp if flat else wo)      # (O, bh*(Wp | Wo))
+            if dy_band is None:
+                dy_band = dy_rows(i, row0, row1, wp if flat else wo)  # (O, bh*(Wp | Wo))
             if finite(dy_band):                                       # (else weight_part says so)
                 size = w2.shape[1] * dy_band.shape[1]
                 dcols = np.matmul(w2.T, dy_band, out=threads.scratch(size, dy.dtype).reshape(
@@ -588,6 +590,17 @@ class Conv2d(Module):
                 else:
                     col2im_add(dxp[i], dcols, kh, kw, sh, sw, row0, row1)
 
+        def both_parts(task):                                         # -> this band's dW2, db
+            """A pooled dy, unpooled once for both parts: Wp wide for the input part, and its
+            first Wo columns copied out for the weight part."""
+            i, (row0, row1) = task
+            wide = dy_rows(i, row0, row1, wp)                         # (O, bh*Wp)
+            band = threads.scratch(o * (row1 - row0) * wo, w.dtype, slot="dy, Wo wide")
+            band = band.reshape(o, row1 - row0, wo)
+            np.copyto(band, wide.reshape(o, row1 - row0, wp)[:, :, :wo])
+            input_part(task, wide)
+            return weight_part(task, band.reshape(o, -1))
+
         # Neighbouring bands add into the same few input rows (a window spans kh rows), so the even
         # bands' input parts run in a first round and the odd ones' in a second: no two running
         # bands share a row, the adds come in a fixed order, and so do the sums, however many
@@ -596,6 +609,8 @@ class Conv2d(Module):
         # Their sums are added in a fixed order too (even bands, then odd ones).  A first layer
         # adds nothing into its input: it has weight parts only, all in one round.
         # One band of one image has no neighbour: its two parts run together, in one round.
+        # A pooled dy (flat layout) is unpooled once per band, for both parts, which then run in
+        # one piece of work: the even bands in a first round, the odd ones in a second.
         tasks = [(i, rows) for i in range(n) for rows in bands]
         even, odd = tasks[0::2], tasks[1::2]
         run = lambda job: job[0](job[1])                              # noqa: E731
@@ -606,6 +621,8 @@ class Conv2d(Module):
             parts = parts[0::2] + parts[1::2]
         elif not odd:
             parts = threads.parallel(run, [(weight_part, even[0]), (input_part, even[0])])[:1]
+        elif pooled and flat:
+            parts = threads.parallel(both_parts, even) + threads.parallel(both_parts, odd)
         else:
             first = threads.parallel(run, [(input_part, t) for t in even] +
                                      [(weight_part, t) for t in odd])
