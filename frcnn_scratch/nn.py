@@ -449,17 +449,26 @@ class Conv2d(Module):
         """x (N, in_ch, H, W) -> y (N, out_ch, Ho, Wo)."""
         return self._forward(x, None)
 
-    def forward_pooled(self, x, pool):
+    def forward_pooled(self, x, pool, relu=None):
         """pool.forward(self.forward(x)) for a MaxPool2d whose windows tile its input (stride =
         kernel), worked band by band: each band of output rows is pooled as soon as it is made,
         while in cache, and y itself is never stored (Sequential does this for conv -> pool).
         The same values as the two layers' own forward passes; pool keeps what its backward
-        needs, as after its own forward."""
-        if not pool.tiles():
-            return pool.forward(self.forward(x))
-        return self._forward(x, pool)
+        needs, as after its own forward.
 
-    def _forward(self, x, pool):
+        relu: a ReLU after the pool (conv -> pool -> ReLU), applied to each band too.  Its
+        gradient, dy where the pooled value is > 0 and 0 elsewhere, is folded into the pool's
+        argmax: a window whose max is <= 0 gets the offset kh * kw, which no value has, so the
+        pool's backward sends it nothing.  The ReLU's own backward is then skipped (it keeps no
+        mask; Sequential knows)."""
+        if not pool.tiles():
+            y = pool.forward(self.forward(x))
+            return y if relu is None else relu.forward(y)
+        if relu is not None:
+            relu._mask = None                        # its backward is the pool's now
+        return self._forward(x, pool, relu is not None)
+
+    def _forward(self, x, pool, relu=False):
         w, b = self.params["weight"], self.params["bias"]  # (O, C, kh, kw), (O,)
         x = _as_input(x, "x", w.dtype, ndim=4, channels=self.in_ch, layer="Conv2d", finite=False)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -506,7 +515,7 @@ class Conv2d(Module):
             y_band += b[:, None]
             if pool is not None:
                 rows = y_band.reshape(self.out_ch, row1 - row0, width)[..., :wo]
-                return pool._pool_rows(rows, i, row0, pooled, finite)
+                return pool._pool_rows(rows, i, row0, pooled, finite, relu)
             return True
 
         multiple = 1 if pool is None else pool.kernel_size[0]         # bands of whole windows
@@ -773,22 +782,27 @@ class MaxPool2d(Module):
             if grad_enabled() else None
         return x_shape, y, argmax
 
-    def _pool_rows(self, rows, i, row0, pooled, finite):
+    def _pool_rows(self, rows, i, row0, pooled, finite, relu=False):
         """Pool rows [row0, row0 + bh) of image i's input, rows (C, bh, W), row0 a multiple of
         kh, into the output rows of the windows they fill; channel block by channel block (a
-        block's temporaries stay in cache).  -> finite(rows)."""
+        block's temporaries stay in cache).  relu: rectify them too, and give the windows whose
+        max is <= 0 the offset kh * kw (see Conv2d.forward_pooled).  -> finite(rows)."""
         if not finite(rows):
             return False
-        kh = self.kernel_size[0]
-        _, y, argmax = pooled
+        (kh, kw), (_, y, argmax) = self.kernel_size, pooled
         first = row0 // kh
         last = min(y.shape[2], first + rows.shape[1] // kh)
         if last > first:
             step = max(1, BLOCK_SIZE // rows[0].size)                  # channels per block
             for c in range(0, rows.shape[0], step):
                 part = slice(c, c + step)
-                self._pool(rows[part, :(last - first) * kh], y[i, part, first:last],
-                           None if argmax is None else argmax[i, part, first:last])
+                y_part = y[i, part, first:last]
+                a_part = None if argmax is None else argmax[i, part, first:last]
+                self._pool(rows[part, :(last - first) * kh], y_part, a_part)
+                if relu:
+                    if a_part is not None:                             # ReLU's gradient is 0
+                        np.putmask(a_part, y_part <= 0, kh * kw)      # there: no offset gets it
+                    np.maximum(y_part, 0, out=y_part)
         return True
 
     def _finish(self, pooled):
@@ -950,6 +964,7 @@ class Sequential(Module):
 
     def __init__(self, *layers):
         self.layers = list(layers)
+        self._folded = set()                         # see forward
         for i, layer in enumerate(self.layers):
             if not hasattr(layer, "forward") or not hasattr(layer, "backward"):
                 raise ValueError(f"layers[{i}]: expected a layer with forward/backward, "
@@ -969,12 +984,16 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
-        i = 0
+        self._folded = set()                         # ReLUs whose gradient the pool applies
+        i, layers = 0, self.layers + [None, None]
         while i < len(self.layers):
-            layer, above = self.layers[i], self.layers[i + 1] if i + 1 < len(self.layers) else None
+            layer, above, then = layers[i:i + 3]
             if isinstance(layer, Conv2d) and isinstance(above, MaxPool2d) and above.tiles():
-                x = layer.forward_pooled(x, above)   # each band pooled while in cache
-                i += 2
+                relu = then if isinstance(then, ReLU) else None
+                x = layer.forward_pooled(x, above, relu)   # each band pooled while in cache
+                if relu is not None:
+                    self._folded.add(i + 2)
+                i += 2 if relu is None else 3
             else:
                 x = layer.forward(x)
                 i += 1
@@ -984,6 +1003,8 @@ class Sequential(Module):
         """dL/d(output) -> dL/d(input), or None when a layer returned no dx (need_input_grad=False)."""
         for i in reversed(range(len(self.layers))):
             layer, below = self.layers[i], self.layers[i - 1] if i else None
+            if i in self._folded:
+                continue                             # its gradient is in the pool's argmax
             if isinstance(layer, MaxPool2d) and isinstance(below, Conv2d):
                 dy = layer.backward_pooled(dy)       # the conv unpools it band by band
             else:

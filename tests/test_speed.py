@@ -396,35 +396,55 @@ def test_a_conv_pooled_band_by_band_equals_the_conv_then_the_pool(stride, band_b
         assert not np.isfinite(conv.forward_pooled(x, pool)).all()
 
 
-def test_sequential_hands_a_conv_the_pools_gradient_unpooled_by_the_conv(monkeypatch):
-    """In conv -> max pool -> ..., Sequential's backward passes the conv a PooledGradient (not
-    a full-size dx); the gradients are those of the layers' plain backward passes, bit for bit."""
+def _pooled_stack():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=0, band_bytes=600), nn.MaxPool2d(2),
+                         nn.ReLU(inplace=True), nn.Conv2d(4, 5, 3, padding=1, rng=1), nn.ReLU())
+
+
+def _one_by_one(net, x, dy):
+    """The layers' own forward and backward passes, one after the other: (y, dx)."""
+    for layer in net.layers:
+        x = layer.forward(x)
+    for layer in reversed(net.layers):
+        dy = layer.backward(dy)
+    return x, dy
+
+
+def test_sequential_pools_and_rectifies_a_convs_bands_and_unpools_its_gradient(monkeypatch):
+    """conv -> max pool -> ReLU in a Sequential: the forward pools and rectifies each band of
+    the conv's output as it is made, the ReLU's gradient is folded into the pool's argmax (the
+    offset kh * kw where a window's max is <= 0), and the conv's backward gets the pool's
+    PooledGradient.  Output, dx and every weight gradient equal those of the layers run one by
+    one, bit for bit, with windows that are all negative and windows whose max is exactly 0;
+    the ReLU's own backward is skipped, and refused if called (it kept no mask)."""
     seen, pooled_forward = [], []
     backward, forward_pooled = nn.Conv2d.backward, nn.Conv2d.forward_pooled
     monkeypatch.setattr(nn.Conv2d, "backward", lambda self, dy: seen.append(type(dy)) or
                         backward(self, dy))
-    monkeypatch.setattr(nn.Conv2d, "forward_pooled", lambda self, x, pool:
-                        pooled_forward.append(pool) or forward_pooled(self, x, pool))
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=0), nn.MaxPool2d(2), nn.ReLU(),
-                        nn.Conv2d(4, 5, 3, padding=1, rng=1), nn.ReLU())
-    x = RNG.standard_normal((1, 3, 14, 18)).astype(np.float32)
+    monkeypatch.setattr(nn.Conv2d, "forward_pooled", lambda self, x, pool, relu=None:
+                        pooled_forward.append((pool, relu)) or forward_pooled(self, x, pool, relu))
+    net, ref = _pooled_stack(), _pooled_stack()
+    for conv in (net[0], ref[0]):
+        conv.params["bias"][1] = -50                                   # every window's max < 0
+        conv.params["weight"][2] = 0                                   # every window's max = 0
+    x = np.round(RNG.standard_normal((1, 3, 17, 22)), 1).astype(np.float32)   # ties
     y = net.forward(x)
-    assert pooled_forward == [net[1]]                                  # forward: pooled in bands
-    g = x
-    for layer in net.layers:
-        g = layer.forward(g)
-    np.testing.assert_array_equal(y, g)
+    assert pooled_forward == [(net[1], net[2])] and net[2]._mask is None
+    argmax = net[1]._cache[1]
+    assert (argmax[:, 1:3] == 4).all() and (argmax[:, 0] < 4).any()
     dy = RNG.standard_normal(y.shape).astype(np.float32)
     dx = net.backward(dy.copy())
     assert seen == [np.ndarray, nn.PooledGradient]
-    grads = {k: v.copy() for k, v in net.grads.items()}
-    net.forward(x)
-    g = dy.copy()
-    for layer in reversed(net.layers):                                 # the plain backward passes
-        g = backward(layer, g) if isinstance(layer, nn.Conv2d) else layer.backward(g)
-    np.testing.assert_array_equal(dx, g)
-    for k, v in net.grads.items():
-        np.testing.assert_array_equal(grads[k], v, err_msg=k)
+    y_ref, dx_ref = _one_by_one(ref, x, dy.copy())
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    for k, v in ref.grads.items():
+        np.testing.assert_array_equal(net.grads[k], v, err_msg=k)
+    assert not net.grads["0.weight"][1].any() and ref.grads["0.weight"][0].any()
+    with pytest.raises(RuntimeError, match="before forward"):
+        net[2].backward(dy)
+    with nn.no_grad():
+        np.testing.assert_array_equal(net.forward(x), y)
 
 
 @pytest.mark.parametrize("o,k,p", [(16, 27, 600), (16, 27, 601), (20, 30, 64), (3, 4, 10)])
