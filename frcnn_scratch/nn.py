@@ -458,8 +458,8 @@ class Conv2d(Module):
 
         relu: a ReLU after the pool (conv -> pool -> ReLU), applied to each band too.  Its
         gradient, dy where the pooled value is > 0 and 0 elsewhere, is folded into the pool's
-        argmax: a window whose max is <= 0 gets the offset kh * kw, which no value has, so the
-        pool's backward sends it nothing.  The ReLU's own backward is then skipped (it keeps no
+        argmax: a window whose max is <= 0 gets an offset no value has (its offset OR kh * kw,
+        which is at least kh * kw), so the pool's backward sends it nothing.  The ReLU's own backward is then skipped (it keeps no
         mask; Sequential knows)."""
         if not pool.tiles():
             y = pool.forward(self.forward(x))
@@ -786,7 +786,7 @@ class MaxPool2d(Module):
         """Pool rows [row0, row0 + bh) of image i's input, rows (C, bh, W), row0 a multiple of
         kh, into the output rows of the windows they fill; channel block by channel block (a
         block's temporaries stay in cache).  relu: rectify them too, and give the windows whose
-        max is <= 0 the offset kh * kw (see Conv2d.forward_pooled).  -> finite(rows)."""
+        max is <= 0 an offset no value has (see Conv2d.forward_pooled).  -> finite(rows)."""
         if not finite(rows):
             return False
         (kh, kw), (_, y, argmax) = self.kernel_size, pooled
@@ -801,7 +801,8 @@ class MaxPool2d(Module):
                 self._pool(rows[part, :(last - first) * kh], y_part, a_part)
                 if relu:
                     if a_part is not None:                             # ReLU's gradient is 0
-                        np.putmask(a_part, y_part <= 0, kh * kw)      # there: no offset gets it
+                        code = np.multiply(y_part <= 0, a_part.dtype.type(kh * kw))   # there:
+                        np.bitwise_or(a_part, code, out=a_part)       # an offset >= kh * kw
                     np.maximum(y_part, 0, out=y_part)
         return True
 
