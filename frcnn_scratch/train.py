@@ -138,13 +138,12 @@ class Trainer:
         try:
             losses = self.model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"],
                                                self.rng, proposals=proposals, parts=parts)
-        except ValueError as e:               # activations overflowed: the weights blew up
+        except ValueError as e:               # activations or gradients overflowed
             if "NaN or Inf" not in str(e):
                 raise
-            raise self._diverged(f"non-finite activations: {e}") from None
-        grads = self.model.grads()
-        if not math.isfinite(losses["loss"]) or \
-                not all(np.isfinite(g).all() for g in grads.values()):
+            raise self._diverged(f"non-finite values: {e}") from None
+        grads = self.model.grads()                   # finite: loss_and_grads checks them
+        if not math.isfinite(losses["loss"]):
             raise self._diverged(f"loss {losses['loss']:.4g}")
         self.optimizer.set_lr(learning_rate(self.iteration, self.tcfg))
         names = None if trainable is None else [k for k in self.model.params() if trainable(k)]
