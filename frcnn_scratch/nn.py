@@ -958,6 +958,11 @@ class Flatten(Module):
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse.
 
+    A Conv2d followed by a max pool whose windows tile its input (and by a ReLU, if one comes
+    next) runs as one band-by-band pass, `Conv2d.forward_pooled`, and the backward hands the
+    conv the pool's `PooledGradient`: the same numbers as the layers one by one, without
+    storing the conv's whole output or its whole gradient.
+
     params / grads gather the layers' arrays under "<index>.<name>" ("0.weight", "0.bias",
     "3.weight", ...), like torch's nn.Sequential.  They are built on each access and hold the
     layers' own arrays, so an optimizer given `net.params` updates the layers in place.
