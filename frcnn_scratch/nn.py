@@ -297,7 +297,7 @@ def col2im_add(dxp, dcols, kh, kw, sh, sw, row0, row1):
 # speed, where im2col gathers Wo-long pieces of rows.  The adjoint adds contiguous slices back.
 # The price: output rows are Wp wide, not Wo.  Their last Wp - Wo values (j >= Wo) read across the
 # end of an image row; they are junk, never returned, and their gradient is set to 0 before the
-# backward's input product, so that they add nothing.  Each flat channel has kw - 1 zeros after its
+# backward's products, so that they add nothing.  Each flat channel has kw - 1 zeros after its
 # last row, where the junk of the last output row reads (so that the junk is finite).  (One thread of a 2-core Xeon, the
 # detector at 480 x 640: conv2, 16 -> 32 channels at 240 x 320, forward 17.1 -> 14.0 ms and
 # backward 32.8 -> 29.0 against im2col; the same results bit for bit there.)
@@ -555,9 +555,11 @@ class Conv2d(Module):
         dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
         bands = self._bands(ho, wo, xp.itemsize)
 
-        # The weight part reads dy as it comes and im2col's columns of the padded image (in the
-        # flat layout its columns would need a Wp-wide copy of dy); the input part's flat
-        # col2im adds contiguous slices, worth the copy of dy it needs.
+        # In the flat layout both parts read the band's dy Wp wide (its junk columns 0) and the
+        # weight part multiplies it by the flat columns of the padded image: the junk columns add
+        # 0 * (a finite junk value) = 0 to dW2, and the copies are contiguous slices (im2col's
+        # gather was 11 ms of a 480 x 640 step).  Otherwise the weight part reads dy as it comes
+        # and im2col's columns.
         def dy_rows(i, row0, row1, width):                            # (O, bh*width)
             """Rows [row0, row1) of image i's dy, `width` wide: its columns past Wo are 0."""
             if pooled:
@@ -570,12 +572,16 @@ class Conv2d(Module):
         def weight_part(task, dy_band=None):                          # -> this band's dW2, db
             i, (row0, row1) = task
             if dy_band is None:
-                dy_band = dy_rows(i, row0, row1, wo)                  # (O, bh*Wo)
+                dy_band = dy_rows(i, row0, row1, wp if flat else wo)  # (O, bh*(Wp | Wo))
             if not finite(dy_band):                                   # the bands cover dy
                 return None
-            size = w2.shape[1] * (row1 - row0) * wo
-            cols = im2col(padded[i], kh, kw, sh, sw, row0, row1,
-                          out=threads.scratch(size, xp.dtype))       # (K, bh*Wo)
+            size = w2.shape[1] * dy_band.shape[1]
+            if flat:
+                cols = flat_im2col(xp[i], kh, kw, wp, row0, row1,
+                                   out=threads.scratch(size, xp.dtype))   # (K, bh*Wp)
+            else:
+                cols = im2col(padded[i], kh, kw, sh, sw, row0, row1,
+                              out=threads.scratch(size, xp.dtype))   # (K, bh*Wo)
             return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)  # (O, K), (O,)
 
         def flat_dy(i, row0, row1):                                   # (O, bh*Wp)
@@ -600,15 +606,11 @@ class Conv2d(Module):
                     col2im_add(dxp[i], dcols, kh, kw, sh, sw, row0, row1)
 
         def both_parts(task):                                         # -> this band's dW2, db
-            """A pooled dy, unpooled once for both parts: Wp wide for the input part, and its
-            first Wo columns copied out for the weight part."""
+            """The band's dy made Wp wide once (unpooled, or copied) for both parts."""
             i, (row0, row1) = task
             wide = dy_rows(i, row0, row1, wp)                         # (O, bh*Wp)
-            band = threads.scratch(o * (row1 - row0) * wo, w.dtype, slot="dy, Wo wide")
-            band = band.reshape(o, row1 - row0, wo)
-            np.copyto(band, wide.reshape(o, row1 - row0, wp)[:, :, :wo])
             input_part(task, wide)
-            return weight_part(task, band.reshape(o, -1))
+            return weight_part(task, wide)
 
         # Neighbouring bands add into the same few input rows (a window spans kh rows), so the even
         # bands' input parts run in a first round and the odd ones' in a second: no two running
@@ -618,7 +620,7 @@ class Conv2d(Module):
         # Their sums are added in a fixed order too (even bands, then odd ones).  A first layer
         # adds nothing into its input: it has weight parts only, all in one round.
         # One band of one image has no neighbour: its two parts run together, in one round.
-        # A pooled dy (flat layout) is unpooled once per band, for both parts, which then run in
+        # In the flat layout a band's dy is made Wp wide once, for both parts, which then run in
         # one piece of work: the even bands in a first round, the odd ones in a second.
         tasks = [(i, rows) for i in range(n) for rows in bands]
         even, odd = tasks[0::2], tasks[1::2]
@@ -630,7 +632,7 @@ class Conv2d(Module):
             parts = parts[0::2] + parts[1::2]
         elif not odd:
             parts = threads.parallel(run, [(weight_part, even[0]), (input_part, even[0])])[:1]
-        elif pooled and flat:
+        elif flat:
             parts = threads.parallel(both_parts, even) + threads.parallel(both_parts, odd)
         else:
             first = threads.parallel(run, [(input_part, t) for t in even] +
