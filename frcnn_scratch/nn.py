@@ -424,11 +424,12 @@ class Conv2d(Module):
         self.params["bias"] = np.zeros(self.out_ch, dtype=np.float32)
         self._cache = None
 
-    def _bands(self, ho, wo, itemsize, multiple=1):
+    def _bands(self, ho, wo, itemsize, multiple=1, groups=2):
         """[(row0, row1), ...] covering the Ho output rows, each band's columns <= band_bytes, and
-        never fewer than kh rows (see backward).  Several bands are made an even number of equal
-        ones where the rows allow, so that two threads share them evenly (11 bands of 22 rows, the
-        last of 20, at 240 x 320 became 12 of 20: a 480 x 640 step 2-3% faster on two threads).
+        never fewer than kh rows (see backward).  Several bands are made a multiple of `groups`
+        equal ones where the rows allow, so that two threads share them evenly (11 bands of 22
+        rows, the last of 20, at 240 x 320 became 12 of 20: a 480 x 640 step 2-3% faster on two
+        threads; the backward's two rounds of half the bands each ask for groups=4).
         The bands depend on the sizes only, never on the number of threads: the sums, and so the
         results, are the same on any number.  multiple: every band but the last starts and ends
         on a multiple of this many rows (whole windows of the pool that forward_pooled feeds)."""
@@ -437,7 +438,8 @@ class Conv2d(Module):
         rows = ho if self.band_bytes is None else max(kh, min(ho, self.band_bytes // row_bytes))
         count = -(-ho // rows)                                        # ceil(Ho / rows)
         if count > 1:
-            rows = max(kh, -(-ho // (count + count % 2)))             # even, equal (the last <=)
+            count = -(-count // groups) * groups                      # a multiple of groups
+            rows = max(kh, -(-ho // count))                           # equal (the last <=)
         rows = -(-rows // multiple) * multiple
         return [(r, min(ho, r + rows)) for r in range(0, ho, rows)]
 
@@ -553,7 +555,7 @@ class Conv2d(Module):
         # y = W2 @ cols + b   =>   dW2 = sum over images and bands of dy @ cols^T,
         #                          db = sum of dy,  dcols = W2^T @ dy, then col2im
         dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
-        bands = self._bands(ho, wo, xp.itemsize)
+        bands = self._bands(ho, wo, xp.itemsize, groups=4)           # two rounds, each even
 
         # In the flat layout both parts read the band's dy Wp wide (its junk columns 0) and the
         # weight part multiplies it by the flat columns of the padded image: the junk columns add
@@ -621,7 +623,8 @@ class Conv2d(Module):
         # adds nothing into its input: it has weight parts only, all in one round.
         # One band of one image has no neighbour: its two parts run together, in one round.
         # In the flat layout a band's dy is made Wp wide once, for both parts, which then run in
-        # one piece of work: the even bands in a first round, the odd ones in a second.
+        # one piece of work: the even bands in a first round, the odd ones in a second (the bands
+        # come in a multiple of 4: each round shares out evenly between two threads).
         tasks = [(i, rows) for i in range(n) for rows in bands]
         even, odd = tasks[0::2], tasks[1::2]
         run = lambda job: job[0](job[1])                              # noqa: E731
