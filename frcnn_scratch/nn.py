@@ -334,6 +334,17 @@ def flat_col2im_add(dxp, dcols, kh, kw, wp, row0, row1):
             dxp[:, start:start + q] += dcols[:, u, v]
 
 
+def ones_below(buffer, k, q):
+    """buffer[:k*q] holds the columns (K, q) of a band: write a row of ones under them and return
+    the (K+1, q) matrix.  The bias is then one more weight, of an input that is always 1:
+        y = W2 @ cols + b = [W2 | b] @ [cols; 1],   and   [dW2 | db] = dy @ [cols; 1]^T,
+    one product each way instead of a product and a pass over y (or dy) for the bias.  (One
+    thread of a 2-core Xeon, a band of each of the detector's 3 x 3 layers at 480 x 640: the
+    forward 10-25% faster, the weight gradient 5-17%.)"""
+    buffer[k * q:(k + 1) * q] = 1
+    return buffer[:(k + 1) * q].reshape(k + 1, q)
+
+
 # NumPy releases the GIL during a matrix product only when the product has more than this many
 # outputs; a smaller one (the first layer's weight gradient, 16 x 27) holds it throughout, and the
 # bands on other threads wait.
@@ -378,6 +389,7 @@ class Conv2d(Module):
 
     im2col gathers every (c, u, v) window value into one column per output pixel, so the sum is
     one matrix product:  y = W2 @ cols,  W2 (out, C*kh*kw), cols (C*kh*kw, Ho*Wo) per image.
+    The bias joins the product as one more column of W2, over a row of ones (`ones_below`).
 
     The columns are 9x the input for a 3x3 kernel (44 MB for 16 channels at 240 x 320), so the
     layer builds them one band of output rows at a time (`band_bytes`, a few MB): a band's
@@ -495,6 +507,10 @@ class Conv2d(Module):
 
         _blocks_finite(_by_channels(pad, x), "Conv2d x")
         w2 = w.reshape(self.out_ch, -1)                               # (O, K)  K = C*kh*kw
+        k = w2.shape[1]
+        view = flat and kh == kw == 1              # a 1 x 1 kernel's columns: x itself, no copy
+        if not view:
+            w2 = np.concatenate([w2, b[:, None]], axis=1)             # [W2 | b] (O, K+1)
         width = wp if flat else wo                                    # of the product's rows
         if pool is None:
             y = np.empty((n, self.out_ch, ho, width), dtype=x.dtype)  # (N, O, Ho, Wp | Wo)
@@ -503,18 +519,22 @@ class Conv2d(Module):
 
         def band(task):                                               # one band of one image
             i, (row0, row1) = task
-            buffer = threads.scratch(w2.shape[1] * (row1 - row0) * width, x.dtype)
+            q = (row1 - row0) * width                                 # the band's pixels
+            buffer = threads.scratch((k + 1) * q, x.dtype)
             if flat:
                 cols = flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)
             else:
                 cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=buffer)
+            if not view:
+                cols = ones_below(buffer, k, q)                       # [cols; 1] (K+1, q)
             if pool is None:
                 y_band = y[i, :, row0:row1].reshape(self.out_ch, -1)  # (O, bh*width), a view of y
             else:                                                     # a buffer, pooled at once
                 y_band = threads.scratch(self.out_ch * (row1 - row0) * width, x.dtype,
                                          slot="y").reshape(self.out_ch, -1)
-            np.matmul(w2, cols, out=y_band)                           # y = W2 @ cols
-            y_band += b[:, None]
+            np.matmul(w2, cols, out=y_band)                           # y = W2 @ cols + b
+            if view:
+                y_band += b[:, None]
             if pool is not None:
                 rows = y_band.reshape(self.out_ch, row1 - row0, width)[..., :wo]
                 return pool._pool_rows(rows, i, row0, pooled, finite, relu)
@@ -524,7 +544,7 @@ class Conv2d(Module):
         bands = self._bands(ho, wo, x.itemsize, multiple)
         half = ho // 2 // multiple * multiple
         if n == 1 and len(bands) == 1 and half >= kh and \
-                w2.shape[1] * ho * wo * x.itemsize >= SPLIT_BYTES:           # see SPLIT_BYTES
+                k * ho * wo * x.itemsize >= SPLIT_BYTES:                    # see SPLIT_BYTES
             bands = [(0, half), (half, ho)]
         done = threads.parallel(band, [(i, rows) for i in range(n) for rows in bands])
         self._cache = (xp, (n, self.out_ch, ho, wo)) if grad_enabled() else None
@@ -553,7 +573,8 @@ class Conv2d(Module):
         padded = xp[..., :hp * wp].reshape(xp.shape[:2] + (hp, wp)) if flat else xp  # N, C, Hp, Wp
         w2 = w.reshape(o, -1)                                         # (O, K)
         # y = W2 @ cols + b   =>   dW2 = sum over images and bands of dy @ cols^T,
-        #                          db = sum of dy,  dcols = W2^T @ dy, then col2im
+        #                          db = sum of dy (both in one product: ones_below),
+        #                          dcols = W2^T @ dy, then col2im
         dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
         bands = self._bands(ho, wo, xp.itemsize, groups=4)           # two rounds, each even
 
@@ -577,14 +598,16 @@ class Conv2d(Module):
                 dy_band = dy_rows(i, row0, row1, wp if flat else wo)  # (O, bh*(Wp | Wo))
             if not finite(dy_band):                                   # the bands cover dy
                 return None
-            size = w2.shape[1] * dy_band.shape[1]
+            k, q = w2.shape[1], dy_band.shape[1]
+            buffer = threads.scratch((k + 1) * q, xp.dtype)
             if flat:
-                cols = flat_im2col(xp[i], kh, kw, wp, row0, row1,
-                                   out=threads.scratch(size, xp.dtype))   # (K, bh*Wp)
+                cols = flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)   # (K, bh*Wp)
             else:
-                cols = im2col(padded[i], kh, kw, sh, sw, row0, row1,
-                              out=threads.scratch(size, xp.dtype))   # (K, bh*Wo)
-            return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)  # (O, K), (O,)
+                cols = im2col(padded[i], kh, kw, sh, sw, row0, row1, out=buffer)  # (K, bh*Wo)
+            if flat and kh == kw == 1:                                # cols is a view of x
+                return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)
+            both = _weight_grad(dy_band, ones_below(buffer, k, q), len(bands) > 1)  # [dW2 | db]
+            return both[:, :k], both[:, k]                            # (O, K), (O,)
 
         def flat_dy(i, row0, row1):                                   # (O, bh*Wp)
             """The band's dy in the flat layout, Wp wide, its junk columns 0."""
