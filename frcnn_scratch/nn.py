@@ -298,9 +298,9 @@ def col2im_add(dxp, dcols, kh, kw, sh, sw, row0, row1):
 # The price: output rows are Wp wide, not Wo.  Their last Wp - Wo values (j >= Wo) read across the
 # end of an image row; they are junk, never returned, and their gradient is set to 0 before the
 # backward's products, so that they add nothing.  Each flat channel has kw - 1 zeros after its
-# last row, where the junk of the last output row reads (so that the junk is finite).  (One thread of a 2-core Xeon, the
-# detector at 480 x 640: conv2, 16 -> 32 channels at 240 x 320, forward 17.1 -> 14.0 ms and
-# backward 32.8 -> 29.0 against im2col; the same results bit for bit there.)
+# last row, where the junk of the last output row reads (so that the junk is finite).  (One
+# thread of a 2-core Xeon, the detector at 480 x 640: conv2, 16 -> 32 channels at 240 x 320,
+# forward 17.1 -> 14.0 ms and backward 32.8 -> 29.0 against im2col.)
 
 def flat_im2col(xp, kh, kw, wp, row0, row1, out=None):
     """Columns of output rows [row0, row1) of one flat padded image: (C*kh*kw, (row1-row0)*Wp).
@@ -455,6 +455,11 @@ class Conv2d(Module):
         rows = -(-rows // multiple) * multiple
         return [(r, min(ho, r + rows)) for r in range(0, ho, rows)]
 
+    def _columns_are_x(self):
+        """Whether a band's columns are a view of the flat input itself (a 1 x 1 kernel): no copy,
+        and so no row of ones under them; the bias is then added on its own."""
+        return self._flat() and self.kernel_size == (1, 1)
+
     def _flat(self):
         """Whether this layer works in the flat layout: banded and stride 1 (flat_im2col)."""
         return self.band_bytes is not None and self.stride == (1, 1)
@@ -473,8 +478,8 @@ class Conv2d(Module):
         relu: a ReLU after the pool (conv -> pool -> ReLU), applied to each band too.  Its
         gradient, dy where the pooled value is > 0 and 0 elsewhere, is folded into the pool's
         argmax: a window whose max is <= 0 gets an offset no value has (its offset OR kh * kw,
-        which is at least kh * kw), so the pool's backward sends it nothing.  The ReLU's own backward is then skipped (it keeps no
-        mask; Sequential knows)."""
+        which is at least kh * kw), so the pool's backward sends it nothing.  The ReLU's own
+        backward is then skipped (it keeps no mask; Sequential knows)."""
         if not pool.tiles():
             y = pool.forward(self.forward(x))
             return y if relu is None else relu.forward(y)
@@ -508,7 +513,7 @@ class Conv2d(Module):
         _blocks_finite(_by_channels(pad, x), "Conv2d x")
         w2 = w.reshape(self.out_ch, -1)                               # (O, K)  K = C*kh*kw
         k = w2.shape[1]
-        view = flat and kh == kw == 1              # a 1 x 1 kernel's columns: x itself, no copy
+        view = self._columns_are_x()
         if not view:
             w2 = np.concatenate([w2, b[:, None]], axis=1)             # [W2 | b] (O, K+1)
         width = wp if flat else wo                                    # of the product's rows
@@ -520,7 +525,7 @@ class Conv2d(Module):
         def band(task):                                               # one band of one image
             i, (row0, row1) = task
             q = (row1 - row0) * width                                 # the band's pixels
-            buffer = threads.scratch((k + 1) * q, x.dtype)
+            buffer = None if view else threads.scratch((k + 1) * q, x.dtype)
             if flat:
                 cols = flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)
             else:
@@ -599,12 +604,13 @@ class Conv2d(Module):
             if not finite(dy_band):                                   # the bands cover dy
                 return None
             k, q = w2.shape[1], dy_band.shape[1]
-            buffer = threads.scratch((k + 1) * q, xp.dtype)
+            view = self._columns_are_x()
+            buffer = None if view else threads.scratch((k + 1) * q, xp.dtype)
             if flat:
                 cols = flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)   # (K, bh*Wp)
             else:
                 cols = im2col(padded[i], kh, kw, sh, sw, row0, row1, out=buffer)  # (K, bh*Wo)
-            if flat and kh == kw == 1:                                # cols is a view of x
+            if view:                                                  # cols is x itself
                 return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)
             both = _weight_grad(dy_band, ones_below(buffer, k, q), len(bands) > 1)  # [dW2 | db]
             return both[:, :k], both[:, k]                            # (O, K), (O,)

@@ -122,6 +122,36 @@ def test_conv2d_hand_computed_stride_and_padding():
     np.testing.assert_array_equal(dx[0, 0], want)
 
 
+def test_ones_below_puts_a_row_of_ones_under_the_columns_and_carries_the_bias():
+    """[W2 | b] @ [cols; 1] = W2 @ cols + b, and dy @ [cols; 1]^T = [dy @ cols^T | sum of dy]."""
+    cols = np.array([[1, 2, 3], [4, 5, 6]], np.float32)               # K = 2 rows, q = 3 pixels
+    buffer = np.full(12, np.nan, np.float32)                          # room for more: untouched
+    buffer[:6] = cols.ravel()
+    got = nn.ones_below(buffer, 2, 3)
+    np.testing.assert_array_equal(got, [[1, 2, 3], [4, 5, 6], [1, 1, 1]])
+    assert np.shares_memory(got, buffer) and np.isnan(buffer[9:]).all()
+    w2b = np.array([[1, -1, 10]], np.float32)                         # W2 = [1, -1], b = 10
+    np.testing.assert_array_equal(w2b @ got, [[7, 7, 7]])             # 1*1 - 4 + 10, ...
+    dy = np.array([[1, 0, 2]], np.float32)
+    np.testing.assert_array_equal(dy @ got.T, [[7, 16, 3]])           # dW2 = [7, 16], db = 3
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, 1)])
+def test_conv2d_bias_is_added_once_on_every_path(k, stride, padding):
+    """The bias rides in the product (a row of ones), except for a 1 x 1 kernel in the flat
+    layout, whose columns are x itself and get it added on their own; on every path a zero
+    input gives y = b and dy = 1 gives db = the number of outputs."""
+    for band_bytes in (nn.BAND_BYTES, 200, None):                    # flat, many bands, textbook
+        conv = nn.Conv2d(2, 3, k, stride=stride, padding=padding, rng=0, band_bytes=band_bytes)
+        conv.params["bias"][:] = [1.5, -2.0, 0.25]
+        y = conv.forward(np.zeros((2, 2, 6, 5), np.float32))
+        np.testing.assert_array_equal(y, np.broadcast_to(conv.params["bias"][None, :, None, None],
+                                                         y.shape))
+        conv.backward(np.ones(y.shape, np.float32))
+        np.testing.assert_array_equal(conv.grads["bias"], np.full(3, y[:, 0].size, np.float32))
+        np.testing.assert_array_equal(conv.grads["weight"], 0)       # x = 0: no weight gradient
+
+
 # ----------------------------------------------------------------------------- MaxPool2d by hand
 
 def test_maxpool_hand_computed_routing_and_ties():
@@ -288,6 +318,7 @@ def test_sequential_finite_differences():
     dict(in_ch=2, out_ch=3, kernel_size=(1, 3), stride=(1, 2), padding=(0, 1)),
     dict(in_ch=3, out_ch=4, kernel_size=5, stride=3, padding=2),
     dict(in_ch=3, out_ch=2, kernel_size=2, stride=3, padding=1),    # rows no window reads
+    dict(in_ch=4, out_ch=3, kernel_size=1, stride=1, padding=0),    # columns = x: bias apart
 ])
 @pytest.mark.parametrize("band_bytes", [nn.BAND_BYTES, 300])             # one band; many small ones
 def test_conv2d_matches_torch(cfg, band_bytes):

@@ -81,13 +81,18 @@ def test_bands_cover_the_rows_in_an_even_number_of_equal_bands(c, k, ho, wo, ban
     if len(bands) > 1 and rows[0] > k:
         assert len(bands) % 2 == 0 and rows[-1] <= rows[0] == max(rows), rows
     assert (len(bands) == 1) == (band_bytes is None or c * k * k * wo * 4 * ho <= band_bytes)
+    fours = conv._bands(ho, wo, 4, groups=4)                  # the backward's: two even rounds
+    assert fours[0][0] == 0 and fours[-1][1] == ho and len(fours) >= len(bands)
+    assert all(a[1] == b[0] for a, b in zip(fours, fours[1:]))
+    if len(fours) > 1 and fours[0][1] > k:
+        assert len(fours) % 4 == 0, fours
 
 
 @pytest.mark.parametrize("need_input_grad", [True, False])
 def test_banded_conv_backward_is_bit_identical_on_any_number_of_threads(need_input_grad):
-    """The backward's two rounds (even bands' input parts with odd bands' weight parts, then the
-    rest), two images of an odd number of bands each: dx, dW and db equal bit for bit on 1, 2, 4
-    and 7 threads."""
+    """The backward's two rounds (even bands, then odd ones; in this flat layout each band's two
+    parts run together), two images of an odd number of forward bands each: y, dx, dW and db
+    equal bit for bit on 1, 2, 4 and 7 threads."""
     x = RNG.standard_normal((2, 5, 27, 23)).astype(np.float32)
     dy = None
     out = {}
