@@ -662,19 +662,17 @@ class FasterRCNN:
         # detector's side (proposals, RoI sampling, head, its loss and backward) runs beside the
         # RPN's (its loss and backward).  The detector samples its RoIs after the anchor labelling
         # has drawn from rng, so the draws come in the same order on any number of threads.
-        # The detector's thread takes a core, so the RPN's side runs on one thread fewer: the
-        # threads add up to workers() (two cores, a step at 240 x 400 48.4 -> 46.6 ms, at 480 x 640
-        # 114.5 -> 112.6; at 600 x 1000, where the RPN's side is twice the detector's, the same).
+        # The detector's side runs on a helper of the team, which joins the RPN's backward when
+        # the detector is done (threads.background): the threads never outnumber workers().
         detector = threads.background(self._detector_step, features, logits[0], deltas[0],
                                       image_shape, gt_boxes, gt_labels, rng, proposals,
                                       labelling, use_head)
         try:
-            with threads.using(max(1, threads.workers() - 1)):
-                labels, targets = labelling.result()                       # (A,), (A, 4)
-                rpn = rpn_loss(logits[0], deltas[0], labels, targets, lam=cfg.rpn_lambda,
-                               sigma=cfg.rpn_sigma)
-                g_rpn = self.rpn.backward(rpn["grad_logits"][None] * use_rpn,
-                                          rpn["grad_t"][None] * use_rpn)  # (1, C, H', W')
+            labels, targets = labelling.result()                           # (A,), (A, 4)
+            rpn = rpn_loss(logits[0], deltas[0], labels, targets, lam=cfg.rpn_lambda,
+                           sigma=cfg.rpn_sigma)
+            g_rpn = self.rpn.backward(rpn["grad_logits"][None] * use_rpn,
+                                      rpn["grad_t"][None] * use_rpn)      # (1, C, H', W')
         except BaseException:
             threads.wait(detector)             # it draws from rng too
             raise

@@ -29,6 +29,7 @@ import ctypes
 import functools
 import glob
 import os
+import queue
 import threading
 
 import numpy as np
@@ -202,71 +203,67 @@ def parallel(fn, items):
         team.lock.release()
 
 
-class _Team:
-    """Helper threads that work through one list of items together with the caller.
+class _Region:
+    """One parallel region: [fn(item) for item in items], its items handed out one at a time to
+    the threads that work on it (the caller, and up to `seats` helpers)."""
 
-    A parallel region costs one wake-up per helper, not a queued task and a future per item, and
-    the caller works instead of waiting (training steps on 4 threads of a 16-core Xeon: 254 against
-    276 ms at 600 x 1000, 148 against 188 at 480 x 640, with an executor).  The items are handed
-    out one at a time from a shared iterator, so a slow item does not hold up the rest.  There is
-    one team; a region on n threads wakes n - 1 of its helpers, and the team grows to the largest
-    n asked for (so a program that tries 2, 4 and 8 threads holds 7 helpers, not 11).
-    """
+    def __init__(self, fn, items, seats):
+        self.fn, self.items, self.seats = fn, items, seats
+        self.results, self.errors = [None] * len(items), []
+        self._order = iter(range(len(items)))     # next() on it is atomic under the GIL
+        self._left = len(items)                   # items not yet ended
+        self._lock = threading.Lock()
+        self.ended = threading.Event()            # every item has ended
+        self.stopped = False                      # Ctrl-C: no more items are taken
 
-    def __init__(self):
-        self.lock = threading.Lock()              # one region at a time
-        self.broken = False                       # a region was interrupted: helpers may be busy
-        self._go = []                             # one semaphore per helper: its wake-up call
-        self._done = threading.Semaphore(0)
-        self._work = None
+    def join(self):
+        """A helper's turn: work on the region if it still has a seat for one."""
+        with self._lock:
+            if self.seats <= 0:
+                return
+            self.seats -= 1
+        self.work()
 
-    def _grow(self, helpers):
-        while len(self._go) < helpers:
-            go = threading.Semaphore(0)
-            self._go.append(go)
-            threading.Thread(target=self._helper, args=(go,), daemon=True,
-                             name="frcnn-team").start()
-
-    def _helper(self, go):
-        while True:
-            go.acquire()
+    def work(self):
+        for k in self._order:
+            if self.stopped:
+                return
             try:
-                self._work()
+                self.results[k] = self.fn(self.items[k])
+            except BaseException as e:            # raised by the caller (run)
+                self.errors.append((k, e))
+                if not isinstance(e, Exception):
+                    self.stopped = True           # Ctrl-C: nobody takes more items
+                    return
             finally:
-                self._done.release()
+                with self._lock:
+                    self._left -= 1
+                    if self._left == 0:
+                        self.ended.set()
 
-    def run(self, fn, items, n):
-        """[fn(item) for item in items] on n threads: the caller and n - 1 helpers."""
-        results, errors = [None] * len(items), []
-        order = iter(range(len(items)))           # next() on it is atomic under the GIL
 
-        def work():
-            for k in order:
-                try:
-                    results[k] = fn(items[k])
-                except BaseException as e:        # raised by the caller, below
-                    errors.append((k, e))
-                    if not isinstance(e, Exception):
-                        return                    # Ctrl-C: this thread takes no more items
+class _Job:
+    """A background() call on a helper of the team: .result() waits for it, like a Future's."""
 
-        self._grow(n - 1)
-        helpers = self._go[:min(n, len(items)) - 1]
-        self._work = work
-        for go in helpers:
-            go.release()
+    def __init__(self, fn, args):
+        self._fn, self._args = fn, args
+        self._value, self._error = None, None
+        self.ended = threading.Event()
+
+    def run(self):
         try:
-            work()                                # the caller is one of the team
-            for _ in helpers:
-                self._done.acquire()
-        except BaseException:
-            # Interrupted while its helpers still run: they would signal a later region's
-            # _done.  This team is never used again (_team makes a new one).
-            self.broken = True
-            raise
-        if errors:
-            stop = [e for e in errors if not isinstance(e[1], Exception)]   # Ctrl-C first
-            raise min(stop or errors, key=lambda e: e[0])[1]
-        return results
+            self._value = self._fn(*self._args)
+        except BaseException as e:        # raised where the result is read, as a Future does
+            self._error = e
+        finally:
+            self._fn = self._args = None
+            self.ended.set()
+
+    def result(self):
+        self.ended.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class _Done:
@@ -285,25 +282,96 @@ class _Done:
         return self._value
 
 
+class _Team:
+    """Helper threads that work through one list of items together with the caller.
+
+    A parallel region costs one wake-up per helper, not a queued task and a future per item, and
+    the caller works instead of waiting (training steps on 4 threads of a 16-core Xeon: 254 against
+    276 ms at 600 x 1000, 148 against 188 at 480 x 640, with an executor).  The items are handed
+    out one at a time, so a slow item does not hold up the rest, and the caller waits for the items
+    to end, not for its helpers to come: a helper busy with a background job (`background`) joins
+    the regions that start meanwhile when it is done, and until then the others take its share.
+    There is one team; a region on n threads wakes n - 1 of its helpers, and the team grows to the
+    largest n asked for (so a program that tries 2, 4 and 8 threads holds 7 helpers, not 11).
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()              # one region at a time
+        self.queues = []                          # one per helper: wake-ups (None) and jobs
+        self._region = None                       # the region running now, if any
+        self._grow_lock = threading.Lock()        # (a background job may grow it meanwhile)
+
+    def _grow(self, helpers):
+        with self._grow_lock:
+            while len(self.queues) < helpers:
+                tasks = queue.SimpleQueue()
+                self.queues.append(tasks)
+                threading.Thread(target=self._helper, args=(tasks,), daemon=True,
+                                 name="frcnn-team").start()
+
+    def _helper(self, tasks):
+        while True:
+            task = tasks.get()
+            if task is None:                      # a wake-up: the region running now, if any
+                region = self._region
+                if region is not None:
+                    region.join()
+            else:
+                task.run()                        # a background job
+
+    def submit(self, job, helper):
+        """Run a _Job on helper `helper` (0-based), after what it was given before."""
+        self._grow(helper + 1)
+        self.queues[helper].put(job)
+
+    def run(self, fn, items, n):
+        """[fn(item) for item in items] on n threads: the caller and n - 1 helpers."""
+        region = _Region(fn, items, seats=min(n, len(items)) - 1)
+        self._grow(n - 1)
+        self._region = region
+        try:
+            for tasks in self.queues[:region.seats]:
+                tasks.put(None)
+            region.work()                         # the caller is one of the team
+            if not region.stopped:
+                region.ended.wait()
+        except BaseException:
+            region.stopped = True                 # Ctrl-C while it waits: helpers take no more
+            raise
+        finally:
+            self._region = None
+        if region.errors:
+            stop = [e for e in region.errors if not isinstance(e[1], Exception)]   # Ctrl-C first
+            raise min(stop or region.errors, key=lambda e: e[0])[1]
+        return region.results
+
+
 def background(fn, *args):
     """Start fn(*args) beside the calling thread's own work; .result() waits for it and returns it
     (or raises its exception).  On one thread (workers() == 1) it runs at once, here.
 
     For a stage that needs nothing the next stages compute: the training step labels the anchors
     (they need only the boxes and the image size) while the backbone runs, and runs the
-    detector's side while the RPN's loss and backward run.  fn runs on a pool thread beside the
-    team of `parallel`, on one thread of its own (workers() is 1 there).
+    detector's side while the RPN's loss and backward run.  fn runs on the last helper of the
+    team that `parallel` wakes on workers() threads (one thread of its own: workers() is 1
+    there), so the threads never outnumber workers(): the regions that start while it runs go on
+    without that helper, which joins them when fn is done.  (Two cores of an EPYC, 600 x 1000: the
+    RPN's side, twice as long as the detector's, ran on one thread beside it and then alone, and
+    the two sides took 24-26 ms of a step; with the helper joining, 19-21.  Before that, a pool
+    thread beside a team of all the cores: three threads on two cores.)
     """
     n = workers()
     if n <= 1:
         return _Done(fn, args)
-    return _pool(n).submit(fn, *args)
+    job = _Job(fn, args)
+    _team().submit(job, helper=n - 2)
+    return job
 
 
 def wait(job):
     """Wait until a job of background() has ended, whatever its outcome (nothing is raised)."""
-    if isinstance(job, concurrent.futures.Future):
-        concurrent.futures.wait([job])
+    if isinstance(job, _Job):
+        job.ended.wait()
 
 
 def _pool(n):
@@ -316,10 +384,10 @@ def _pool(n):
 
 
 def _team():
-    """The team of helper threads (made on first use, then kept; remade after an interruption)."""
+    """The team of helper threads (made on first use, then kept)."""
     global _the_team
     with _pool_lock:
-        if _the_team is None or _the_team.broken:
+        if _the_team is None:
             _the_team = _Team()
         return _the_team
 

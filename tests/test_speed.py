@@ -601,7 +601,7 @@ def test_one_team_grows_to_the_largest_thread_count_and_a_region_uses_n_threads(
             threads.parallel(who, [n] * 16)
         assert 1 < len(seen[n]) <= n                                   # the caller is one of them
         assert threading.get_ident() in seen[n]
-    assert len(threads._team()._go) == 3                               # 4 threads: 3 helpers
+    assert len(threads._team().queues) == 3                            # 4 threads: 3 helpers
 
 
 def test_regions_from_two_threads_at_once_are_each_whole():
@@ -627,8 +627,8 @@ def test_regions_from_two_threads_at_once_are_each_whole():
 
 def test_an_interrupted_region_leaves_later_regions_whole():
     """Ctrl-C inside a parallel region (in the caller's own item, or while it waits for its
-    helpers) raises KeyboardInterrupt, and the regions after it still get every result: helpers
-    still busy with the old region must not be counted as done in a new one."""
+    helpers) raises KeyboardInterrupt at once, and the regions after it still get every result:
+    helpers still busy with the old region's items must not be counted in a new one."""
     import threading
     import time
 
@@ -643,21 +643,65 @@ def test_an_interrupted_region_leaves_later_regions_whole():
             threads.parallel(slow_square, [-1] * 6)
         assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
 
-        team = threads._team()
+        real_wait = threading.Event.wait
 
-        class Interrupted:                              # Ctrl-C while the caller waits
-            def __init__(self, real):
-                self.release = real.release
-
-            def acquire(self):
+        def interrupted(self, timeout=None):            # Ctrl-C while the caller waits
+            if threading.current_thread() is threading.main_thread():
                 raise KeyboardInterrupt
+            return real_wait(self, timeout)
 
-        team._done = Interrupted(team._done)
-        with pytest.raises(KeyboardInterrupt):          # its helpers still sleep in items after it
-            threads.parallel(slow_square, range(3, 12))
-        assert team.broken and threads._team() is not team
+        threading.Event.wait = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):      # its helpers still sleep in items after it
+                threads.parallel(slow_square, range(3, 12))
+        finally:
+            threading.Event.wait = real_wait
         for _ in range(3):
             assert threads.parallel(slow_square, range(9)) == [v * v for v in range(9)]
+
+
+def test_a_background_job_takes_a_helper_which_joins_the_regions_when_it_is_done(monkeypatch):
+    """background() runs on the team's last helper: a region that starts meanwhile does not wait
+    for that helper (the caller takes its items), the helper joins the regions once its job is done,
+    and the threads at work never outnumber workers()."""
+    import threading
+    import time
+    monkeypatch.setattr(threads, "_the_team", None)                   # a fresh team
+    here = threading.get_ident()
+    release, active, most, lock = threading.Event(), [0], [0], threading.Lock()
+
+    def busy(fn):
+        def run(*args):
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            try:
+                return fn(*args)
+            finally:
+                with lock:
+                    active[0] -= 1
+        return run
+
+    who = busy(lambda v: (time.sleep(0.002), threading.get_ident())[1])
+    with threads.using(2):
+        job = threads.background(busy(lambda: (release.wait(30), threading.get_ident())[1]))
+        assert set(threads.parallel(who, range(8))) == {here}         # the helper is busy: no wait
+        assert not job.ended.is_set()
+        release.set()
+        helper = job.result()
+        assert helper != here
+        seen = set()
+        for _ in range(20):                                           # it joins the regions again
+            seen |= set(threads.parallel(who, range(8)))
+            if helper in seen:
+                break
+        assert seen == {here, helper}
+
+        slow = threads.background(busy(lambda: (time.sleep(0.05), threading.get_ident())[1]))
+        late = set(threads.parallel(busy(lambda v: (time.sleep(0.01), threading.get_ident())[1]),
+                                    range(20)))                       # 0.2 s of items
+        assert slow.result() == helper and late == {here, helper}     # it joined when done
+    assert most[0] <= 2
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
