@@ -439,9 +439,10 @@ class Conv2d(Module):
     def _bands(self, ho, wo, itemsize, multiple=1, groups=2):
         """[(row0, row1), ...] covering the Ho output rows, each band's columns <= band_bytes, and
         never fewer than kh rows (see backward).  Several bands are made a multiple of `groups`
-        equal ones where the rows allow, so that two threads share them evenly (11 bands of 22
-        rows, the last of 20, at 240 x 320 became 12 of 20: a 480 x 640 step 2-3% faster on two
-        threads; the backward's two rounds of half the bands each ask for groups=4).
+        near-equal ones where the rows allow (their rows differ by one window's at most), so that
+        two threads share them evenly (11 bands of 22 rows, the last of 20, at 240 x 320 became
+        12 of 20: a 480 x 640 step 2-3% faster on two threads; the backward's two rounds of half
+        the bands each ask for groups=4).
         The bands depend on the sizes only, never on the number of threads: the sums, and so the
         results, are the same on any number.  multiple: every band but the last starts and ends
         on a multiple of this many rows (whole windows of the pool that forward_pooled feeds)."""
@@ -449,11 +450,16 @@ class Conv2d(Module):
         row_bytes = self.in_ch * kh * kw * wo * itemsize
         rows = ho if self.band_bytes is None else max(kh, min(ho, self.band_bytes // row_bytes))
         count = -(-ho // rows)                                        # ceil(Ho / rows)
+        units = -(-ho // multiple)                                    # rows of whole windows
         if count > 1:
             count = -(-count // groups) * groups                      # a multiple of groups
-            rows = max(kh, -(-ho // count))                           # equal (the last <=)
-        rows = -(-rows // multiple) * multiple
-        return [(r, min(ho, r + rows)) for r in range(0, ho, rows)]
+            if units // count * multiple < kh:                        # bands of kh rows, the
+                rows = -(-kh // multiple) * multiple                  # last one shorter
+                return [(r, min(ho, r + rows)) for r in range(0, ho, rows)]
+        # near-equal bands of whole windows: 75 rows in 8 bands are 9 or 10 each, not 7 of 10 and
+        # one of 5 (whose round left one of two threads waiting: 600 x 1000, two threads)
+        bounds = [min(ho, units * j // count * multiple) for j in range(count + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
 
     def _columns_are_x(self):
         """Whether a band's columns are a view of the flat input itself (a 1 x 1 kernel): no copy,
