@@ -331,6 +331,21 @@ def _checked_features(features):
     return features
 
 
+def _sum_and_norms(a, b):
+    """a + b, and the Euclidean norms of a and b (summed in float64), for (1, C, H, W) gradients:
+    in blocks of channels on threads (at 600 x 1000 one pass took 1.1 ms while the other threads
+    waited).  The blocks depend on the size only: the norms do not depend on the thread count."""
+    total = np.empty(np.broadcast_shapes(a.shape, b.shape), np.result_type(a, b))
+
+    def block(channels):                                  # -> the block's sums of squares
+        c0, c1 = channels
+        np.add(a[:, c0:c1], b[:, c0:c1], out=total[:, c0:c1])
+        return [float(np.sum(np.square(g[:, c0:c1], dtype=np.float64))) for g in (a, b)]
+
+    parts = threads.parallel(block, threads.chunks(total.shape[1], 8))
+    return total, [float(np.sqrt(sum(p[k] for p in parts))) for k in (0, 1)]
+
+
 def build_backbone(channels, rng):
     """conv3x3(pad 1) + ReLU per entry of `channels`, with a 2x2 max pool between entries.
 
@@ -678,9 +693,9 @@ class FasterRCNN:
             raise
         head, g_head = detector.result()
         # backward: both heads send gradient into the shared feature map, then the backbone
-        self.feature_gradients = dict(rpn=float(np.sqrt(np.sum(np.square(g_rpn, dtype=np.float64)))),
-                                      head=float(np.sqrt(np.sum(np.square(g_head, dtype=np.float64)))))
-        self.backbone.backward(g_rpn + g_head)
+        g_features, norms = _sum_and_norms(g_rpn, g_head)
+        self.feature_gradients = dict(rpn=norms[0], head=norms[1])
+        self.backbone.backward(g_features)
         loss = rpn["loss"] * use_rpn + head["loss"] * use_head
         return dict(loss=float(loss), rpn_cls=float(rpn["loss_cls"]),
                     rpn_reg=float(cfg.rpn_lambda * rpn["loss_reg"]), head_cls=float(head["loss_cls"]),
