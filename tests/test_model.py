@@ -474,3 +474,24 @@ def test_anchors_of_the_last_map_size_are_kept_read_only():
     np.testing.assert_array_equal(b, shift_anchors(model.base_anchors, 5, 6, model.config.stride))
     with pytest.raises(ValueError, match="read-only"):
         a[0, 0] = 1
+
+
+def test_the_feature_gradients_sum_and_norms_match_numpy_on_any_number_of_threads():
+    """The two heads' gradients of the feature map, added and measured in blocks of channels:
+    the sum is a + b exactly, the norms are np.linalg.norm's (float64), and the same bit for bit
+    on one and on three threads."""
+    from frcnn_scratch import threads
+    from frcnn_scratch.model import _sum_and_norms
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((1, 19, 7, 9)).astype(np.float32) for _ in range(2))
+    results = []
+    for n in (1, 3):
+        with threads.using(n):
+            results.append(_sum_and_norms(a, b[:, :, ::-1]))      # a strided view too
+    for total, norms in results:
+        np.testing.assert_array_equal(total, a + b[:, :, ::-1])
+        np.testing.assert_allclose(norms, [np.linalg.norm(a.astype(np.float64)),
+                                           np.linalg.norm(b.astype(np.float64))], rtol=1e-12)
+    assert results[0][1] == results[1][1]
+    total, norms = _sum_and_norms(np.zeros((1, 4, 0, 3), np.float32), np.zeros((1, 4, 0, 3)))
+    assert total.shape == (1, 4, 0, 3) and norms == [0.0, 0.0]
