@@ -345,6 +345,80 @@ def ones_below(buffer, k, q):
     return buffer[:(k + 1) * q].reshape(k + 1, q)
 
 
+# ---- the polyphase layout of a first convolution under a 2 x 2 max pool
+#
+# A 2 x 2 max pool of stride 2 takes, for window (a, b), the max of y[2a + pi, 2b + pj] over the
+# four phases (pi, pj) in {0, 1}^2.  Split y into its four polyphase components, the planes
+# Y[pi, pj][a, b] = y[2a + pi, 2b + pj], and the pool is the element-wise max of four contiguous
+# planes: 3x faster than over y's strided views, which is how it reads the flat layout.  A 3 x 3
+# convolution can make those planes directly: split its padded input the same way,
+# X[p, q][a, b] = xp[2a + p, 2b + q]; output pixel (2a + pi, 2b + pj) at kernel offset (u, v) reads
+#     xp[2a + pi + u, 2b + pj + v] = X[r % 2, s % 2][a + r // 2, b + s // 2],  r = pi + u, s = pj + v,
+# so in each plane stored flat (row a starts at a * Wq) every block (u, v, pi, pj) of the columns is
+# again one contiguous slice, shifted by (r // 2) * Wq + s // 2: the flat layout's trick, on planes
+# a quarter of the size.  The columns hold the four phases side by side, and the product gives y's
+# four planes (O, 2, 2, rows, Wq) at once; a pooled gradient unpools into four planes the same way.
+# Only the pixels under a window are made (a row or column no window covers, at odd sizes, is
+# dropped by the pool and gets no gradient); each plane row has Wq = (Wp + 1) // 2 values, those
+# past Wo // 2 junk, and each plane one zero after its last row, where the junk of the last row
+# reads.  The price: 36 copies of a quarter of a block per band where the flat layout makes 9, and
+# a strided pass to split the input.  For the image (3 channels) that is cheap; for a layer that
+# also sends a gradient back, the adjoint (36 adds per band, then the planes put back together)
+# cost more than the pool saved (480 x 640, one thread of a 2-core EPYC: the pool and unpooling
+# 14.6 -> 9.5 ms, the copies and adds 9.1 -> 17.7), so only a first layer works this way
+# (Conv2d._polyphase).  The first layer at 480 x 640: a training step 116.5 -> 113.8 ms.
+
+def polyphase_split(x, out, ph, pw):
+    """out (2, 2, C, Hq*Wq + 1) = the polyphase planes of x (C, H, W) zero-padded by (ph, pw):
+    out[p, q, :, a*Wq + b] = xp[:, 2a + p, 2b + q], zero outside x and after the last row."""
+    c, h, w = x.shape
+    hq, wq = _plane_size(out, c, h + 2 * ph, w + 2 * pw)
+    out.fill(0)
+    for p in range(2):
+        rows = _phase(p, ph, h, hq)
+        for q in range(2):
+            cols = _phase(q, pw, w, wq)
+            plane = out[p, q, :, :hq * wq].reshape(c, hq, wq)
+            plane[:, rows[0], cols[0]] = x[:, rows[1], cols[1]]        # every 2nd row, column
+    return out
+
+
+def _plane_size(planes, c, hp, wp):
+    """(Hq, Wq) of the planes of a (c, hp, wp) padded image, checked against their shape."""
+    hq, wq = (hp + 1) // 2, (wp + 1) // 2
+    if planes.shape != (2, 2, c, hq * wq + 1):
+        raise ValueError(f"polyphase planes: expected shape {(2, 2, c, hq * wq + 1)}, "
+                         f"got {planes.shape}")
+    return hq, wq
+
+
+def _phase(p, pad, n, n_plane):
+    """(plane slice, image slice): the plane positions a of phase p whose padded index 2a + p
+    falls inside the image (n values after `pad` zeros), and the image indices 2a + p - pad."""
+    first = max(0, -(-(pad - p) // 2))                                  # ceil((pad - p) / 2)
+    last = min(n_plane, (n - 1 + pad - p) // 2 + 1)
+    start = 2 * first + p - pad
+    return slice(first, last), slice(start, start + 2 * (last - first) - 1, 2)
+
+
+def polyphase_im2col(planes, kh, kw, wq, row0, row1, out=None):
+    """Columns of window rows [row0, row1) from the polyphase planes of one padded image:
+    (C*kh*kw, 4*q), q = (row1-row0)*Wq.  Rows ordered (c, u, v) like im2col's; columns (pi, pj,
+    t): phase (pi, pj) of window t = (row0 + t // Wq, t % Wq)."""
+    c = planes.shape[2]
+    q = (row1 - row0) * wq
+    cols = np.empty((c, kh, kw, 2, 2, q), planes.dtype) if out is None else \
+        out[:c * kh * kw * 4 * q].reshape(c, kh, kw, 2, 2, q)
+    for u in range(kh):
+        for v in range(kw):
+            for pi in range(2):
+                for pj in range(2):
+                    r, s = pi + u, pj + v
+                    start = (row0 + r // 2) * wq + s // 2                  # a shift in plane r%2, s%2
+                    cols[:, u, v, pi, pj] = planes[r % 2, s % 2, :, start:start + q]
+    return cols.reshape(c * kh * kw, 4 * q)
+
+
 # NumPy releases the GIL during a matrix product only when the product has more than this many
 # outputs; a smaller one (the first layer's weight gradient, 16 x 27) holds it throughout, and the
 # bands on other threads wait.
@@ -493,6 +567,14 @@ class Conv2d(Module):
             relu._mask = None                        # its backward is the pool's now
         return self._forward(x, pool, relu is not None)
 
+    def _polyphase(self, pool):
+        """Whether forward_pooled works in the polyphase layout: a banded 3 x 3 convolution of
+        stride 1 and padding 1 under a 2 x 2 max pool of stride 2, with no input gradient to
+        make (the backbone's first layer, whose input is the image; see the layout's notes)."""
+        return (pool is not None and self._flat() and self.kernel_size == (3, 3) and
+                self.padding == (1, 1) and pool.kernel_size == (2, 2) and pool.tiles() and
+                not self.need_input_grad)
+
     def _forward(self, x, pool, relu=False):
         w, b = self.params["weight"], self.params["bias"]  # (O, C, kh, kw), (O,)
         x = _as_input(x, "x", w.dtype, ndim=4, channels=self.in_ch, layer="Conv2d", finite=False)
@@ -503,16 +585,31 @@ class Conv2d(Module):
                              f"the kernel {(kh, kw)}; got x of shape {x.shape}")
         hp, wp = h + 2 * ph, wd + 2 * pw
         ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-        flat, finite = self._flat(), _finite_check()
-        if flat:                                   # (N, C, Hp*Wp + kw - 1): rows end to end
+        layout = "polyphase" if self._polyphase(pool) and ho >= 2 and wo >= 2 else \
+            "flat" if self._flat() else "im2col"
+        finite = _finite_check()
+        # `width`: the product's columns per band row: Wp pixels (flat), Wo (im2col), or in the
+        # polyphase layout a row of windows, four planes of Wq
+        if layout == "polyphase":                  # (N, 2, 2, C, Hq*Wq + 1): four planes each
+            hq, wq = (hp + 1) // 2, (wp + 1) // 2
+            xp = np.empty((n, 2, 2, c, hq * wq + 1), dtype=x.dtype)
+            width = 4 * wq
+        elif layout == "flat":                     # (N, C, Hp*Wp + kw - 1): rows end to end
             xp = np.empty((n, c, hp * wp + kw - 1), dtype=x.dtype)
             padded = xp[..., :hp * wp].reshape(n, c, hp, wp)            # a view of xp
+            width = wp
         else:
             xp = padded = np.empty((n, c, hp, wp), dtype=x.dtype)       # (N, C, Hp, Wp)
+            width = wo
 
         def pad(part):                                                # (np.pad: slower)
-            _pad_into(padded[part], x[part], ph, pw)
-            if flat:
+            if layout == "polyphase":
+                channels = part[1] if len(part) > 1 else slice(None)
+                for i in range(n):
+                    polyphase_split(x[i, channels], xp[i, :, :, channels], ph, pw)
+            else:
+                _pad_into(padded[part], x[part], ph, pw)
+            if layout == "flat":
                 xp[part][..., hp * wp:] = 0                           # where the junk reads
             return finite(x[part])                                # checked while in cache
 
@@ -522,7 +619,6 @@ class Conv2d(Module):
         view = self._columns_are_x()
         if not view:
             w2 = np.concatenate([w2, b[:, None]], axis=1)             # [W2 | b] (O, K+1)
-        width = wp if flat else wo                                    # of the product's rows
         if pool is None:
             y = np.empty((n, self.out_ch, ho, width), dtype=x.dtype)  # (N, O, Ho, Wp | Wo)
         else:                                                         # pool's output instead
@@ -532,7 +628,9 @@ class Conv2d(Module):
             i, (row0, row1) = task
             q = (row1 - row0) * width                                 # the band's pixels
             buffer = None if view else threads.scratch((k + 1) * q, x.dtype)
-            if flat:
+            if layout == "polyphase":
+                cols = polyphase_im2col(xp[i], kh, kw, wq, row0, row1, out=buffer)
+            elif layout == "flat":
                 cols = flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)
             else:
                 cols = im2col(xp[i], kh, kw, sh, sw, row0, row1, out=buffer)
@@ -541,24 +639,30 @@ class Conv2d(Module):
             if pool is None:
                 y_band = y[i, :, row0:row1].reshape(self.out_ch, -1)  # (O, bh*width), a view of y
             else:                                                     # a buffer, pooled at once
-                y_band = threads.scratch(self.out_ch * (row1 - row0) * width, x.dtype,
-                                         slot="y").reshape(self.out_ch, -1)
+                y_band = threads.scratch(self.out_ch * q, x.dtype, slot="y").reshape(self.out_ch, -1)
             np.matmul(w2, cols, out=y_band)                           # y = W2 @ cols + b
             if view:
                 y_band += b[:, None]
+            if layout == "polyphase":                                 # (O, 4, rows, Wo // 2)
+                planes = y_band.reshape(self.out_ch, 4, row1 - row0, wq)[..., :wo // 2]
+                return pool._pool_planes(planes, i, row0, pooled, finite, relu)
             if pool is not None:
                 rows = y_band.reshape(self.out_ch, row1 - row0, width)[..., :wo]
                 return pool._pool_rows(rows, i, row0, pooled, finite, relu)
             return True
 
         multiple = 1 if pool is None else pool.kernel_size[0]         # bands of whole windows
-        bands = self._bands(ho, wo, x.itemsize, multiple)
-        half = ho // 2 // multiple * multiple
+        if layout == "polyphase":                                     # bands of window rows
+            bands, multiple = self._bands(ho // 2, 2 * wo, x.itemsize), 1
+            rows = ho // 2
+        else:
+            bands, rows = self._bands(ho, wo, x.itemsize, multiple), ho
+        half = rows // 2 // multiple * multiple
         if n == 1 and len(bands) == 1 and half >= kh and \
                 k * ho * wo * x.itemsize >= SPLIT_BYTES:                    # see SPLIT_BYTES
-            bands = [(0, half), (half, ho)]
+            bands = [(0, half), (half, rows)]
         done = threads.parallel(band, [(i, rows) for i in range(n) for rows in bands])
-        self._cache = (xp, (n, self.out_ch, ho, wo)) if grad_enabled() else None
+        self._cache = (xp, (n, self.out_ch, ho, wo), layout) if grad_enabled() else None
         if pool is not None:
             _blocks_finite(done, "MaxPool2d x")
             return pool._finish(pooled)
@@ -567,9 +671,11 @@ class Conv2d(Module):
     def backward(self, dy):
         """dy (N, out_ch, Ho, Wo) -> dx (N, in_ch, H, W), or None if not need_input_grad;
         fills grads weight, bias.  dy may be the PooledGradient of a max pool above (Sequential
-        passes one): each band's rows of it are then unpooled into a buffer, not read."""
+        passes one): each band's rows of it are then unpooled into a buffer, not read.  After a
+        forward in the polyphase layout the conv's output fed the pool alone: a row or column no
+        window covers (odd sizes) has no gradient, and a dy array's values there are not read."""
         w = self.params["weight"]
-        xp, y_shape = self._cache if self._cache is not None else (None, None)
+        xp, y_shape, layout = self._cache if self._cache is not None else (None, None, None)
         pooled = isinstance(dy, PooledGradient)        # dy from the max pool above, unpooled
         if pooled:                                     # band by band below (checked there)
             if y_shape is None or dy.shape != y_shape:
@@ -579,73 +685,94 @@ class Conv2d(Module):
         finite = _finite_check() if not pooled else _unchecked
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         n, o, ho, wo = y_shape
-        flat = xp.ndim == 3                        # the forward's layout (flat_im2col)
-        hp, wp = (ho + kh - 1, wo + kw - 1) if flat else xp.shape[2:]
-        padded = xp[..., :hp * wp].reshape(xp.shape[:2] + (hp, wp)) if flat else xp  # N, C, Hp, Wp
+        if layout == "im2col":
+            hp, wp = xp.shape[2:]
+        else:                                      # stride 1: the forward's padded size
+            hp, wp = ho + kh - 1, wo + kw - 1
+        if layout == "flat":
+            padded = xp[..., :hp * wp].reshape(xp.shape[:2] + (hp, wp))  # (N, C, Hp, Wp)
+        elif layout == "im2col":
+            padded = xp
+        wq, wa = (wp + 1) // 2, wo // 2            # polyphase: a plane's row, the windows in it
+        width = {"polyphase": 4 * wq, "flat": wp, "im2col": wo}[layout]   # as in the forward
         w2 = w.reshape(o, -1)                                         # (O, K)
         # y = W2 @ cols + b   =>   dW2 = sum over images and bands of dy @ cols^T,
         #                          db = sum of dy (both in one product: ones_below),
         #                          dcols = W2^T @ dy, then col2im
         dxp = np.zeros(xp.shape, dtype=w.dtype) if self.need_input_grad else None
-        bands = self._bands(ho, wo, xp.itemsize, groups=4)           # two rounds, each even
+        if layout == "polyphase":                                     # bands of window rows
+            bands = self._bands(ho // 2, 2 * wo, xp.itemsize, groups=4)
+        else:
+            bands = self._bands(ho, wo, xp.itemsize, groups=4)       # two rounds, each even
 
         # In the flat layout both parts read the band's dy Wp wide (its junk columns 0) and the
         # weight part multiplies it by the flat columns of the padded image: the junk columns add
         # 0 * (a finite junk value) = 0 to dW2, and the copies are contiguous slices (im2col's
-        # gather was 11 ms of a 480 x 640 step).  Otherwise the weight part reads dy as it comes
-        # and im2col's columns.
-        def dy_rows(i, row0, row1, width):                            # (O, bh*width)
-            """Rows [row0, row1) of image i's dy, `width` wide: its columns past Wo are 0."""
+        # gather was 11 ms of a 480 x 640 step).  The polyphase layout does the same on its four
+        # planes.  Otherwise the weight part reads dy as it comes and im2col's columns.
+        def dy_rows(i, row0, row1):                                   # (O, bh*width)
+            """Rows [row0, row1) of image i's dy as the band's product has them: `width` wide,
+            its junk columns 0 (in the polyphase layout, window rows: four planes each)."""
+            rows = threads.scratch(o * (row1 - row0) * width, w.dtype, slot="dy")
+            if layout == "polyphase":
+                planes = rows.reshape(o, 2, 2, row1 - row0, wq)
+                if pooled:
+                    dy.planes(i, row0, row1, planes)
+                else:                                                 # phase (pi, pj) of y
+                    for pi in range(2):
+                        for pj in range(2):
+                            planes[:, pi, pj, :, :wa] = \
+                                dy[i, :, 2 * row0 + pi:2 * row1:2, pj:2 * wa:2]
+                    planes[..., wa:] = 0                              # the junk adds nothing
+                return rows.reshape(o, -1)
             if pooled:
-                rows = threads.scratch(o * (row1 - row0) * width, w.dtype, slot="dy")
                 return dy.rows(i, row0, row1, rows.reshape(o, row1 - row0, width)).reshape(o, -1)
-            if width == wo:
+            if layout == "im2col":
                 return dy[i, :, row0:row1].reshape(o, -1)             # dy as it comes
-            return flat_dy(i, row0, row1)
-
-        def weight_part(task, dy_band=None):                          # -> this band's dW2, db
-            i, (row0, row1) = task
-            if dy_band is None:
-                dy_band = dy_rows(i, row0, row1, wp if flat else wo)  # (O, bh*(Wp | Wo))
-            if not finite(dy_band):                                   # the bands cover dy
-                return None
-            k, q = w2.shape[1], dy_band.shape[1]
-            view = self._columns_are_x()
-            buffer = None if view else threads.scratch((k + 1) * q, xp.dtype)
-            if flat:
-                cols = flat_im2col(xp[i], kh, kw, wp, row0, row1, out=buffer)   # (K, bh*Wp)
-            else:
-                cols = im2col(padded[i], kh, kw, sh, sw, row0, row1, out=buffer)  # (K, bh*Wo)
-            if view:                                                  # cols is x itself
-                return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)
-            both = _weight_grad(dy_band, ones_below(buffer, k, q), len(bands) > 1)  # [dW2 | db]
-            return both[:, :k], both[:, k]                            # (O, K), (O,)
-
-        def flat_dy(i, row0, row1):                                   # (O, bh*Wp)
-            """The band's dy in the flat layout, Wp wide, its junk columns 0."""
-            rows = threads.scratch(o * (row1 - row0) * wp, dy.dtype, slot="dy")
             rows = rows.reshape(o, row1 - row0, wp)
             rows[:, :, :wo] = dy[i, :, row0:row1]
             rows[:, :, wo:] = 0                                       # the junk adds nothing
             return rows.reshape(o, -1)
 
+        def columns(i, row0, row1, out):                              # (K, bh*width)
+            if layout == "polyphase":
+                return polyphase_im2col(xp[i], kh, kw, wq, row0, row1, out=out)
+            if layout == "flat":
+                return flat_im2col(xp[i], kh, kw, wp, row0, row1, out=out)
+            return im2col(padded[i], kh, kw, sh, sw, row0, row1, out=out)
+
+        def weight_part(task, dy_band=None):                          # -> this band's dW2, db
+            i, (row0, row1) = task
+            if dy_band is None:
+                dy_band = dy_rows(i, row0, row1)                      # (O, bh*width)
+            if not finite(dy_band):                                   # the bands cover dy
+                return None
+            k, q = w2.shape[1], dy_band.shape[1]
+            view = self._columns_are_x()
+            buffer = None if view else threads.scratch((k + 1) * q, xp.dtype)
+            cols = columns(i, row0, row1, buffer)                     # (K, q)
+            if view:                                                  # cols is x itself
+                return _weight_grad(dy_band, cols, len(bands) > 1), dy_band.sum(axis=1)
+            both = _weight_grad(dy_band, ones_below(buffer, k, q), len(bands) > 1)  # [dW2 | db]
+            return both[:, :k], both[:, k]                            # (O, K), (O,)
+
         def input_part(task, dy_band=None):                           # dcols, added into dxp
             i, (row0, row1) = task
             if dy_band is None:
-                dy_band = dy_rows(i, row0, row1, wp if flat else wo)  # (O, bh*(Wp | Wo))
+                dy_band = dy_rows(i, row0, row1)                      # (O, bh*width)
             if finite(dy_band):                                       # (else weight_part says so)
                 size = w2.shape[1] * dy_band.shape[1]
                 dcols = np.matmul(w2.T, dy_band, out=threads.scratch(size, dy.dtype).reshape(
                     w2.shape[1], -1))                                 # dcols = W2^T @ dy
-                if flat:
+                if layout == "flat":
                     flat_col2im_add(dxp[i], dcols, kh, kw, wp, row0, row1)
                 else:
                     col2im_add(dxp[i], dcols, kh, kw, sh, sw, row0, row1)
 
         def both_parts(task):                                         # -> this band's dW2, db
-            """The band's dy made Wp wide once (unpooled, or copied) for both parts."""
+            """The band's dy made `width` wide once (unpooled, or copied) for both parts."""
             i, (row0, row1) = task
-            wide = dy_rows(i, row0, row1, wp)                         # (O, bh*Wp)
+            wide = dy_rows(i, row0, row1)                             # (O, bh*width)
             input_part(task, wide)
             return weight_part(task, wide)
 
@@ -657,9 +784,10 @@ class Conv2d(Module):
         # Their sums are added in a fixed order too (even bands, then odd ones).  A first layer
         # adds nothing into its input: it has weight parts only, all in one round.
         # One band of one image has no neighbour: its two parts run together, in one round.
-        # In the flat layout a band's dy is made Wp wide once, for both parts, which then run in
-        # one piece of work: the even bands in a first round, the odd ones in a second (the bands
-        # come in a multiple of 4: each round shares out evenly between two threads).
+        # In the flat and polyphase layouts a band's dy is made `width` wide once, for both parts,
+        # which then run in one piece of work: the even bands in a first round, the odd ones in a
+        # second (the bands come in a multiple of 4: each round shares out evenly between two
+        # threads).
         tasks = [(i, rows) for i in range(n) for rows in bands]
         even, odd = tasks[0::2], tasks[1::2]
         run = lambda job: job[0](job[1])                              # noqa: E731
@@ -670,7 +798,7 @@ class Conv2d(Module):
             parts = parts[0::2] + parts[1::2]
         elif not odd:
             parts = threads.parallel(run, [(weight_part, even[0]), (input_part, even[0])])[:1]
-        elif flat:
+        elif layout != "im2col":
             parts = threads.parallel(both_parts, even) + threads.parallel(both_parts, odd)
         else:
             first = threads.parallel(run, [(input_part, t) for t in even] +
@@ -687,7 +815,7 @@ class Conv2d(Module):
         self.grads["bias"] = db                                       # (O,) = sum of dy
         if dxp is None:
             return None                                               # the input is the image
-        if flat:
+        if layout == "flat":
             dxp = dxp[..., :hp * wp].reshape(xp.shape[:2] + (hp, wp))  # (N, C, Hp, Wp), a view
         return dxp[:, :, ph:hp - ph, pw:wp - pw]                      # (N, C, H, W)
 
@@ -792,7 +920,11 @@ class MaxPool2d(Module):
     def _pool(self, x, y, argmax):
         """y = the max of each window of x (.., H, W), y (.., Ho, Wo); argmax (None, or zeros
         like y) = the offset of the first max (row-major) in each window."""
-        views = self._offset_views(x, *y.shape[-2:])
+        self._pool_views(self._offset_views(x, *y.shape[-2:]), y, argmax)
+
+    @staticmethod
+    def _pool_views(views, y, argmax):
+        """The same from views[offset] (.., Ho, Wo): every window's value at each offset."""
         y[...] = views[0]
         for offset, value in enumerate(views[1:], start=1):
             if argmax is not None:
@@ -829,22 +961,42 @@ class MaxPool2d(Module):
         max is <= 0 an offset no value has (see Conv2d.forward_pooled).  -> finite(rows)."""
         if not finite(rows):
             return False
-        (kh, kw), (_, y, argmax) = self.kernel_size, pooled
+        kh, y = self.kernel_size[0], pooled[1]
         first = row0 // kh
         last = min(y.shape[2], first + rows.shape[1] // kh)
-        if last > first:
-            step = max(1, BLOCK_SIZE // rows[0].size)                  # channels per block
-            for c in range(0, rows.shape[0], step):
-                part = slice(c, c + step)
-                y_part = y[i, part, first:last]
-                a_part = None if argmax is None else argmax[i, part, first:last]
-                self._pool(rows[part, :(last - first) * kh], y_part, a_part)
-                if relu:
-                    if a_part is not None:                             # ReLU's gradient is 0
-                        code = np.multiply(y_part <= 0, a_part.dtype.type(kh * kw))   # there:
-                        np.bitwise_or(a_part, code, out=a_part)       # an offset >= kh * kw
-                    np.maximum(y_part, 0, out=y_part)
+        self._pool_blocks(lambda part: self._offset_views(rows[part], last - first, y.shape[3]),
+                          i, first, last, pooled, relu, rows[0].size)
         return True
+
+    def _pool_planes(self, planes, i, row0, pooled, finite, relu=False):
+        """The same for window rows [row0, row0 + bh) of image i given as planes (C, kh*kw, bh,
+        Wo): planes[:, offset] holds every window's value at that offset (Conv2d's polyphase
+        layout), contiguous, where _pool_rows reads strided views.  -> finite(planes)."""
+        if not finite(planes):
+            return False
+        last = min(pooled[1].shape[2], row0 + planes.shape[2])
+        self._pool_blocks(lambda part: [p[:, :last - row0] for p in planes[part].swapaxes(0, 1)],
+                          i, row0, last, pooled, relu, planes[0].size)
+        return True
+
+    def _pool_blocks(self, views_of, i, first, last, pooled, relu, channel_size):
+        """Output rows [first, last) of image i from views_of(channels) (a block's views, one per
+        window offset), block by block of channels of about BLOCK_SIZE values (channel_size
+        each); relu as in _pool_rows."""
+        (kh, kw), (_, y, argmax) = self.kernel_size, pooled
+        if last <= first:
+            return
+        step = max(1, BLOCK_SIZE // channel_size)                      # channels per block
+        for c in range(0, y.shape[1], step):
+            part = slice(c, c + step)
+            y_part = y[i, part, first:last]
+            a_part = None if argmax is None else argmax[i, part, first:last]
+            self._pool_views(views_of(part), y_part, a_part)
+            if relu:
+                if a_part is not None:                                 # ReLU's gradient is 0
+                    code = np.multiply(y_part <= 0, a_part.dtype.type(kh * kw))   # there:
+                    np.bitwise_or(a_part, code, out=a_part)           # an offset >= kh * kw
+                np.maximum(y_part, 0, out=y_part)
 
     def _finish(self, pooled):
         x_shape, y, argmax = pooled
@@ -921,6 +1073,18 @@ class PooledGradient:
             for v in range(kw):
                 np.multiply(dy, argmax == u * kw + v, out=target[:, :, v:v + kw * wo:kw])
         out[:, max(0, ho * kh - row0):] = 0                            # no window's rows
+        return out
+
+    def planes(self, i, row0, row1, out):
+        """out[:, u, v, :, :Wo] = dx[i, :, 2a + u, 2b + v] for window rows a in [row0, row1)
+        (a 2 x 2 pool: the polyphase planes of dx, Conv2d's layout) and out[..., Wo:] = 0, for
+        out (C, 2, 2, row1-row0, width >= Wo); returns out."""
+        wo = self.argmax.shape[3]
+        dy, argmax = self.dy[i, :, row0:row1], self.argmax[i, :, row0:row1]
+        for u in range(2):
+            for v in range(2):                                         # contiguous rows
+                np.multiply(dy, argmax == u * 2 + v, out=out[:, u, v, :, :wo])
+        out[..., wo:] = 0                                              # the junk adds nothing
         return out
 
     def __array__(self, dtype=None, copy=None):

@@ -279,17 +279,26 @@ def test_pool_and_relu_are_the_same_in_blocks_and_on_any_number_of_threads(k, s,
 def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
     """The backbone pools before its ReLU (a quarter of the values to rectify).  Against VGG's
     conv -> ReLU -> pool with the same weights: the output, the input gradient and every weight
-    gradient are equal bit for bit, on windows with ties, all-negative and zero maxima."""
+    gradient are equal bit for bit, on windows with ties, all-negative and zero maxima.  (The
+    first conv pooled in the polyphase layout sums its products in another order than VGG's
+    plain conv: with whole numbers for weights, image and gradient every sum is exact, and the
+    order cannot show.)"""
     from frcnn_scratch.model import build_backbone
     ours = build_backbone((4, 6, 5), rng=0)
     kinds = [type(layer).__name__ for layer in ours]
     assert kinds == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Conv2d", "ReLU"]
     vgg = build_backbone((4, 6, 5), rng=0)
     vgg.layers = [vgg.layers[i] for i in (0, 2, 1, 3, 5, 4, 6, 7)]  # conv, ReLU, pool, ...
-    x = np.round(RNG.standard_normal((1, 3, 36, 44)), 1).astype(np.float32)
+    for net in (ours, vgg):
+        for layer in net.layers:
+            for name, value in layer.params.items():              # whole numbers in -1..1
+                layer.params[name] = np.random.default_rng(value.size).integers(
+                    -1, 2, value.shape).astype(np.float32)
+    x = RNG.integers(-1, 2, (1, 3, 36, 44)).astype(np.float32)
     y, y_vgg = ours.forward(x), vgg.forward(x)
+    assert ours.layers[0]._cache[2] == "polyphase" and vgg.layers[0]._cache[2] == "flat"
     np.testing.assert_array_equal(y, y_vgg)
-    dy = np.linspace(-1, 1, y.size, dtype=np.float32).reshape(y.shape)
+    dy = RNG.integers(-1, 2, y.shape).astype(np.float32)
     ours.backward(dy.copy()), vgg.backward(dy.copy())
     for layer, twin in zip(ours.layers, (vgg.layers[i] for i in (0, 2, 1, 3, 5, 4, 6, 7))):
         for name, g in layer.grads.items():
@@ -303,6 +312,100 @@ def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
     assert (y == 0).any() and (y > 0).any()
     dy = RNG.standard_normal(y.shape).astype(np.float32)
     np.testing.assert_array_equal(stack.backward(dy.copy()), stack_vgg.backward(dy.copy()))
+
+
+@pytest.mark.parametrize("hw", [(6, 8), (7, 9), (2, 3), (5, 2)])
+def test_polyphase_planes_and_columns_are_the_padded_image_and_im2col_at_each_phase(hw):
+    """polyphase_split: plane (p, q) holds the zero-padded image's rows 2a + p and columns 2b + q,
+    zeros past the image and one zero after the last row; polyphase_im2col: the columns of phase
+    (pi, pj) of window (a, b) are im2col's columns of output pixel (2a + pi, 2b + pj)."""
+    h, w = hw
+    x = RNG.standard_normal((3, h, w)).astype(np.float32)
+    hq, wq = (h + 3) // 2, (w + 3) // 2
+    planes = np.full((2, 2, 3, hq * wq + 1), np.nan, np.float32)   # every value written
+    nn.polyphase_split(x, planes, 1, 1)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    for p in range(2):
+        for q in range(2):
+            want = np.zeros((3, hq, wq), np.float32)
+            part = xp[:, p::2, q::2]
+            want[:, :part.shape[1], :part.shape[2]] = part
+            np.testing.assert_array_equal(planes[p, q, :, :-1].reshape(3, hq, wq), want)
+    assert (planes[..., -1] == 0).all()
+    with pytest.raises(ValueError, match="polyphase planes: expected shape"):
+        nn.polyphase_split(x, planes[..., :-1], 1, 1)
+    ha, wa = h // 2, w // 2
+    if ha == 0 or wa == 0:
+        return
+    cols = nn.polyphase_im2col(planes, 3, 3, wq, 0, ha).reshape(27, 2, 2, ha, wq)[..., :wa]
+    full = nn.im2col(xp, 3, 3, 1, 1, 0, h).reshape(27, h, w)
+    for pi in range(2):
+        for pj in range(2):
+            np.testing.assert_array_equal(cols[:, pi, pj], full[:, pi:2 * ha:2, pj:2 * wa:2])
+    band = nn.polyphase_im2col(planes, 3, 3, wq, ha - 1, ha).reshape(27, 2, 2, 1, wq)
+    np.testing.assert_array_equal(band, nn.polyphase_im2col(planes, 3, 3, wq, 0, ha).reshape(
+        27, 2, 2, ha, wq)[:, :, :, ha - 1:])                        # a band: its rows alone
+
+
+@pytest.mark.parametrize("shape, band_bytes", [((2, 3, 12, 16), nn.BAND_BYTES),
+                                               ((2, 3, 25, 17), 900), ((1, 3, 40, 22), 2000)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_first_conv_pooled_in_the_polyphase_layout_equals_the_flat_layout(shape, band_bytes,
+                                                                             relu):
+    """A first conv (no input gradient) under a 2 x 2 pool works in the polyphase layout: the
+    pooled values, the argmax (ties and zero maxima included), dW and db equal those of the same
+    conv in the flat layout, bit for bit (whole numbers: every sum is exact, whatever its
+    order), for even and odd sizes (rows and columns no window covers), two images, many bands,
+    on 1 and 3 threads; dy as a pool's PooledGradient or as a plain array."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(-2, 3, shape).astype(np.float32)
+    convs = [nn.Conv2d(3, 5, 3, padding=1, rng=0, need_input_grad=False, band_bytes=band_bytes),
+             nn.Conv2d(3, 5, 3, padding=1, rng=0, need_input_grad=True, band_bytes=band_bytes)]
+    for conv in convs:
+        conv.params["weight"] = rng.integers(-2, 3, conv.params["weight"].shape).astype(np.float32)
+        conv.params["bias"] = np.arange(5, dtype=np.float32) - 2
+    convs[1].params = {k: v.copy() for k, v in convs[0].params.items()}
+    results = []
+    for workers in (1, 3):
+        for conv in convs:
+            pool, act = nn.MaxPool2d(2), nn.ReLU(inplace=True) if relu else None
+            with threads.using(workers):
+                y = conv.forward_pooled(x, pool, act)
+                argmax = pool._cache[1].copy()
+                dy = rng.integers(-2, 3, y.shape).astype(np.float32) if not results else \
+                    results[0][-1]
+                conv.backward(pool.backward_pooled(dy))
+                grads = {k: v.copy() for k, v in conv.grads.items()}
+                conv.forward_pooled(x, pool, act)
+                conv.backward(np.asarray(pool.backward_pooled(dy)))   # dy as a plain array
+            for name, g in conv.grads.items():
+                np.testing.assert_array_equal(g, grads[name], err_msg=name)
+            results.append((conv._cache[2], y, argmax, grads, dy))
+    assert [r[0] for r in results] == ["polyphase", "flat"] * 2
+    if band_bytes == 900:
+        assert len(convs[0]._bands(shape[2] // 2, 2 * shape[3], 4)) >= 3, "several bands"
+    for layout, y, argmax, grads, dy in results[1:]:
+        np.testing.assert_array_equal(y, results[0][1])
+        np.testing.assert_array_equal(argmax, results[0][2])
+        for name in grads:
+            np.testing.assert_array_equal(grads[name], results[0][3][name], err_msg=name)
+    assert (results[0][1] == (0 if relu else results[0][1].max())).any()   # zero maxima (ReLU)
+
+
+def test_a_pooled_gradients_planes_are_the_phases_of_its_dx():
+    """PooledGradient.planes: phase (u, v) of window rows [row0, row1) of the unpooled dx, in
+    rows Wq wide whose values past Wo // 2 are 0."""
+    x = RNG.integers(-2, 3, (2, 3, 10, 14)).astype(np.float32)      # ties
+    pool = nn.MaxPool2d(2)
+    y = pool.forward(x)
+    pooled = pool.backward_pooled(RNG.standard_normal(y.shape).astype(np.float32))
+    dx = np.asarray(pooled)
+    out = np.full((3, 2, 2, 3, 9), np.nan, np.float32)
+    pooled.planes(1, 1, 4, out)
+    for u in range(2):
+        for v in range(2):
+            np.testing.assert_array_equal(out[:, u, v, :, :7], dx[1, :, 2 + u:8:2, v:14:2])
+    assert (out[..., 7:] == 0).all()
 
 
 @pytest.mark.parametrize("k, hw", [(2, (8, 12)), (2, (9, 13)), (3, (13, 11))])
