@@ -197,11 +197,19 @@ def _blocks_finite(flags, where):
         raise ValueError(f"{where}: contains NaN or Inf")
 
 
+# ... and an array of at least this many elements is cut into one block per thread at least
+# (the backbone's last ReLU, 64 x 60 x 80 at 480 x 640, was one block: one of two threads waited).
+# The blocks' work is element by element: their number changes no result.
+SHARED_SIZE = 1 << 15
+
+
 def _by_channels(fn, x):
-    """[fn(part), ...] for blocks of channels of x (N, C, ...) of about BLOCK_SIZE elements, on
-    threads.parallel, part an index (slice(None), slice(c0, c1)); one call with everything for
-    small or non-4-D arrays."""
-    pieces = x.size // BLOCK_SIZE if x.ndim == 4 else 1
+    """[fn(part), ...] for blocks of channels of x (N, C, ...) of about BLOCK_SIZE elements (and
+    at least one a thread above SHARED_SIZE), on threads.parallel, part an index
+    (slice(None), slice(c0, c1)); one call with everything for small or non-4-D arrays."""
+    pieces = 1
+    if x.ndim == 4:
+        pieces = max(x.size // BLOCK_SIZE, min(threads.workers(), x.size // SHARED_SIZE))
     if pieces <= 1:
         return threads.parallel(fn, [(Ellipsis,)])
     blocks = threads.chunks(x.shape[1], pieces)                       # [(c0, c1), ...]
@@ -787,7 +795,10 @@ class Conv2d(Module):
         # In the flat and polyphase layouts a band's dy is made `width` wide once, for both parts,
         # which then run in one piece of work: the even bands in a first round, the odd ones in a
         # second (the bands come in a multiple of 4: each round shares out evenly between two
-        # threads).
+        # threads).  Unless dy comes as an array (a copy, not an unpooling) and a round has fewer
+        # than two bands a thread: the parts then run apart, as above, four pieces a round where
+        # two long ones left a thread waiting (the last conv and the RPN's at 480 x 640: 4 bands).
+        # Either way the parts' sums come in the same order: the results are the same.
         tasks = [(i, rows) for i in range(n) for rows in bands]
         even, odd = tasks[0::2], tasks[1::2]
         run = lambda job: job[0](job[1])                              # noqa: E731
@@ -798,9 +809,9 @@ class Conv2d(Module):
             parts = parts[0::2] + parts[1::2]
         elif not odd:
             parts = threads.parallel(run, [(weight_part, even[0]), (input_part, even[0])])[:1]
-        elif layout != "im2col":
+        elif layout != "im2col" and (pooled or len(even) >= 2 * threads.workers()):
             parts = threads.parallel(both_parts, even) + threads.parallel(both_parts, odd)
-        else:
+        else:                        # (fewer bands than two a thread: smaller pieces share better)
             first = threads.parallel(run, [(input_part, t) for t in even] +
                                      [(weight_part, t) for t in odd])
             second = threads.parallel(run, [(input_part, t) for t in odd] +
