@@ -542,6 +542,7 @@ def test_one_bad_value_anywhere_is_caught_forward_and_backward(layer, n_threads,
     """The layers check x and dy block by block inside their own passes (not in a pass of their
     own): a single NaN or Inf in any channel block, band or corner must still raise."""
     monkeypatch.setattr(nn, "BLOCK_SIZE", 64)            # several blocks on small arrays
+    monkeypatch.setattr(nn, "BAND_POOL_SIZE", 64)        # (and in a pooled conv's bands)
     make = {"Conv2d": lambda: nn.Conv2d(5, 4, 3, padding=1, rng=0, band_bytes=5 * 9 * 4 * 12 * 3),
             "ReLU": lambda: nn.ReLU(inplace=True), "MaxPool2d": lambda: nn.MaxPool2d(2)}[layer]
     rng = np.random.default_rng(3)
@@ -651,6 +652,7 @@ def test_no_finite_checks_lets_nan_through_on_every_thread_and_only_inside(n_thr
     threads: the caller's setting must reach them); NaN then flows through as arithmetic makes
     it.  Outside, and on other threads, the checks are back."""
     monkeypatch.setattr(nn, "BLOCK_SIZE", 64)            # several blocks, on the team's threads
+    monkeypatch.setattr(nn, "BAND_POOL_SIZE", 64)        # (and in a pooled conv's bands)
     net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=0, band_bytes=2 * 9 * 4 * 12 * 3),
                         nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(108, 2, rng=1))
     x = np.random.default_rng(0).standard_normal((1, 2, 12, 12)).astype(np.float32)

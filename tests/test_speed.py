@@ -351,12 +351,14 @@ def test_polyphase_planes_and_columns_are_the_padded_image_and_im2col_at_each_ph
                                                ((2, 3, 25, 17), 900), ((1, 3, 40, 22), 2000)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_a_first_conv_pooled_in_the_polyphase_layout_equals_the_flat_layout(shape, band_bytes,
-                                                                             relu):
+                                                                             relu, monkeypatch):
     """A first conv (no input gradient) under a 2 x 2 pool works in the polyphase layout: the
     pooled values, the argmax (ties and zero maxima included), dW and db equal those of the same
     conv in the flat layout, bit for bit (whole numbers: every sum is exact, whatever its
     order), for even and odd sizes (rows and columns no window covers), two images, many bands,
     on 1 and 3 threads; dy as a pool's PooledGradient or as a plain array."""
+    if band_bytes == 900:
+        monkeypatch.setattr(nn, "BAND_POOL_SIZE", 64)              # bands pooled in blocks
     rng = np.random.default_rng(sum(shape))
     x = rng.integers(-2, 3, shape).astype(np.float32)
     convs = [nn.Conv2d(3, 5, 3, padding=1, rng=0, need_input_grad=False, band_bytes=band_bytes),
@@ -484,6 +486,7 @@ def test_a_conv_pooled_band_by_band_equals_the_conv_then_the_pool(stride, band_b
     columns no window covers (odd sizes), a single band split in two, on any number of threads;
     and what each backward pass needs."""
     monkeypatch.setattr(nn, "SPLIT_BYTES", 1)                      # a single band is split too
+    monkeypatch.setattr(nn, "BAND_POOL_SIZE", 200)                 # a band pooled in blocks
     conv, twin = (nn.Conv2d(3, 4, 3, stride=stride, padding=1, rng=0, band_bytes=band_bytes)
                   for _ in range(2))
     pool, pool_twin = nn.MaxPool2d(k), nn.MaxPool2d(k)
