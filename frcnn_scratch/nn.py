@@ -414,8 +414,9 @@ def _phase(p, pad, n, n_plane):
     falls inside the image (n values after `pad` zeros), and the image indices 2a + p - pad."""
     first = max(0, -(-(pad - p) // 2))                                  # ceil((pad - p) / 2)
     last = min(n_plane, (n - 1 + pad - p) // 2 + 1)
+    last = max(first, last)                                             # none inside: empty
     start = 2 * first + p - pad
-    return slice(first, last), slice(start, start + 2 * (last - first) - 1, 2)
+    return slice(first, last), slice(start, start + 2 * (last - first), 2)
 
 
 def polyphase_im2col(planes, kh, kw, wq, row0, row1, out=None):

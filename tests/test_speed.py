@@ -392,6 +392,15 @@ def test_a_first_conv_pooled_in_the_polyphase_layout_equals_the_flat_layout(shap
         for name in grads:
             np.testing.assert_array_equal(grads[name], results[0][3][name], err_msg=name)
     assert (results[0][1] == (0 if relu else results[0][1].max())).any()   # zero maxima (ReLU)
+    bad = x.copy()
+    bad[-1, 2, -1, -1] = np.nan                                     # the image's last pixel
+    with pytest.raises(ValueError, match="Conv2d x: contains NaN or Inf"):
+        convs[0].forward_pooled(bad, nn.MaxPool2d(2))
+    convs[0].params["weight"][1, 0, 0, 0] = np.inf                  # the conv's output checked
+    with pytest.raises(ValueError, match="MaxPool2d x: contains NaN or Inf"), \
+            np.errstate(invalid="ignore"):
+        convs[0].forward_pooled(x, nn.MaxPool2d(2))
+    assert convs[0]._cache[2] == "polyphase"
 
 
 def test_a_pooled_gradients_planes_are_the_phases_of_its_dx():
