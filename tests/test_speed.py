@@ -586,21 +586,35 @@ def test_sequential_pools_and_rectifies_a_convs_bands_and_unpools_its_gradient(m
         np.testing.assert_array_equal(net.forward(x), y)
 
 
-@pytest.mark.parametrize("o,k,p", [(16, 27, 600), (16, 27, 601), (20, 30, 64), (3, 4, 10)])
-def test_small_weight_gradients_split_in_halves_equal_the_plain_product(o, k, p):
-    """dW of a small layer (O * K <= 500, where NumPy would hold the GIL through the product) in a
-    convolution of several bands is computed as two halves of the pixels; it equals dy @ cols.T to
-    float32 rounding (odd P: the plain product itself); a larger one, or a layer of one band
-    (nothing runs beside it), is the plain product, taken as (cols @ dy^T)^T."""
+@pytest.mark.parametrize("o,k,p", [(16, 28, 38520), (16, 28, 5000), (16, 28, 2047),
+                                   (3, 4, 10), (32, 33, 4096), (16, 28, 1024)])
+def test_small_weight_gradients_in_runs_of_pixels_equal_the_plain_product(o, k, p):
+    """dW of a small layer (O * K <= SMALL_PRODUCT_OUTPUTS) over a long band is a batch of
+    products over runs of about WEIGHT_GRAD_PIXELS pixels, added in order, then the pixels the
+    equal runs leave; it equals dy @ cols.T to float32 rounding.  A larger layer, or a band of
+    fewer than two runs, is the plain product, taken as (cols @ dy^T)^T."""
     dy = RNG.standard_normal((o, p)).astype(np.float32)
     cols = RNG.standard_normal((k, p)).astype(np.float32)
-    got = nn._weight_grad(dy, cols, other_bands=True)
+    got = nn._weight_grad(dy, cols)
     assert got.shape == (o, k) and got.dtype == np.float32
-    np.testing.assert_allclose(got, (dy.astype(np.float64) @ cols.T.astype(np.float64)),
-                               rtol=1e-4, atol=1e-4 * np.sqrt(p))
-    if o * k > nn._GIL_FREE_OUTPUTS or p % 2:
+    exact = dy.astype(np.float64) @ cols.T.astype(np.float64)
+    np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-5 * np.sqrt(p))
+    runs = p // nn.WEIGHT_GRAD_PIXELS
+    if o * k > nn.SMALL_PRODUCT_OUTPUTS or runs < 2:
         np.testing.assert_array_equal(got, (cols @ dy.T).T)
-    np.testing.assert_array_equal(nn._weight_grad(dy, cols, other_bands=False), (cols @ dy.T).T)
+        return
+    # the runs, summed in order, by hand: the same bits
+    run = p // runs
+    want = sum(((cols[:, j * run:(j + 1) * run] @ dy[:, j * run:(j + 1) * run].T)
+                for j in range(1, runs)), cols[:, :run] @ dy[:, :run].T)
+    if runs * run < p:
+        want = want + cols[:, runs * run:] @ dy[:, runs * run:].T
+    np.testing.assert_allclose(got, want.T, rtol=1e-6, atol=1e-6 * np.sqrt(p))
+    # strided operands (a band's rows of the columns buffer, dy's rows of a wider array): views
+    # are used as they come, and the result is the same
+    wide_dy = np.zeros((o, p + 3), np.float32)
+    wide_dy[:, :p] = dy
+    np.testing.assert_array_equal(nn._weight_grad(wide_dy[:, :p], cols), got)
 
 
 def test_inplace_relu_writes_over_its_input_and_gradient():
