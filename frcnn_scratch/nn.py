@@ -446,7 +446,7 @@ _GIL_FREE_OUTPUTS = 500
 # a band of 38,520 pixels (the first layer at 480 x 640) at 30-33 GFLOP/s on one core of an
 # EPYC with AVX-512 kernels, against 70-80 as a batch of products over 963 pixels each, summed.
 # Products of more outputs (the deeper layers, 32 x 145 and up) lose a little as a batch, so they
-# stay one product.  Pixels per product of the batch, and the outputs below which it is used:
+# stay one product.  Pixels per product of the batch, and the most outputs it is used for:
 WEIGHT_GRAD_PIXELS = 1024
 SMALL_PRODUCT_OUTPUTS = 1024
 

@@ -603,13 +603,14 @@ def test_small_weight_gradients_in_runs_of_pixels_equal_the_plain_product(o, k, 
     if o * k > nn.SMALL_PRODUCT_OUTPUTS or runs < 2:
         np.testing.assert_array_equal(got, (cols @ dy.T).T)
         return
-    # the runs, summed in order, by hand: the same bits
+    # the runs, each its own product, added in order by hand: the same bits (so the runs are
+    # used: the plain product sums in another order)
     run = p // runs
     want = sum(((cols[:, j * run:(j + 1) * run] @ dy[:, j * run:(j + 1) * run].T)
                 for j in range(1, runs)), cols[:, :run] @ dy[:, :run].T)
     if runs * run < p:
         want = want + cols[:, runs * run:] @ dy[:, runs * run:].T
-    np.testing.assert_allclose(got, want.T, rtol=1e-6, atol=1e-6 * np.sqrt(p))
+    np.testing.assert_array_equal(got, want.T)
     # strided operands (a band's rows of the columns buffer, dy's rows of a wider array): views
     # are used as they come, and the result is the same
     wide_dy = np.zeros((o, p + 3), np.float32)
