@@ -968,9 +968,11 @@ class MaxPool2d(Module):
         y[...] = views[0]
         for offset, value in enumerate(views[1:], start=1):
             if argmax is not None:
-                larger = value > y                                     # strictly: ties keep the first
-                argmax += larger * (offset - argmax)                   # = offset where larger
-            np.maximum(y, value, out=y)
+                larger = np.greater(value, y)                          # strictly: ties keep the first
+                if offset > 1:                                         # offset where larger, else 0
+                    larger = np.multiply(larger, argmax.dtype.type(offset))
+                np.maximum(argmax, larger, out=argmax)                 # = offset where larger (the
+            np.maximum(y, value, out=y)                                # offsets rise: a max)
 
     def _offset_views(self, x, ho, wo):
         """For each window offset (u, v), row-major, the (.., Ho, Wo) strided view of x that
