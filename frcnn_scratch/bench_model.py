@@ -350,7 +350,10 @@ def main(args):
         rows = []
         print(f"frcnn bench-model: median of {repeat} calls, ms; threads "
               f"{'each side its default' if threads is None else threads}; numpy's BLAS: "
-              f"{blas_kernels()}; load average {load_average()}", flush=True)
+              f"{blas_kernels()}"
+              + (f"; torch's CPU kernels: {torch_kernels(torch)}" if torch is not None else "")
+              + f"; load average {load_average()}", flush=True)
+        notes += pinned_kernels_notes()
         for h, w in sizes:
             samples = [sample_at(h, w, seed=i) for i in range(2)]
             from .model import FasterRCNN
@@ -402,6 +405,29 @@ def blas_kernels():
         return "not OpenBLAS"
     chosen = os.environ.get("OPENBLAS_CORETYPE")
     return f"OpenBLAS {name} kernels" + (f" (OPENBLAS_CORETYPE={chosen})" if chosen else "")
+
+
+def torch_kernels(torch):
+    """The instruction set torch's CPU kernels (oneDNN's convolutions, MKL) run on: "AVX512", ..."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:                      # an older torch
+        return "unknown"
+
+
+def pinned_kernels_notes():
+    """A note for the table when OPENBLAS_CORETYPE pins numpy's OpenBLAS to chosen kernels: torch
+    does not read it, so on a CPU with newer instructions the two sides run different ones (the
+    2-core EPYC of this project's rounds sets Haswell, AVX2, for older OpenBLAS builds; its cores
+    have AVX-512, which torch uses and which made the NumPy step 1.4x faster at 480 x 640 when
+    OpenBLAS chose for itself)."""
+    chosen = os.environ.get("OPENBLAS_CORETYPE")
+    if not chosen or openblas_kernels() is None:
+        return []
+    return [f"OPENBLAS_CORETYPE={chosen} pins numpy's matrix products to OpenBLAS's {chosen} "
+            f"kernels; torch picks its own for this CPU. To compare the two on this CPU's own "
+            f"kernels, run this command with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset "
+            f"(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE frcnn bench-model ...)"]
 
 
 def _mb(value):

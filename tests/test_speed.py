@@ -977,6 +977,21 @@ def test_openblas_kernels_names_the_kernels_numpy_runs():
         assert name.lower() == chosen.lower()
 
 
+def test_bench_model_says_when_the_environment_pins_numpys_kernels(monkeypatch):
+    """torch does not read OPENBLAS_CORETYPE: where it is set, the table's note says that the two
+    sides may run different kernels, and how to compare them on the CPU's own; unset, no note."""
+    from frcnn_scratch import bench_model
+    monkeypatch.setattr(bench_model, "openblas_kernels", lambda: "Haswell")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    (note,) = bench_model.pinned_kernels_notes()
+    assert "OPENBLAS_CORETYPE=Haswell" in note and "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in note
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert bench_model.pinned_kernels_notes() == []
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setattr(bench_model, "openblas_kernels", lambda: None)     # numpy on another BLAS
+    assert bench_model.pinned_kernels_notes() == []
+
+
 def test_sides_take_turns_in_blocks_and_the_call_after_the_other_side_is_not_timed():
     """A side is slow right after the other one ran (torch's spinning threads); the medians are of
     the calls that follow a call of the same side, `repeat` of them per side and kind of call."""
