@@ -276,6 +276,28 @@ def test_pool_and_relu_are_the_same_in_blocks_and_on_any_number_of_threads(k, s,
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_relu_against_zeros_is_np_maximum_with_0_bit_for_bit(large, monkeypatch):
+    """relu_into reads a shared buffer of zeros where np.maximum(x, 0) is 4x slower: the same bits,
+    -0.0, NaN and both infinities included, in place and into a strided block; above _ZEROS_MAX
+    values it is np.maximum(x, 0) itself."""
+    if large:
+        monkeypatch.setattr(nn, "_ZEROS_MAX", 100)
+    x = np.array([-0.0, 0.0, -1.5, 2.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45], np.float32)
+    x = np.tile(x, (2, 3, 70)).reshape(2, 3, 30, 21)
+    want = np.maximum(x, np.float32(0))
+    got = nn.relu_into(x, np.empty_like(x))
+    assert got.tobytes() == want.tobytes()
+    block = x[:, 1:, ::2, 3:]                                       # a strided block, in place
+    want_block = np.maximum(block, np.float32(0))
+    nn.relu_into(block, block)
+    assert block.tobytes() == want_block.tobytes()
+    assert x[:, 0].tobytes() == np.tile(np.array([-0.0, 0.0, -1.5, 2.0, np.nan, np.inf, -np.inf,
+                                                   1e-45, -1e-45], np.float32),
+                                         (2, 3, 70)).reshape(2, 3, 30, 21)[:, 0].tobytes()
+    assert all(not z.flags.writeable for z in nn._zero_buffers.values())
+
+
 def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
     """The backbone pools before its ReLU (a quarter of the values to rectify).  Against VGG's
     conv -> ReLU -> pool with the same weights: the output, the input gradient and every weight
