@@ -694,3 +694,22 @@ def test_no_grad_max_pool_skips_the_argmax():
     with nn.no_grad():
         relu.forward(pool.forward(x))
     assert pool._cache is None and relu._mask is None
+
+
+def test_maxpool_of_more_than_255_offsets_keeps_each_windows_first_max():
+    """A 17 x 17 window has 289 offsets: the argmax is int64 there (uint8 below 256 offsets), and
+    the running max of 'offset where larger' must not wrap.  Hand-made: window 0's max at offset
+    280 (row 16, column 8) with a tie at 281 after it; window 1's max at offset 3, tied at 288."""
+    x = np.zeros((1, 1, 17, 34), np.float32)
+    x[0, 0, 16, 8] = x[0, 0, 16, 9] = 5.0                           # window 0: offsets 280, 281
+    x[0, 0, 0, 17 + 3] = x[0, 0, 16, 17 + 16] = 7.0                # window 1: offsets 3, 288
+    pool = nn.MaxPool2d(17, 17)
+    y = pool.forward(x)
+    np.testing.assert_array_equal(y, [[[[5.0, 7.0]]]])
+    argmax = pool._cache[1]
+    assert argmax.dtype == np.int64
+    np.testing.assert_array_equal(argmax, [[[[280, 3]]]])
+    dx = pool.backward(np.array([[[[1.0, 2.0]]]], np.float32))
+    want = np.zeros_like(x)
+    want[0, 0, 16, 8], want[0, 0, 0, 20] = 1.0, 2.0
+    np.testing.assert_array_equal(dx, want)

@@ -281,6 +281,7 @@ def test_relu_against_zeros_is_np_maximum_with_0_bit_for_bit(large, monkeypatch)
     """relu_into reads a shared buffer of zeros where np.maximum(x, 0) is 4x slower: the same bits,
     -0.0, NaN and both infinities included, in place and into a strided block; above _ZEROS_MAX
     values it is np.maximum(x, 0) itself."""
+    monkeypatch.setattr(nn, "_zero_buffers", {})                   # none made before this test
     if large:
         monkeypatch.setattr(nn, "_ZEROS_MAX", 100)
     x = np.array([-0.0, 0.0, -1.5, 2.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45], np.float32)
@@ -295,7 +296,10 @@ def test_relu_against_zeros_is_np_maximum_with_0_bit_for_bit(large, monkeypatch)
     assert x[:, 0].tobytes() == np.tile(np.array([-0.0, 0.0, -1.5, 2.0, np.nan, np.inf, -np.inf,
                                                    1e-45, -1e-45], np.float32),
                                          (2, 3, 70)).reshape(2, 3, 30, 21)[:, 0].tobytes()
-    assert all(not z.flags.writeable for z in nn._zero_buffers.values())
+    if large:                                                      # the scalar: no buffer for it
+        assert nn._zero_buffers == {}
+    else:                                                          # the shared zeros: read-only
+        assert not nn._zero_buffers[x.dtype].flags.writeable
 
 
 def test_pool_before_relu_is_vggs_relu_before_pool_bit_for_bit():
