@@ -4,8 +4,9 @@
     fr.ops.box_iou(a, b); fr.set_backend("triton"); model = fr.FasterRCNN(config)
 """
 from . import ops
-from .model import Config, FasterRCNN
+from .config import Config, TrainConfig
+from .model import FasterRCNN
 from .ops import get_backend, set_backend, use_backend
 
-__all__ = ["ops", "Config", "FasterRCNN", "get_backend", "set_backend", "use_backend"]
+__all__ = ["ops", "Config", "TrainConfig", "FasterRCNN", "get_backend", "set_backend", "use_backend"]
 __version__ = "0.1.0"

@@ -185,3 +185,56 @@ def as_labels(x, name, low, high, allow=None, size=None):
         raise ValueError(f"{name}: expected {want}{extra}, "
                          f"got {int(lab[bad][0])} at index {int(np.flatnonzero(bad)[0])}")
     return lab
+
+
+# ---- the fields of a settings dataclass (model Config, TrainConfig) ----------------------------
+# Stricter than the checks above: a field must already be of the right kind (an int field refuses
+# 2.0 and True), so that a config always round-trips through JSON unchanged.
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v):
+    return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def int_field(value, name, minimum=None):
+    """An int (>= minimum when given) -> int; a ValueError naming `name` otherwise."""
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        want = ("an int" if minimum is None else "a positive int" if minimum == 1
+                else f"an int >= {minimum}")
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+    return int(value)
+
+
+def number_field(value, name, want, ok):
+    """A number (not a bool, not a string) for which ok(float(value)) holds -> float."""
+    if not _is_number(value) or not ok(float(value)):
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+    return float(value)
+
+
+def bool_field(value, name):
+    """True or False (numpy's too), nothing else ("yes", 1) -> bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    return bool(value)
+
+
+def numbers_field(value, name, kind=float, positive=False, length=None):
+    """A sequence -> non-empty tuple of `kind` (finite; > 0 when positive; `length` long when given)."""
+    want = ("positive " if positive else "") + ("ints" if kind is int else "finite numbers")
+    want = f"a sequence of {length or 'one or more'} {want}"
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError("a string is not a sequence of numbers")
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected {want}, got {value!r}") from None
+    good = all(_is_int(v) if kind is int else _is_number(v) and np.isfinite(v) for v in items)
+    good = good and len(items) == (length or len(items)) > 0
+    good = good and (not positive or all(v > 0 for v in items))
+    if not good:
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+    return tuple(kind(v) for v in items)

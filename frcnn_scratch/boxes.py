@@ -207,3 +207,9 @@ def remove_small_boxes(boxes, min_size):
     w = b[:, 2] - b[:, 0]
     h = b[:, 3] - b[:, 1]
     return np.flatnonzero((w >= min_size) & (h >= min_size)).astype(np.int64)
+
+
+def xyxy_to_xywh(boxes):
+    """(N, 4) x1, y1, x2, y2 -> (N, 4) float64 x, y, w, h, COCO's box format (exact for float32)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)

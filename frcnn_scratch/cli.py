@@ -26,12 +26,12 @@ def cmd_anchors(args):
 
 
 def cmd_bench(args):
-    from . import bench
+    from .tools import bench
     return bench.main(args)
 
 
 def cmd_bench_model(args):
-    from . import bench_model
+    from .tools import bench_model
     return bench_model.main(args)
 
 
@@ -44,7 +44,7 @@ def cmd_kernels(args):
     import os
     if "frcnn_scratch.kernels" not in sys.modules:      # kernels defined for the compiler,
         os.environ["TRITON_INTERPRET"] = "0"            # not for the CPU interpreter
-    from .kernels import compile_report as report
+    from .tools import compile_report as report
     missing = report.check_api()
     if missing:
         raise RuntimeError(f"cannot compile the kernels ahead of time: {missing}")
@@ -79,7 +79,7 @@ DEMO_TRAIN_SEED, DEMO_TEST_SEED = 0, 1000  # held-out images come from another s
 def _parse_overrides(pairs):
     """["pooler=pool", "fc_hidden=256"] -> dict of Config fields, values parsed as JSON when they can be."""
     import json
-    from .model import Config
+    from .config import Config
     names = {f for f in Config.__dataclass_fields__}
     out = {}
     for pair in pairs or []:
@@ -96,7 +96,7 @@ def _parse_overrides(pairs):
 
 
 def _config(args):
-    from .model import Config
+    from .config import Config
     return Config(**_parse_overrides(args.set))
 
 
@@ -107,7 +107,7 @@ TRAIN_OPTIONS = {"iterations": "--iters", "lr": "--lr", "seed": "--seed",
 
 def _train_config(args):
     """TrainConfig from the options; a bad value's error names the option (--iters, not iterations)."""
-    from .train import TrainConfig
+    from .config import TrainConfig
     try:
         return TrainConfig(iterations=args.iters, lr=args.lr, seed=args.seed,
                            checkpoint_every=args.checkpoint_every)
@@ -160,14 +160,15 @@ def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, see
 def _check_model_options(args):
     """Every --set value checked before any data is read (a typo, or weights that cannot fit in
     memory, fail at once)."""
-    from .model import Config, check_memory
+    from .config import Config
+    from .memory import check_memory
     check_memory(Config(**_parse_overrides(args.set)), what="--set")
 
 
 def _check_image_memory(config, training, what):
     """Refuse a scale whose images cannot be processed in the memory there is (the estimate of
     model.memory_estimate, at the largest image the scale allows; the shapes' at most 160 px)."""
-    from .model import check_memory
+    from .memory import check_memory
     side = config.max_size if config.max_size > 0 else 160
     check_memory(config, (side, side), training=training, what=what)
 
@@ -181,7 +182,7 @@ def _model_for(args, data, scale):
         raise ValueError(f"--set num_classes={overrides['num_classes']}: the data has {n} classes "
                          f"({', '.join(data.class_names)})")
     overrides.update(num_classes=n, min_size=scale[0], max_size=scale[1])
-    from .model import Config
+    from .config import Config
     config = Config(**overrides)
     _check_image_memory(config, True, "--set, --min-size / --max-size")
     return FasterRCNN(config, backend=args.backend, class_names=data.class_names)
@@ -242,7 +243,7 @@ def _check_writable(path, option, folder=False):
 
 def _training_data_id(args, data, scale):
     from .data.dataset import parse_spec
-    from .train import data_identity
+    from .checkpoint import data_identity
     shapes = parse_spec(args.data)[0] == "shapes"
     return data_identity(data, data=str(args.data),
                          split=None if shapes else (args.split or "trainval"),
@@ -290,7 +291,7 @@ def _run_training(model, data, tcfg, checkpoint, args, data_id):
 
 def _checkpoint_iteration(path):
     """The iteration a training checkpoint reached, or 0 (none, or unreadable)."""
-    from .model import read_npz
+    from .checkpoint import read_npz
     try:
         return int(read_npz(path).get("iteration", 0)) if path and os.path.exists(path) else 0
     except (ValueError, OSError, TypeError):
@@ -307,7 +308,7 @@ def cmd_eval(args):
     """VOC AP and COCO metrics of a checkpoint (or of a --detections file) on --data."""
     from .data.coco import read_coco_results
     from .model import FasterRCNN
-    from .train import detect_all, score
+    from .evaluate import detect_all, score
     plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_pr.png"
     if os.path.isdir(plot):
         raise ValueError(f"--plot: {plot!r} is a folder, not a file path")
@@ -340,7 +341,8 @@ def cmd_detect(args):
     """Detect objects in IMAGE files or in --data; pictures into --out, COCO results into --json."""
     from .data.coco import write_coco_results
     from .model import FasterRCNN
-    from .train import blas_threads, detect_all
+    from .evaluate import detect_all
+    from .fast.threads import blas_threads
     from .viz import save_detections
     if not 0.0 <= args.score <= 1.0:                    # NaN fails too
         raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
@@ -427,7 +429,8 @@ def cmd_demo(args):
     """The main job: build (or read) data, train, evaluate on held-out images, draw detections."""
     import time
     from .data.dataset import parse_spec
-    from .train import evaluate, train
+    from .evaluate import evaluate
+    from .train import train
     start = time.time()
     tcfg = _train_config(args)                          # check every value before building data
     _check_model_options(args)
@@ -618,7 +621,7 @@ def keep_freed_memory():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from . import threads
+    from .fast import threads
     keep_freed_memory()
     try:
         if getattr(args, "work_threads", None) is not None:

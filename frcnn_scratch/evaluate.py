@@ -1,5 +1,6 @@
-"""Detection metrics: PASCAL VOC AP and mAP (the metric the Faster R-CNN paper reports), and the
-COCO benchmark's AP@[.5:.95], AP50, AP75, AP by size and AR (coco_evaluate, further down).
+"""Detection metrics: PASCAL VOC AP and mAP (the metric the Faster R-CNN paper reports), the
+COCO benchmark's AP@[.5:.95], AP50, AP75, AP by size and AR (coco_evaluate, further down), and the
+runner that detects on a dataset and scores it (evaluate, at the end).
 
 The rules are those of the VOC development kit (VOCevaldet.m / VOCap.m) and of Everingham et al.,
 "The PASCAL Visual Object Classes (VOC) Challenge", IJCV 2010, Section 4.2:
@@ -24,9 +25,10 @@ One difference from the devkit: the devkit's IoU treats integer boxes as pixel i
 project, so IoU is frcnn_scratch.boxes.box_iou.
 """
 import numpy as np
+from tqdm.auto import tqdm
 
 from ._checks import as_boxes, as_float_array, as_labels, unit_interval
-from .boxes import box_iou
+from .boxes import box_iou, xyxy_to_xywh
 
 
 def _curve(x, name):
@@ -228,12 +230,6 @@ COCO_AREA_RANGES = {"all": (0.0, 1e5 ** 2), "small": (0.0, 32.0 ** 2),
                     "medium": (32.0 ** 2, 96.0 ** 2), "large": (96.0 ** 2, 1e5 ** 2)}
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
                 "ARl")
-
-
-def xyxy_to_xywh(boxes):
-    """(N, 4) x1, y1, x2, y2 -> (N, 4) float64 x, y, w, h, COCO's box format (exact for float32)."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
 def coco_iou(det_xywh, gt_xywh, gt_crowd):
@@ -439,3 +435,61 @@ def _coco_ground_truth(gt, i):
     if area.shape != (len(boxes),):
         raise ValueError(f"ground_truths[{i}]['area']: expected shape ({len(boxes)},), got {area.shape}")
     return xywh, labels, crowd, area
+
+
+# ---- the runner: detect on every image of a dataset, then score ------------------------------------
+
+def ground_truths(samples):
+    """The objects of every image, in the image's own pixels: a Dataset's ground_truth(i), or a
+    list of samples' boxes, labels and difficult flags."""
+    if hasattr(samples, "ground_truth"):
+        return [samples.ground_truth(i) for i in range(len(samples))]
+    return [dict(boxes=s["boxes"], labels=s["labels"], difficult=s.get("difficult"))
+            for s in samples]
+
+
+def image_ids(samples):
+    """The ids a results file uses for the images: a Dataset's, else 1..N."""
+    return list(samples.image_ids) if hasattr(samples, "image_ids") else list(range(1, len(samples) + 1))
+
+
+def detect_all(model, samples, progress=False):
+    """model.predict on every sample; boxes mapped back to the image's own pixels (/ its scale)."""
+    items = range(len(samples))
+    if progress:
+        items = tqdm(items, desc="detect", unit="img", dynamic_ncols=True)
+    detections = []
+    for i in items:
+        sample = samples[i]
+        det = model.predict(sample["image"])              # threads: the model's choice per image
+        det["boxes"] = (det["boxes"] / np.float32(sample.get("scale", 1.0))).astype(np.float32)
+        detections.append(det)
+    return detections
+
+
+def score(detections, samples, num_classes, iou_threshold=0.5):
+    """VOC AP at iou_threshold (all-point and the VOC07 11-point) and the COCO metrics.
+
+    Returns:
+        dict(mAP, ap, pr, npos: VOC all-point; mAP_07, ap_07: 11-point; coco: coco_evaluate's dict).
+    """
+    truths = ground_truths(samples)
+    voc = evaluate_detections(detections, truths, iou_threshold=iou_threshold,
+                              num_classes=num_classes)
+    voc07 = evaluate_detections(detections, truths, iou_threshold=iou_threshold,
+                                use_07_metric=True, num_classes=num_classes)
+    coco = coco_evaluate(detections, truths, num_classes=num_classes, image_ids=image_ids(samples))
+    return dict(voc, mAP_07=voc07["mAP"], ap_07=voc07["ap"], coco=coco)
+
+
+def evaluate(model, samples, iou_threshold=0.5, progress=False):
+    """Run the model on every sample and score it (`score`: VOC AP and the COCO metrics).
+
+    Args:
+        samples: a list of sample dicts, or a data.Dataset (images at the model's scale; detections
+            are scored in each image's own pixels).
+    Returns:
+        (result dict, detections list in the images' own pixels).
+    """
+    detections = detect_all(model, samples, progress)
+    return score(detections, samples, model.config.num_classes, iou_threshold), detections

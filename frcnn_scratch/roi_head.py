@@ -17,7 +17,7 @@ from . import _checks, ops
 from .box_coding import decode, encode
 from .boxes import clip_boxes, remove_small_boxes
 from .losses import smooth_l1, softmax, softmax_cross_entropy
-from .nn import Linear, ReLU
+from . import nn
 
 HEAD_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # eq. (2) times these = dividing by stds (0.1, 0.1, 0.2, 0.2)
 
@@ -97,10 +97,13 @@ class FastRCNNHead:
         pooler: "align" (RoI Align, Mask R-CNN) or "pool" (RoI max pooling, Fast R-CNN).
         sampling_ratio, aligned: RoI Align's options.
         rng: np.random.Generator for the weights.  backend: passed to the ops.roi_* calls.
+        layers: where Linear and ReLU come from: frcnn_scratch.nn (the textbook) or
+            frcnn_scratch.fast.
     """
 
     def __init__(self, in_channels, pooled_size, hidden, num_classes, spatial_scale,
-                 pooler="align", sampling_ratio=2, aligned=True, rng=None, backend=None):
+                 pooler="align", sampling_ratio=2, aligned=True, rng=None, backend=None,
+                 layers=nn):
         if pooler not in ("align", "pool"):
             raise ValueError(f"pooler: expected 'align' or 'pool', got {pooler!r}")
         self.pooled = _checks.pair(pooled_size, "pooled_size")
@@ -109,12 +112,12 @@ class FastRCNNHead:
         self.backend = backend
         self.num_classes = num_classes
         ph, pw = self.pooled
-        self.fc6 = Linear(in_channels * ph * pw, hidden, rng=rng)
-        self.fc7 = Linear(hidden, hidden, rng=rng)
-        self.relu6, self.relu7 = ReLU(), ReLU()
+        self.fc6 = layers.Linear(in_channels * ph * pw, hidden, rng=rng)
+        self.fc7 = layers.Linear(hidden, hidden, rng=rng)
+        self.relu6, self.relu7 = layers.ReLU(), layers.ReLU()
         # "initialized from zero-mean Gaussians with std 0.01 and 0.001" (Fast R-CNN 2.3)
-        self.cls_score = Linear(hidden, num_classes + 1, rng=rng, std=0.01)
-        self.bbox_pred = Linear(hidden, 4 * (num_classes + 1), rng=rng, std=0.001)
+        self.cls_score = layers.Linear(hidden, num_classes + 1, rng=rng, std=0.01)
+        self.bbox_pred = layers.Linear(hidden, 4 * (num_classes + 1), rng=rng, std=0.001)
         for layer in (self.cls_score, self.bbox_pred):
             layer.params["bias"][...] = 0.0
         self.layers = {"fc6": self.fc6, "fc7": self.fc7,

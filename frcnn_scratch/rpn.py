@@ -26,7 +26,7 @@ from .box_coding import decode, encode
 from .boxes import clip_boxes, remove_small_boxes
 from .labeling import label_anchors, sample_labels
 from .losses import sigmoid
-from .nn import Conv2d, ReLU
+from . import nn
 
 
 class RPNHead:
@@ -37,15 +37,17 @@ class RPNHead:
         mid_channels: channels of the 3x3 "intermediate layer".
         num_anchors: k, anchors per feature-map position.
         rng: np.random.Generator for the weights (cls and reg are N(0, 0.01^2), as in the paper).
+        layers: where Conv2d and ReLU come from: frcnn_scratch.nn (the textbook) or
+            frcnn_scratch.fast (the same layers, faster).
     """
 
-    def __init__(self, in_channels, mid_channels, num_anchors, rng):
+    def __init__(self, in_channels, mid_channels, num_anchors, rng, layers=nn):
         self.k = int(num_anchors)
-        self.conv = Conv2d(in_channels, mid_channels, 3, padding=1, rng=rng)
-        self.relu = ReLU()
+        self.conv = layers.Conv2d(in_channels, mid_channels, 3, padding=1, rng=rng)
+        self.relu = layers.ReLU()
         # "initialized by drawing weights from a zero-mean Gaussian with standard deviation 0.01"
-        self.cls = Conv2d(mid_channels, self.k, 1, rng=rng, std=0.01)
-        self.reg = Conv2d(mid_channels, 4 * self.k, 1, rng=rng, std=0.01)
+        self.cls = layers.Conv2d(mid_channels, self.k, 1, rng=rng, std=0.01)
+        self.reg = layers.Conv2d(mid_channels, 4 * self.k, 1, rng=rng, std=0.01)
         self.layers = {"conv": self.conv, "cls": self.cls, "reg": self.reg}
 
     def forward(self, features):

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from frcnn_scratch import bench, cli
+from frcnn_scratch import cli
+from frcnn_scratch.tools import bench
 
 OPS = ["box_iou", "nms 0.7", "roi_pool fwd", "roi_pool fwd+bwd", "roi_align fwd", "roi_align fwd+bwd"]
 

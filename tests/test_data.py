@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 from frcnn_scratch.boxes import box_iou
 from frcnn_scratch.data.coco import load_coco, write_coco
 from frcnn_scratch.data.shapes import SHAPE_CLASSES, make_shapes_dataset, make_shapes_sample, shape_mask
-from frcnn_scratch.data.transforms import bilinear_matrix, compute_scale, hflip, resize, resize_image
+from frcnn_scratch.data.transforms import hflip, resize
+from frcnn_scratch.rescale import bilinear_matrix, compute_scale, resize_image
 from frcnn_scratch.data.voc import VOC_CLASSES, load_voc, write_voc
 
 

@@ -184,7 +184,8 @@ import io  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402  (the dev extra: a plain import, never a silent skip)
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-from frcnn_scratch.evaluate import COCO_METRICS, coco_evaluate, coco_iou, xyxy_to_xywh  # noqa: E402
+from frcnn_scratch.boxes import xyxy_to_xywh  # noqa: E402
+from frcnn_scratch.evaluate import COCO_METRICS, coco_evaluate, coco_iou  # noqa: E402
 
 
 def test_coco_one_detection_by_hand():

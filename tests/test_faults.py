@@ -21,7 +21,7 @@ RUN = ["train", "--iters", "16", "--checkpoint-every", "2", "--train-images", "3
 # the worst moment for a crash.
 KILLER = """
 import os, signal, sys
-import frcnn_scratch.model as model
+import frcnn_scratch.checkpoint as checkpoint
 k = int(sys.argv[1])
 calls = [0]
 real_replace = os.replace
@@ -30,7 +30,7 @@ def replace(src, dst):
     if calls[0] == k:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst)
-model.os.replace = replace
+checkpoint.os.replace = replace
 from frcnn_scratch.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -40,7 +40,7 @@ def test_resume_on_other_data_is_refused(checkpoint, capsys, change):
 
 
 def test_checkpoints_get_the_umask_permissions(tmp_path):
-    from frcnn_scratch.model import atomic_savez
+    from frcnn_scratch.checkpoint import atomic_savez
     old = os.umask(0o027)
     try:
         atomic_savez(tmp_path / "a.npz", {"x": np.zeros(2)})
@@ -232,7 +232,7 @@ def test_fractional_sizes_are_refused_not_truncated():
 @pytest.mark.parametrize("field, value", [("lr", True), ("flip", "no"), ("final_lr_fraction", 50),
                                           ("momentum", 1.5)])
 def test_train_config_refuses_lookalike_values(field, value):
-    from frcnn_scratch.train import TrainConfig
+    from frcnn_scratch.config import TrainConfig
     with pytest.raises(ValueError, match=f"train config.{field}"):
         TrainConfig(**{field: value})
 

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from frcnn_scratch.kernels import compile_report
+from frcnn_scratch.tools import compile_report
 
 MISSING = compile_report.check_api()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"ahead-of-time compile: {MISSING}")
@@ -84,7 +84,7 @@ BAD_KERNELS = textwrap.dedent('''
     import os
     os.environ["TRITON_INTERPRET"] = "0"
     import torch, triton, triton.language as tl
-    from frcnn_scratch.kernels import compile_report as cr
+    from frcnn_scratch.tools import compile_report as cr
 
     @triton.jit
     def fused(x_ptr, out_ptr, N, BLOCK: tl.constexpr):        # a * b + c may become one FMA

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from fixtures.detector_tiny import jittered_proposals, tiny_config, tiny_sample
-from frcnn_scratch.model import Config, FasterRCNN
+from frcnn_scratch.config import Config
+from frcnn_scratch.model import FasterRCNN
 from frcnn_scratch.nn import SGD
-from frcnn_scratch.train import blas_threads
+from frcnn_scratch.fast.threads import blas_threads
 
 
 # ---- the gradient of the whole model -------------------------------------------------------------
@@ -386,7 +387,7 @@ def test_training_step_needs_a_seed_or_generator_and_accepts_an_int():
 def test_constructor_checks_backend_and_config():
     with pytest.raises(ValueError, match="backend: unknown backend 'cuda'"):
         FasterRCNN(tiny_config(), backend="cuda")
-    with pytest.raises(ValueError, match="config: expected a model.Config"):
+    with pytest.raises(ValueError, match="config: expected a Config"):
         FasterRCNN({"num_classes": 3})
 
 
@@ -416,7 +417,7 @@ def test_parts_choose_which_losses_train_the_network():
 
 
 def test_paper_preset_has_the_papers_scale_free_values():
-    from frcnn_scratch.model import Config
+    from frcnn_scratch.config import Config
     c = Config.paper(num_classes=20)
     assert (c.rpn_batch_size, c.roi_batch_size, c.roi_fg_fraction) == (256, 128, 0.25)
     assert (c.rpn_pre_nms_train, c.rpn_post_nms_train, c.rpn_pre_nms_test, c.rpn_post_nms_test) \
@@ -428,7 +429,8 @@ def test_paper_preset_has_the_papers_scale_free_values():
 def test_predict_runs_under_no_grad_and_gives_what_the_full_forward_gives():
     """predict keeps nothing for a backward pass (nn.no_grad) and detects exactly what the same
     forward with every cache kept detects; training goes on after it as before."""
-    from frcnn_scratch import nn as fnn, threads
+    from frcnn_scratch import nn as fnn
+    from frcnn_scratch.fast import threads
     model = FasterRCNN(tiny_config(score_threshold=0.0))
     sample = tiny_sample()
     det = model.predict(sample["image"])
@@ -450,7 +452,7 @@ def test_nan_inside_the_network_still_stops_a_step_and_a_prediction(n_threads, m
     """The layers skip their own NaN / Inf scans inside loss_and_grads and predict
     (nn.no_finite_checks); the model's checks of the features and of every gradient must then
     catch what they would have: NaN weights in the backbone, and a backward that overflows."""
-    from frcnn_scratch import threads
+    from frcnn_scratch.fast import threads
     sample = tiny_sample()
     with threads.using(n_threads):
         model = FasterRCNN(tiny_config())
@@ -484,8 +486,8 @@ def test_the_feature_gradients_sum_and_norms_match_numpy_on_any_number_of_thread
     """The two heads' gradients of the feature map, added and measured in blocks of channels:
     the sum is a + b exactly, the norms are np.linalg.norm's (float64), and the same bit for bit
     on one and on three threads."""
-    from frcnn_scratch import threads
-    from frcnn_scratch.model import _sum_and_norms
+    from frcnn_scratch.fast import threads
+    from frcnn_scratch.fast.step import sum_and_norms as _sum_and_norms
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((1, 19, 7, 9)).astype(np.float32) for _ in range(2))
     results = []

@@ -6,7 +6,8 @@ import pytest
 import torch  # CI always installs torch: a plain import, so the NumPy checks here are never skipped
 from hypothesis import given, settings, strategies as st
 
-from frcnn_scratch import nn, threads
+from frcnn_scratch import nn
+from frcnn_scratch.fast import threads
 
 F = torch.nn.functional
 

@@ -8,10 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from frcnn_scratch import nn, threads
-from frcnn_scratch.bench_model import parse_sizes, sample_at, torch_layers
+from frcnn_scratch import nn
+from frcnn_scratch.fast import threads
+from frcnn_scratch.tools.bench_model import parse_sizes, sample_at, torch_layers
 from frcnn_scratch.cli import main
-from frcnn_scratch.model import Config, FasterRCNN
+from frcnn_scratch.config import Config
+from frcnn_scratch.model import FasterRCNN
 from frcnn_scratch.rpn import top_n
 
 RNG = np.random.default_rng(0)
@@ -1006,7 +1008,7 @@ def test_openblas_kernels_names_the_kernels_numpy_runs():
 def test_bench_model_says_when_the_environment_pins_numpys_kernels(monkeypatch):
     """torch does not read OPENBLAS_CORETYPE: where it is set, the table's note says that the two
     sides may run different kernels, and how to compare them on the CPU's own; unset, no note."""
-    from frcnn_scratch import bench_model
+    from frcnn_scratch.tools import bench_model
     monkeypatch.setattr(bench_model, "openblas_kernels", lambda: "Haswell")
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     (note,) = bench_model.pinned_kernels_notes()
@@ -1022,7 +1024,7 @@ def test_sides_take_turns_in_blocks_and_the_call_after_the_other_side_is_not_tim
     """A side is slow right after the other one ran (torch's spinning threads); the medians are of
     the calls that follow a call of the same side, `repeat` of them per side and kind of call."""
     import time
-    from frcnn_scratch.bench_model import interleaved_medians
+    from frcnn_scratch.tools.bench_model import interleaved_medians
     log = []
 
     class Side:
@@ -1063,8 +1065,8 @@ def test_the_command_keeps_freed_memory_on_glibc():
 def test_memory_estimate_is_above_the_measured_peak_but_not_far():
     """check_memory refuses images by model.memory_estimate: it must cover what a step really
     holds (measured in a fresh process), and not refuse sizes that fit by being far above it."""
-    from frcnn_scratch.bench_model import peak_memory_mb
-    from frcnn_scratch.model import memory_estimate, parameter_count
+    from frcnn_scratch.tools.bench_model import peak_memory_mb
+    from frcnn_scratch.memory import memory_estimate, parameter_count
     cfg = Config()
     peak = peak_memory_mb("numpy", (240, 400), 1, [], repeat=2)
     assert peak is not None and peak > 5
@@ -1115,8 +1117,8 @@ def test_torchvision_twin_trains_and_predicts():
         import torchvision
     except Exception as e:                       # ImportError, or C ops built for another torch
         pytest.skip(f"torchvision not importable: {type(e).__name__}")
-    from frcnn_scratch.bench_model import TorchSide, torchvision_twin
-    from frcnn_scratch.train import TrainConfig
+    from frcnn_scratch.tools.bench_model import TorchSide, torchvision_twin
+    from frcnn_scratch.config import TrainConfig
     model = FasterRCNN(Config(**SMALL))
     side = TorchSide(torchvision_twin(model, torchvision), torch, TrainConfig())
     sample = sample_at(96, 128, seed=0)

@@ -5,7 +5,9 @@ import pytest
 from fixtures.detector_tiny import tiny_config, tiny_sample
 from frcnn_scratch.data import make_shapes_dataset
 from frcnn_scratch.model import FasterRCNN
-from frcnn_scratch.train import TrainConfig, evaluate, learning_rate, train, training_sample
+from frcnn_scratch.config import TrainConfig
+from frcnn_scratch.evaluate import evaluate
+from frcnn_scratch.train import learning_rate, train, training_sample
 
 SAMPLES = [tiny_sample(seed=s) for s in range(4)]
 
@@ -191,7 +193,8 @@ def test_resume_rejects_a_checkpoint_whose_train_config_is_not_json(tmp_path):
 
 def test_train_is_a_loop_over_trainer_step():
     """train() and a hand-written loop of Trainer.step give the same losses and weights, bit for bit."""
-    from frcnn_scratch.train import Trainer, blas_threads
+    from frcnn_scratch.fast.threads import blas_threads
+    from frcnn_scratch.train import Trainer
     samples = make_shapes_dataset(3, seed=1)
     tcfg = TrainConfig(iterations=4, warmup=2, seed=3)
     a = FasterRCNN(tiny_config())

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from .._checks import as_boxes
+from ..boxes import xyxy_to_xywh
 from ._samples import check_sample
 from .voc import _check_id, check_inside, check_size, read_image, sample_image_format, write_image
 
@@ -204,7 +205,6 @@ def write_coco_results(path, detections, image_ids, category_ids, file_names=Non
         the list of results: dict(image_id, category_id, bbox [x, y, w, h], score) per detection,
         in image order and, within an image, in the detections' order.
     """
-    from ..evaluate import xyxy_to_xywh
     if len(image_ids) != len(detections):
         raise ValueError(f"image_ids: expected {len(detections)} ids, one per image, got {len(image_ids)}")
     results = []

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .transforms import compute_scale, resize_image
+from ..rescale import compute_scale, resize_image
 from .voc import check_size, read_image
 
 

@@ -21,7 +21,7 @@ make no difference on the easy mode (pooler, anchors, lambda) show there.
 import numpy as np
 
 from ..boxes import box_iou
-from .transforms import bilinear_matrix
+from ..rescale import bilinear_matrix
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")  # label = index + 1 (0 is background)
 

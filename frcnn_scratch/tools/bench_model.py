@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from .threads import for_image, openblas_kernels, set_threads, usable_cores, work_threads
+from ..fast.threads import for_image, openblas_kernels, set_threads, usable_cores, work_threads
 
 SIZES = ((96, 160), (240, 400), (480, 640), (600, 1000))
 
@@ -37,7 +37,7 @@ SIZES = ((96, 160), (240, 400), (480, 640), (600, 1000))
 
 def sample_at(height, width, seed=0):
     """A shapes image of exactly (height, width) with several objects scaled to it (a sample dict)."""
-    from .data.shapes import make_shapes_sample
+    from ..data.shapes import make_shapes_sample
     side = max(height, width)
     lo, hi = max(8, min(height, width) // 8), max(16, min(height, width) // 2)
     s = make_shapes_sample(np.random.default_rng(seed), image_size=side, shape_size=(lo, hi),
@@ -73,7 +73,7 @@ def torch_layers(model):
     rpn_cls, rpn_reg (nn.Conv2d), fc6, fc7, cls_score, bbox_pred (nn.Linear)).  Needs torch only.
     """
     import torch
-    from . import nn as fnn
+    from .. import nn as fnn
 
     def conv(layer):
         w = layer.params["weight"]
@@ -173,7 +173,8 @@ class NumpySide:
     """One training step (Trainer.step) and one prediction of the NumPy model."""
 
     def __init__(self, model, samples):
-        from .train import TrainConfig, Trainer
+        from ..config import TrainConfig
+        from ..train import Trainer
         self.model = model
         self.trainer = Trainer(model, samples, TrainConfig(iterations=1 << 30, flip=False, seed=0))
 
@@ -249,7 +250,7 @@ def interleaved_medians(sides, samples, repeat, block=BLOCK):
 
 def peak_memory_mb(side, size, threads, overrides, repeat=2):
     """Peak resident memory (MB) a side adds while training and predicting, in a fresh process."""
-    code = ("import sys; from frcnn_scratch.bench_model import _memory_child; "
+    code = ("import sys; from frcnn_scratch.tools.bench_model import _memory_child; "
             "print(_memory_child(*sys.argv[1:]))")
     env = dict(os.environ)
     done = subprocess.run([sys.executable, "-c", code, side, f"{size[0]}x{size[1]}", str(threads),
@@ -262,7 +263,7 @@ def peak_memory_mb(side, size, threads, overrides, repeat=2):
 
 def _memory_child(side, size, threads, overrides, repeat):
     """Runs in the child of peak_memory_mb: builds the side, then steps; prints the MB added."""
-    from .cli import keep_freed_memory
+    from ..cli import keep_freed_memory
     keep_freed_memory()                         # as in the `frcnn` process that asked
     (h, w), = parse_sizes(size)
     threads = None if threads == "default" else int(threads)
@@ -276,7 +277,7 @@ def _memory_child(side, size, threads, overrides, repeat):
         import torchvision
         if threads is not None:
             torch.set_num_threads(threads)
-        from .train import TrainConfig
+        from ..config import TrainConfig
         runner = TorchSide(torchvision_twin(model, torchvision), torch, TrainConfig())
     base = _reset_peak()
     for r in range(int(repeat)):
@@ -302,8 +303,9 @@ def _status_mb(field):
 
 
 def _build_model(overrides):
-    from .cli import _parse_overrides
-    from .model import Config, FasterRCNN
+    from ..cli import _parse_overrides
+    from ..config import Config
+    from ..model import FasterRCNN
     return FasterRCNN(Config(**_parse_overrides(overrides)))
 
 
@@ -313,7 +315,7 @@ def main(args):
     """Entry point of `frcnn bench-model` (args.sizes, args.repeat, args.threads, args.memory,
     args.set, args.backends)."""
     from .bench import format_table, load_average
-    from .train import TrainConfig
+    from ..config import TrainConfig
     sizes = parse_sizes(args.sizes)
     repeat = int(args.repeat)
     if repeat < 1:
@@ -356,7 +358,7 @@ def main(args):
         notes += pinned_kernels_notes()
         for h, w in sizes:
             samples = [sample_at(h, w, seed=i) for i in range(2)]
-            from .model import FasterRCNN
+            from ..model import FasterRCNN
             numpy_model = FasterRCNN(model.config)            # fresh weights for every size
             sides = {"numpy": NumpySide(numpy_model, samples)}
             if torch is not None:

@@ -70,7 +70,7 @@ def require_compiler_mode():
     """The kernels must have been defined as compiled (not interpreted) kernels."""
     from triton.runtime.jit import JITFunction
 
-    from . import iou
+    from ..kernels import iou
     if not isinstance(iou.box_iou_kernel, JITFunction):
         raise RuntimeError("kernels: the kernels were defined for Triton's interpreter; the compile "
                            "report needs TRITON_INTERPRET=0 set before frcnn_scratch.kernels is first "
@@ -149,7 +149,7 @@ def cases():
     """(name, exact, paper, call) for every launcher call the report compiles: the paper's sizes,
     every specialisation a GPU can meet (sizes of 1, a one-cell map, one channel, multiples of 16
     and not), and sizes whose flat indices pass 2**31 (meta tensors: nothing is allocated)."""
-    from . import iou, nms, roi_align, roi_pool
+    from ..kernels import iou, nms, roi_align, roi_pool
 
     out = []
 

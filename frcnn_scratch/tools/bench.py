@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from . import ops
+from .. import ops
 
 BACKENDS = ("numpy", "triton", "torchvision")
 
@@ -113,7 +113,7 @@ def build_cases(small, rng, torch=None, kernels=None, torchvision=None):
     case = Case("box_iou", f"{n_iou} x 50", numpy=lambda: ops.box_iou(a, b, backend="numpy"),
                 ops_triton=lambda: ops.box_iou(a, b, backend="triton"))
     if kernels is not None:
-        from .kernels.iou import box_iou as k_iou
+        from ..kernels.iou import box_iou as k_iou
         ta, tb = on(dev, a, b)
         case.triton = (lambda: k_iou(ta, tb), dev)
     case.torchvision = {d: (lambda ta, tb: lambda: torchvision.ops.box_iou(ta, tb))(*on(d, a, b))
@@ -130,7 +130,7 @@ def build_cases(small, rng, torch=None, kernels=None, torchvision=None):
                     numpy=lambda bx=boxes, sc=scores: ops.nms(bx, sc, 0.7, backend="numpy"),
                     ops_triton=lambda bx=boxes, sc=scores: ops.nms(bx, sc, 0.7, backend="triton"))
         if kernels is not None:
-            from .kernels.nms import nms as k_nms
+            from ..kernels.nms import nms as k_nms
             tbx, tsc = on(dev, boxes, scores)
             case.triton = (lambda tbx=tbx, tsc=tsc: k_nms(tbx, tsc, 0.7), dev)
         case.torchvision = {d: (lambda tbx, tsc: lambda: torchvision.ops.nms(tbx, tsc, 0.7))(
@@ -172,7 +172,7 @@ def roi_cases(features, rois, grad, pooled, scale, size, torch, kernels, torchvi
              for op, fn in (("roi_pool fwd", pool_f), ("roi_pool fwd+bwd", pool_fb),
                             ("roi_align fwd", align_f), ("roi_align fwd+bwd", align_fb))]
     if kernels is not None:
-        from .kernels import roi_align as k_align, roi_pool as k_pool
+        from ..kernels import roi_align as k_align, roi_pool as k_pool
         tf, tr, tg = on(dev, features, rois, grad)
 
         def tr_pool_fb():
@@ -251,7 +251,7 @@ def main(args):
         notes.append("torch not importable: triton and torchvision columns skipped")
     if torch is not None and "triton" in wanted:
         try:
-            from . import kernels  # sets TRITON_INTERPRET=1 before triton loads when there is no GPU
+            from .. import kernels  # sets TRITON_INTERPRET=1 before triton loads when there is no GPU
             import triton  # noqa: F401
         except ImportError as e:
             kernels = None
@@ -314,7 +314,7 @@ def thread_counts(n, torch=None):
     numpy's count is set by train.blas_threads (which leaves a user's OPENBLAS_NUM_THREADS /
     OMP_NUM_THREADS alone), torch's by torch.set_num_threads; both are restored afterwards.
     """
-    from .train import _openblas_thread_functions, blas_threads
+    from ..fast.threads import _openblas_thread_functions, blas_threads
     functions = _openblas_thread_functions()
     previous = torch.get_num_threads() if torch is not None else None
     with blas_threads(n):
@@ -340,7 +340,7 @@ def moved_megabytes(ops_call):
     """"in / out": MB one ops call with backend="triton" copies to the device and back."""
     if ops_call is None:
         return "-"
-    from . import _triton_bridge
+    from .. import _triton_bridge
     _triton_bridge.moved_bytes(reset=True)
     ops_call()
     moved = _triton_bridge.moved_bytes(reset=True)
