@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fixtures.detector_tiny import jittered_proposals, tiny_config, tiny_sample
+from frcnn_scratch.checkpoint import model_arrays
 from frcnn_scratch.config import Config
 from frcnn_scratch.model import FasterRCNN
 from frcnn_scratch.nn import SGD
@@ -33,7 +34,8 @@ CHECKED = [("backbone.0.weight", 3), ("backbone.0.bias", 2), ("backbone.6.weight
            ("head.bbox_pred.weight", 3)]
 
 
-def test_whole_model_gradient_matches_central_differences_float64():
+@pytest.mark.parametrize("fast", [True, False])
+def test_whole_model_gradient_matches_central_differences_float64(fast):
     """Layers in float64 (model.astype); central differences with eps = 1e-4.
 
     RPN and head parameters: every operation on their path is float64, so the tolerance is tight,
@@ -43,7 +45,7 @@ def test_whole_model_gradient_matches_central_differences_float64():
     (1e-9 / 2e-4, seen up to 7e-6 here).  Their tolerance is 3e-5 + 1e-3 |analytic|, still
     below 5% of the checked gradients (~1e-3).  At least one checked entry per parameter is
     non-zero, so the check cannot pass vacuously."""
-    model = FasterRCNN(tiny_config(seed=3)).astype(np.float64)
+    model = FasterRCNN(tiny_config(seed=3), fast=fast).astype(np.float64)
     sample = tiny_sample(seed=1)
     proposals = jittered_proposals(sample["boxes"], 32)
     loss = _loss_fn(model, sample, proposals)
@@ -75,8 +77,9 @@ def test_whole_model_gradient_matches_central_differences_float64():
         assert nonzero, f"{name}: every checked gradient entry was 0"
 
 
-def test_loss_is_deterministic_given_the_rng():
-    model = FasterRCNN(tiny_config())
+@pytest.mark.parametrize("fast", [True, False])
+def test_loss_is_deterministic_given_the_rng(fast):
+    model = FasterRCNN(tiny_config(), fast=fast)
     s = tiny_sample(seed=2)
     a = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(5))
     ga = {k: v.copy() for k, v in model.grads().items()}
@@ -84,27 +87,6 @@ def test_loss_is_deterministic_given_the_rng():
     assert a == b
     for k, v in model.grads().items():
         np.testing.assert_array_equal(v, ga[k], err_msg=k)
-
-
-def test_first_conv_skips_the_image_gradient_and_the_grads_stay():
-    """The backbone's first conv computes no dL/d(image); flipping it back on must change nothing
-    but the rounding: the first conv then leaves the polyphase layout for the flat one (see
-    nn.Conv2d._polyphase), whose products add the same terms in another order."""
-    model = FasterRCNN(tiny_config())
-    first = model.backbone[0]
-    assert first.need_input_grad is False
-    assert all(layer.need_input_grad for layer in model.backbone if hasattr(layer, "need_input_grad")
-               and layer is not first)
-    s = tiny_sample(seed=2)
-    skipped = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(5))
-    assert first._cache is None or first._cache[2] == "polyphase"
-    g_skipped = {k: v.copy() for k, v in model.grads().items()}
-    first.need_input_grad = True
-    full = model.loss_and_grads(s["image"], s["boxes"], s["labels"], np.random.default_rng(5))
-    assert skipped == pytest.approx(full, rel=1e-5, abs=1e-7)
-    for k, v in model.grads().items():
-        scale = max(1e-6, float(np.abs(v).max()))
-        np.testing.assert_allclose(g_skipped[k], v, rtol=0, atol=1e-5 * scale, err_msg=k)
 
 
 def test_training_step_shapes_and_dtypes():
@@ -281,7 +263,7 @@ def test_load_errors_are_clear(tmp_path):
 ])
 def test_load_rejects_a_broken_stored_config(tmp_path, stored, match):
     path = tmp_path / "broken.npz"
-    arrays = FasterRCNN(tiny_config()).state_arrays()
+    arrays = model_arrays(FasterRCNN(tiny_config()))
     arrays["config"] = np.array(stored)
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match=f"checkpoint '.*broken.npz'.*{match}"):
@@ -426,18 +408,18 @@ def test_paper_preset_has_the_papers_scale_free_values():
     assert c.num_classes == 20 and c.channels == Config().channels    # the network stays ours
 
 
-def test_predict_runs_under_no_grad_and_gives_what_the_full_forward_gives():
+@pytest.mark.parametrize("fast", [True, False])
+def test_predict_runs_under_no_grad_and_gives_what_the_full_forward_gives(fast):
     """predict keeps nothing for a backward pass (nn.no_grad) and detects exactly what the same
     forward with every cache kept detects; training goes on after it as before."""
     from frcnn_scratch import nn as fnn
-    from frcnn_scratch.fast import threads
-    model = FasterRCNN(tiny_config(score_threshold=0.0))
+    model = FasterRCNN(tiny_config(score_threshold=0.0), fast=fast)
+    first_conv = model.backbone[0].conv if fast else model.backbone[0]
     sample = tiny_sample()
     det = model.predict(sample["image"])
-    assert model.backbone[0]._cache is None and model.rpn.conv._cache is None
-    with threads.for_image(*sample["image"].shape[:2]):
-        full = model._predict(sample["image"])                         # outside no_grad
-    assert fnn.grad_enabled() and model.backbone[0]._cache is not None
+    assert first_conv._cache is None and model.rpn.conv._cache is None
+    full = model.detections(model.preprocess(sample["image"]))        # outside no_grad
+    assert fnn.grad_enabled() and first_conv._cache is not None
     for key in det:
         np.testing.assert_array_equal(det[key], full[key], err_msg=key)
     a = model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
@@ -447,24 +429,26 @@ def test_predict_runs_under_no_grad_and_gives_what_the_full_forward_gives():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # NaN arithmetic is the point
-@pytest.mark.parametrize("n_threads", [1, 2])
-def test_nan_inside_the_network_still_stops_a_step_and_a_prediction(n_threads, monkeypatch):
-    """The layers skip their own NaN / Inf scans inside loss_and_grads and predict
-    (nn.no_finite_checks); the model's checks of the features and of every gradient must then
-    catch what they would have: NaN weights in the backbone, and a backward that overflows."""
+@pytest.mark.parametrize("n_threads, fast", [(1, True), (2, True), (1, False)])
+def test_nan_inside_the_network_still_stops_a_step_and_a_prediction(n_threads, fast, monkeypatch):
+    """The fast layers do not scan their values; the model's checks of the features and of every
+    gradient must catch what a scan would have: NaN weights in the backbone, and a backward that
+    overflows.  (The textbook layers scan: they name the first layer that sees the NaN.)"""
     from frcnn_scratch.fast import threads
     sample = tiny_sample()
+    nan_error = "features: .*NaN or Inf" if fast else "x: contains NaN or Inf"
     with threads.using(n_threads):
-        model = FasterRCNN(tiny_config())
-        model.backbone[3].params["weight"][0, 0, 1, 1] = np.nan      # a deeper conv layer
-        with pytest.raises(ValueError, match="features: .*NaN or Inf"):
+        model = FasterRCNN(tiny_config(), fast=fast)
+        model.params()["backbone.3.weight"][0, 0, 1, 1] = np.nan       # a deeper conv layer
+        with pytest.raises(ValueError, match=nan_error):
             model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
-        with pytest.raises(ValueError, match="features: .*NaN or Inf"):
+        with pytest.raises(ValueError, match=nan_error):
             model.predict(sample["image"])
-        model = FasterRCNN(tiny_config())
+        model = FasterRCNN(tiny_config(), fast=fast)
         rpn_backward = model.rpn.backward
         monkeypatch.setattr(model.rpn, "backward", lambda *a: rpn_backward(*a) * np.inf)
-        with pytest.raises(ValueError, match=r"gradient of backbone\..* NaN or Inf"):
+        with pytest.raises(ValueError, match=r"gradient of backbone\..* NaN or Inf" if fast
+                           else "dy: contains NaN or Inf"):
             model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
         monkeypatch.undo()
         model.loss_and_grads(sample["image"], sample["boxes"], sample["labels"], rng=0)
@@ -480,24 +464,3 @@ def test_anchors_of_the_last_map_size_are_kept_read_only():
     np.testing.assert_array_equal(b, shift_anchors(model.base_anchors, 5, 6, model.config.stride))
     with pytest.raises(ValueError, match="read-only"):
         a[0, 0] = 1
-
-
-def test_the_feature_gradients_sum_and_norms_match_numpy_on_any_number_of_threads():
-    """The two heads' gradients of the feature map, added and measured in blocks of channels:
-    the sum is a + b exactly, the norms are np.linalg.norm's (float64), and the same bit for bit
-    on one and on three threads."""
-    from frcnn_scratch.fast import threads
-    from frcnn_scratch.fast.step import sum_and_norms as _sum_and_norms
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((1, 19, 7, 9)).astype(np.float32) for _ in range(2))
-    results = []
-    for n in (1, 3):
-        with threads.using(n):
-            results.append(_sum_and_norms(a, b[:, :, ::-1]))      # a strided view too
-    for total, norms in results:
-        np.testing.assert_array_equal(total, a + b[:, :, ::-1])
-        np.testing.assert_allclose(norms, [np.linalg.norm(a.astype(np.float64)),
-                                           np.linalg.norm(b.astype(np.float64))], rtol=1e-12)
-    assert results[0][1] == results[1][1]
-    total, norms = _sum_and_norms(np.zeros((1, 4, 0, 3), np.float32), np.zeros((1, 4, 0, 3)))
-    assert total.shape == (1, 4, 0, 3) and norms == [0.0, 0.0]

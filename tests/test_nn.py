@@ -1,4 +1,6 @@
-"""Tests for frcnn_scratch.nn: hand-computed cases, properties, finite differences, torch.autograd."""
+"""Tests for frcnn_scratch.nn, the textbook layers: hand-computed cases, the definition
+(conv2d_reference) against plain loops, finite differences, torch.autograd.  The fast layers are
+held equal to these in test_fast.py."""
 import io
 
 import numpy as np
@@ -7,7 +9,6 @@ import torch  # CI always installs torch: a plain import, so the NumPy checks he
 from hypothesis import given, settings, strategies as st
 
 from frcnn_scratch import nn
-from frcnn_scratch.fast import threads
 
 F = torch.nn.functional
 
@@ -123,36 +124,6 @@ def test_conv2d_hand_computed_stride_and_padding():
     np.testing.assert_array_equal(dx[0, 0], want)
 
 
-def test_ones_below_puts_a_row_of_ones_under_the_columns_and_carries_the_bias():
-    """[W2 | b] @ [cols; 1] = W2 @ cols + b, and dy @ [cols; 1]^T = [dy @ cols^T | sum of dy]."""
-    cols = np.array([[1, 2, 3], [4, 5, 6]], np.float32)               # K = 2 rows, q = 3 pixels
-    buffer = np.full(12, np.nan, np.float32)                          # room for more: untouched
-    buffer[:6] = cols.ravel()
-    got = nn.ones_below(buffer, 2, 3)
-    np.testing.assert_array_equal(got, [[1, 2, 3], [4, 5, 6], [1, 1, 1]])
-    assert np.shares_memory(got, buffer) and np.isnan(buffer[9:]).all()
-    w2b = np.array([[1, -1, 10]], np.float32)                         # W2 = [1, -1], b = 10
-    np.testing.assert_array_equal(w2b @ got, [[7, 7, 7]])             # 1*1 - 4 + 10, ...
-    dy = np.array([[1, 0, 2]], np.float32)
-    np.testing.assert_array_equal(dy @ got.T, [[7, 16, 3]])           # dW2 = [7, 16], db = 3
-
-
-@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, 1)])
-def test_conv2d_bias_is_added_once_on_every_path(k, stride, padding):
-    """The bias rides in the product (a row of ones), except for a 1 x 1 kernel in the flat
-    layout, whose columns are x itself and get it added on their own; on every path a zero
-    input gives y = b and dy = 1 gives db = the number of outputs."""
-    for band_bytes in (nn.BAND_BYTES, 200, None):                    # flat, many bands, textbook
-        conv = nn.Conv2d(2, 3, k, stride=stride, padding=padding, rng=0, band_bytes=band_bytes)
-        conv.params["bias"][:] = [1.5, -2.0, 0.25]
-        y = conv.forward(np.zeros((2, 2, 6, 5), np.float32))
-        np.testing.assert_array_equal(y, np.broadcast_to(conv.params["bias"][None, :, None, None],
-                                                         y.shape))
-        conv.backward(np.ones(y.shape, np.float32))
-        np.testing.assert_array_equal(conv.grads["bias"], np.full(3, y[:, 0].size, np.float32))
-        np.testing.assert_array_equal(conv.grads["weight"], 0)       # x = 0: no weight gradient
-
-
 # ----------------------------------------------------------------------------- MaxPool2d by hand
 
 def test_maxpool_hand_computed_routing_and_ties():
@@ -214,26 +185,38 @@ def test_linear_and_flatten_hand_computed():
 
 # ----------------------------------------------------------------------------- properties
 
-def naive_conv(x, w, b, stride, padding):
-    """Plain loops over the definition (float64)."""
-    (sh, sw), (ph, pw) = stride, padding
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    n, _, hp, wp = xp.shape
-    o, _, kh, kw = w.shape
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    y = np.zeros((n, o, ho, wo))
+def test_conv2d_reference_hand_computed():
+    """The definition, on the hand-made case above: y[0, 0] = 1*1 + 2*2 + 3*4 + 4*5 + 1 = 38."""
+    x = np.arange(1, 10, dtype=np.float32).reshape(1, 1, 3, 3)
+    w = np.array([[[[1, 2], [3, 4]]]], np.float32)
+    np.testing.assert_array_equal(nn.conv2d_reference(x, w, np.ones(1, np.float32)),
+                                  [[[[38, 48], [68, 78]]]])
+    np.testing.assert_array_equal(nn.conv2d_reference(x, w, np.zeros(1, np.float32), stride=2,
+                                                      padding=1), [[[[4, 18], [36, 77]]]])
+
+
+def test_im2col_columns_and_col2im_is_its_adjoint():
+    """Column i*Wo + j of im2col holds window (i, j) in (c, u, v) order; col2im is its adjoint:
+    <im2col(x), d> = <x, col2im(d)> for every x and d (so the conv's backward is exact)."""
+    rng = np.random.default_rng(0)
+    xp = rng.standard_normal((2, 3, 7, 6))
+    cols = nn.im2col(xp, 3, 2, 2, 1)                                  # kh 3, kw 2, sh 2, sw 1
+    ho, wo = (7 - 3) // 2 + 1, (6 - 2) // 1 + 1
+    assert cols.shape == (2, 3 * 3 * 2, ho * wo)
     for i in range(ho):
         for j in range(wo):
-            patch = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]          # (N, C, kh, kw)
-            y[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
-    return y
+            np.testing.assert_array_equal(cols[:, :, i * wo + j],
+                                          xp[:, :, 2 * i:2 * i + 3, j:j + 2].reshape(2, -1))
+    d = rng.standard_normal(cols.shape)
+    back = nn.col2im(d, xp.shape, 3, 2, 2, 1, ho, wo)
+    np.testing.assert_allclose(np.sum(cols * d), np.sum(xp * back), rtol=1e-12)
 
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 3), o=st.integers(1, 3), h=st.integers(1, 7),
        w=st.integers(1, 7), kh=st.integers(1, 3), kw=st.integers(1, 3), sh=st.integers(1, 3),
        sw=st.integers(1, 3), ph=st.integers(0, 2), pw=st.integers(0, 2), seed=st.integers(0, 2**16))
-def test_conv2d_matches_naive_loops(n, c, o, h, w, kh, kw, sh, sw, ph, pw, seed):
+def test_conv2d_equals_conv2d_reference(n, c, o, h, w, kh, kw, sh, sw, ph, pw, seed):
     if h + 2 * ph < kh or w + 2 * pw < kw:
         return
     rng = np.random.default_rng(seed)
@@ -242,7 +225,9 @@ def test_conv2d_matches_naive_loops(n, c, o, h, w, kh, kw, sh, sw, ph, pw, seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     y = conv.forward(x)
     assert y.dtype == np.float32
-    close(y, naive_conv(x, conv.params["weight"], conv.params["bias"], (sh, sw), (ph, pw)), "conv vs loops")
+    want = nn.conv2d_reference(x.astype(np.float64), conv.params["weight"].astype(np.float64),
+                               conv.params["bias"].astype(np.float64), (sh, sw), (ph, pw))
+    close(y, want, "Conv2d (im2col) vs conv2d_reference (loops over output pixels)")
 
 
 @settings(max_examples=25, deadline=None)
@@ -321,10 +306,9 @@ def test_sequential_finite_differences():
     dict(in_ch=3, out_ch=2, kernel_size=2, stride=3, padding=1),    # rows no window reads
     dict(in_ch=4, out_ch=3, kernel_size=1, stride=1, padding=0),    # columns = x: bias apart
 ])
-@pytest.mark.parametrize("band_bytes", [nn.BAND_BYTES, 300])             # one band; many small ones
-def test_conv2d_matches_torch(cfg, band_bytes):
+def test_conv2d_matches_torch(cfg):
     rng = np.random.default_rng(5)
-    conv = nn.Conv2d(rng=rng, band_bytes=band_bytes, **cfg)
+    conv = nn.Conv2d(rng=rng, **cfg)
     np.full(2 * cfg["in_ch"] * 16 * 16, np.nan, np.float32)        # freed: memory a new array may reuse
     conv.params["bias"][...] = rng.standard_normal(cfg["out_ch"])
     x = rng.standard_normal((2, cfg["in_ch"], 11, 12)).astype(np.float32)
@@ -394,35 +378,6 @@ def test_sequential_names_and_shared_arrays():
     before = net[5].params["weight"].copy()
     nn.SGD(net.params, lr=0.1).step(net.grads)
     assert not np.array_equal(before, net[5].params["weight"]), "SGD did not update the layer in place"
-
-
-def test_first_conv_without_input_grad_gives_identical_param_grads():
-    # need_input_grad=False skips dx only: the same weight and bias gradients, bit for bit, and
-    # Sequential stops there (the layers before it would otherwise see dy=None).
-    rng = np.random.default_rng(10)
-
-    def net(need_input_grad):
-        r = np.random.default_rng(11)
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=r, need_input_grad=need_input_grad),
-                             nn.ReLU(), nn.MaxPool2d(), nn.Conv2d(4, 2, 3, stride=2, rng=r))
-    full, skip = net(True), net(False)
-    x = rng.standard_normal((2, 3, 9, 10)).astype(np.float32)
-    dy = rng.standard_normal(full.forward(x).shape).astype(np.float32)
-    skip.forward(x)
-    assert full.backward(dy).shape == x.shape
-    assert skip.backward(dy) is None
-    assert list(skip.grads) == list(full.grads)
-    for k in full.grads:
-        np.testing.assert_array_equal(skip.grads[k], full.grads[k], err_msg=k)
-        assert skip.grads[k].dtype == full.grads[k].dtype == np.float32, k
-
-
-def test_sequential_refuses_to_skip_input_grad_before_trainable_layers():
-    rng = np.random.default_rng(12)
-    net = nn.Sequential(nn.Conv2d(1, 2, 1, rng=rng), nn.Conv2d(2, 2, 1, rng=rng, need_input_grad=False))
-    y = net.forward(np.ones((1, 1, 3, 3), np.float32))
-    with pytest.raises(ValueError, match=r"layers\[1\] returned no input gradient"):
-        net.backward(np.ones_like(y))
 
 
 # ----------------------------------------------------------------------------- SGD vs torch.optim.SGD
@@ -524,6 +479,45 @@ def test_bad_forward_inputs(make, x, match):
         make().forward(x)
 
 
+@pytest.mark.parametrize("layer", ["Conv2d", "ReLU", "MaxPool2d", "Linear"])
+def test_one_bad_value_anywhere_is_caught_forward_and_backward(layer):
+    """The textbook layers check x and dy: a single NaN or Inf anywhere raises, naming the layer."""
+    make = {"Conv2d": lambda: nn.Conv2d(5, 4, 3, padding=1, rng=0), "ReLU": nn.ReLU,
+            "MaxPool2d": lambda: nn.MaxPool2d(2), "Linear": lambda: nn.Linear(12, 3, rng=0)}[layer]
+    x = np.random.default_rng(3).standard_normal((2, 5, 12, 12)).astype(np.float32)
+    if layer == "Linear":
+        x = x[:, 0, 0]
+    y_shape = make().forward(x.copy()).shape
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in [(0, 0, 0, 0), (1, 4, 11, 11), (0, 2, 6, 3)]:
+            where = where[:x.ndim]
+            xb = x.copy()
+            xb[tuple(min(i, s - 1) for i, s in zip(where, x.shape))] = bad
+            with pytest.raises(ValueError, match=f"{layer} x: contains NaN or Inf"):
+                make().forward(xb)
+            m = make()
+            m.forward(x.copy())
+            dy = np.ones(y_shape, np.float32)
+            dy[tuple(min(i, s - 1) for i, s in zip(where, y_shape))] = bad
+            with pytest.raises(ValueError, match=f"{layer}.backward dy: contains NaN or Inf"):
+                m.backward(dy)
+
+
+def test_nn_imports_nothing_from_the_project():
+    """nn.py is the textbook: numpy and the standard library only."""
+    import ast
+    import sys
+    tree = ast.parse(open(nn.__file__).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module.split(".")[0] in {"numpy"} | set(
+                sys.stdlib_module_names), f"nn.py imports {node.module!r}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name.split(".")[0] in {"numpy"} | set(sys.stdlib_module_names), \
+                    f"nn.py imports {alias.name!r}"
+
+
 def test_bad_backward_inputs():
     conv = nn.Conv2d(1, 2, 3)
     with pytest.raises(RuntimeError, match="before forward"):
@@ -535,34 +529,6 @@ def test_bad_backward_inputs():
         conv.backward(np.full((1, 2, 2, 2), np.nan))
     with pytest.raises(RuntimeError, match="before forward"):
         nn.MaxPool2d().backward(np.zeros((1, 1, 1, 1)))
-
-
-@pytest.mark.parametrize("layer", ["Conv2d", "ReLU", "MaxPool2d"])
-@pytest.mark.parametrize("n_threads", [1, 3])
-def test_one_bad_value_anywhere_is_caught_forward_and_backward(layer, n_threads, monkeypatch):
-    """The layers check x and dy block by block inside their own passes (not in a pass of their
-    own): a single NaN or Inf in any channel block, band or corner must still raise."""
-    monkeypatch.setattr(nn, "BLOCK_SIZE", 64)            # several blocks on small arrays
-    monkeypatch.setattr(nn, "BAND_POOL_SIZE", 64)        # (and in a pooled conv's bands)
-    make = {"Conv2d": lambda: nn.Conv2d(5, 4, 3, padding=1, rng=0, band_bytes=5 * 9 * 4 * 12 * 3),
-            "ReLU": lambda: nn.ReLU(inplace=True), "MaxPool2d": lambda: nn.MaxPool2d(2)}[layer]
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 5, 12, 12)).astype(np.float32)
-    with threads.using(n_threads):
-        y_shape = make().forward(x.copy()).shape
-        for bad in (np.nan, np.inf, -np.inf):
-            for where in [(0, 0, 0, 0), (1, 4, 11, 11), (0, 2, 6, 3), (1, 0, 11, 0)]:
-                xb = x.copy()
-                xb[where] = bad
-                with pytest.raises(ValueError, match=f"{layer} x: contains NaN or Inf"):
-                    make().forward(xb)
-                m = make()
-                y = m.forward(x.copy())
-                dy = np.ones(y_shape, np.float32)
-                dy[tuple(min(i, s - 1) for i, s in zip(where, y_shape))] = bad
-                with pytest.raises(ValueError, match=f"{layer}.backward dy: contains NaN or Inf"):
-                    m.backward(dy)
-                m.backward(np.ones(y_shape, np.float32))               # a good dy still works
 
 
 @pytest.mark.parametrize("make, match", [
@@ -604,7 +570,7 @@ def test_sgd_bad_grads():
 def _no_grad_layers():
     rng = np.random.default_rng(7)
     return [nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.Conv2d(3, 4, 3, stride=2, rng=rng),
-            nn.MaxPool2d(2, 2), nn.MaxPool2d(3, 2), nn.ReLU(), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2), nn.MaxPool2d(3, 2), nn.ReLU(), nn.ReLU(),
             nn.Flatten(), nn.Linear(3 * 12 * 10, 5, rng=rng)]
 
 
@@ -647,49 +613,8 @@ def test_no_grad_is_per_thread_and_restores_the_previous_state():
     assert nn.grad_enabled()                                           # also after an exception
 
 
-@pytest.mark.parametrize("n_threads", [1, 3])
-def test_no_finite_checks_lets_nan_through_on_every_thread_and_only_inside(n_threads, monkeypatch):
-    """Inside no_finite_checks the layers do not scan x or dy (their blocks may run on other
-    threads: the caller's setting must reach them); NaN then flows through as arithmetic makes
-    it.  Outside, and on other threads, the checks are back."""
-    monkeypatch.setattr(nn, "BLOCK_SIZE", 64)            # several blocks, on the team's threads
-    monkeypatch.setattr(nn, "BAND_POOL_SIZE", 64)        # (and in a pooled conv's bands)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, rng=0, band_bytes=2 * 9 * 4 * 12 * 3),
-                        nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(108, 2, rng=1))
-    x = np.random.default_rng(0).standard_normal((1, 2, 12, 12)).astype(np.float32)
-    x[0, 1, 5, 7] = np.nan
-    with threads.using(n_threads):
-        with pytest.raises(ValueError, match="Conv2d x: contains NaN or Inf"):
-            net.forward(x)
-        with nn.no_finite_checks(), np.errstate(invalid="ignore"):
-            assert not nn.finite_checks_enabled()
-            y = net.forward(x)
-            assert np.isnan(y).all()                     # the NaN reached every output
-            net.backward(np.ones_like(y))
-            assert np.isnan(net[0].grads["weight"]).any()   # 0 * NaN = NaN: it reaches dW
-        assert nn.finite_checks_enabled()
-        for layer, x_bad in [(nn.ReLU(), np.full((1, 1, 4, 4), np.inf, np.float32)),
-                             (nn.MaxPool2d(2), np.full((1, 1, 4, 4), np.nan, np.float32)),
-                             (nn.Linear(4, 2, rng=0), np.full((1, 4), np.nan, np.float32))]:
-            with pytest.raises(ValueError, match="contains NaN or Inf"):
-                layer.forward(x_bad)
-            with nn.no_finite_checks(), np.errstate(invalid="ignore"):
-                layer.forward(x_bad)
-    import threading
-    seen = {}
-    with nn.no_finite_checks():
-        worker = threading.Thread(target=lambda: seen.setdefault("other", nn.finite_checks_enabled()))
-        worker.start()
-        worker.join()
-    assert seen["other"]
-    with pytest.raises(ZeroDivisionError):
-        with nn.no_finite_checks():
-            1 / 0
-    assert nn.finite_checks_enabled()                                  # also after an exception
-
-
-def test_no_grad_max_pool_skips_the_argmax():
-    """What inference saves: no argmax array (one byte per window) and no ReLU mask."""
+def test_no_grad_keeps_no_argmax_and_no_mask():
+    """What inference saves: no argmax array and no ReLU mask."""
     pool, relu = nn.MaxPool2d(2, 2), nn.ReLU()
     x = np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)
     with nn.no_grad():
@@ -707,8 +632,8 @@ def test_maxpool_of_more_than_255_offsets_keeps_each_windows_first_max():
     pool = nn.MaxPool2d(17, 17)
     y = pool.forward(x)
     np.testing.assert_array_equal(y, [[[[5.0, 7.0]]]])
-    argmax = pool._cache[1]
-    assert argmax.dtype == np.int64
+    argmax = pool._cache[0]
+    assert argmax.dtype.kind == "i"
     np.testing.assert_array_equal(argmax, [[[[280, 3]]]])
     dx = pool.backward(np.array([[[[1.0, 2.0]]]], np.float32))
     want = np.zeros_like(x)

@@ -121,20 +121,45 @@ def test_evaluate_scores_perfect_and_empty_detections():
 
 
 def test_blas_threads_sets_and_restores(monkeypatch):
-    from frcnn_scratch import train as train_module
+    from frcnn_scratch.fast import threads
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    functions = train_module._openblas_thread_functions()
-    if functions is None:
-        pytest.skip("numpy does not use a bundled OpenBLAS here")
-    get, _ = functions
-    before = get()
-    with train_module.blas_threads(1):
-        assert get() == 1
-    assert get() == before
+    before = threads.blas_thread_count()
+    if before is None:
+        pytest.skip("numpy's BLAS is not one threadpoolctl controls here")
+    with threads.blas_threads(1):
+        assert threads.blas_thread_count() == 1
+        with threads.blas_threads(2):                         # nested: the inner count, then back
+            assert threads.blas_thread_count() == 2
+        assert threads.blas_thread_count() == 1
+    assert threads.blas_thread_count() == before
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")          # the user's choice wins: untouched
-    with train_module.blas_threads(1):
-        assert get() == before
+    with threads.blas_threads(1):
+        assert threads.blas_thread_count() == before
+
+
+def test_blas_threads_from_two_threads_hold_the_count_until_the_last_one_ends(monkeypatch):
+    """A block ending on one thread while another thread's block runs must not put the count
+    back under it (the count is one for the process); the last block to end restores it."""
+    import threading
+    from frcnn_scratch.fast import threads
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = threads.blas_thread_count()
+    if before is None:
+        pytest.skip("numpy's BLAS is not one threadpoolctl controls here")
+    seen = []
+
+    def other():
+        with threads.blas_threads(1):
+            seen.append(threads.blas_thread_count())
+
+    with threads.blas_threads(1):
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join(10)
+        seen.append(threads.blas_thread_count())             # the other block has ended
+    assert seen == [1, 1] and threads.blas_thread_count() == before
 
 
 @pytest.mark.parametrize("change", [dict(seed=2), dict(lr=0.02), dict(momentum=0.8),

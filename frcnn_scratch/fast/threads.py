@@ -1,50 +1,37 @@
-"""How many threads the detector computes with: chosen by the work, the user's choice first.
+"""The thread team: how many threads the detector computes with, and how work is shared out.
 
-Small images give small matrices (a 64-channel 12 x 20 map, 64 RoIs), where threads cost more than
-they give: a 96 x 160 training step took 0.99 s with two OpenBLAS threads on a busy 2-core machine
-and 0.067 s with one.  Large images give convolutions over hundreds of thousands of pixels, where
-threads pay, up to a point: Python threads take turns at the GIL to start and finish each piece,
-and past about six they wait more than they work (a 600 x 1000 step on a 16-core Xeon: 198-213
-ms on 6 threads, 458 on 16).  `work_threads(height, width)` picks one thread below
-SMALL_IMAGE_PIXELS and AUTO_MAX_THREADS (or all cores, if fewer) above; the model's training
-step and prediction run under `for_image`.
+Small images give small matrices, where threads cost more than they give; large images give
+convolutions over hundreds of thousands of pixels, where threads pay, up to a point (Python
+threads take turns at the GIL to start and finish each piece).  `work_threads(height, width)`
+picks one thread below SMALL_IMAGE_PIXELS and AUTO_MAX_THREADS (or all cores, if fewer) above; the
+model's training step and prediction run under `for_image`.
 
 The threads are this module's, not OpenBLAS's: under `for_image` OpenBLAS runs on one thread, and
 the layers hand independent pieces of work (a band of output rows of a convolution, a block of
 channels of a pooling layer) to `parallel`, a team of `workers()` threads (the caller and its
-helpers).  NumPy releases the GIL
-in its copies, ufuncs and matrix products, so the pieces run at once, and the copies around the
-products (im2col, col2im, max pooling, ReLU) are spread over the cores too, which threads inside
-OpenBLAS never do.  Each piece writes its own part of the output, and partial sums are added in a
-fixed order: the results are the same, bit for bit, whatever the number of threads (tested).
-`background` runs one independent stage beside the others (the training step labels its anchors
-while the backbone runs, and runs the detector's side beside the RPN's loss and backward).
+helpers).  NumPy releases the GIL in its copies, ufuncs and matrix products, so the pieces run at
+once, and the copies around the products (im2col, col2im, max pooling, ReLU) are spread over the
+cores too, which threads inside OpenBLAS never do.  Each piece writes its own part of the output,
+and partial sums are added in a fixed order: the results are the same, bit for bit, whatever the
+number of threads (tested).  `background` runs one independent stage beside the others.
 
 The user's setting wins: `set_threads(n)` (the command line's --threads), else OMP_NUM_THREADS or
 OPENBLAS_NUM_THREADS in the environment (which also leave OpenBLAS's own count alone).
+Measurements behind the constants: docs/performance.md, "Threads".
 """
 import concurrent.futures
 import contextlib
-import ctypes
-import functools
-import glob
 import os
 import queue
 import threading
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
-# Below this many pixels a training step is fastest on one thread.  Measured on a 2-core EPYC
-# (whole training steps, median of 8, five processes each): 160 x 256 22.4-23.4 ms on one thread
-# against 24.2-25.2 on two; 240 x 400 (96k pixels) 42.5-45.4 against 42.1-48.2, and 121 against
-# 94-98 ms on 2-6 threads of a 16-core Xeon.
+# Below this many pixels a training step is fastest on one thread.
 SMALL_IMAGE_PIXELS = 90_000
-# Above it, this many threads at most (or the usable cores, if fewer).  More threads lose: a piece
-# of work needs the GIL to start and to end, and with many threads they wait on it and on each
-# other.  16-core Xeon (H100 host), training step ms on 1/2/3/4/6/8/16 threads, 3 lent machines:
-# 600 x 1000 664/362/285/236-288/198-213/221-361/458, 480 x 640 308/229/160/142-172/131-164/
-# 134-217/285.  A fourth, on 1/6/8/12/16 threads: 600 x 1000 605/172/192/258/241, 480 x 640
-# 354/113/105/105/107.
+# Above it, this many threads at most (or the usable cores, if fewer): with more, pieces of work
+# wait on the GIL and on each other more than they compute.
 AUTO_MAX_THREADS = 6
 MAX_THREADS = 256
 
@@ -100,66 +87,74 @@ def work_threads(height, width):
     return max(1, min(usable_cores(), AUTO_MAX_THREADS))
 
 
-@functools.lru_cache(maxsize=None)
-def _openblas_functions(names):
-    """The first tuple of functions of `names` (a tuple of tuples of symbol names) that numpy's
-    bundled OpenBLAS has all of, or None where it cannot be found.  Looked up once (a folder
-    listing and a dlopen: 20 us, paid by every prediction's `for_image` before)."""
-    folder = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    for path in glob.glob(os.path.join(folder, "*openblas*")):
-        try:
-            lib = ctypes.CDLL(path)                 # already loaded by numpy: the same library
-        except OSError:
-            continue
-        for group in names:
-            if all(hasattr(lib, name) for name in group):
-                return tuple(getattr(lib, name) for name in group)
-    return None
+# ---- numpy's BLAS threads (threadpoolctl) -----------------------------------------------------
+
+_blas_lock = threading.RLock()
+_blas = None                # numpy's BLAS libraries (threadpoolctl), found on first use
+_blas_asked = []            # the counts asked for by blas_threads blocks running now, in order
+_blas_before = None         # the count before the first of them
 
 
-def _openblas_thread_functions():
-    """(get, set) of numpy's bundled OpenBLAS thread count, or None where it cannot be found."""
-    return _openblas_functions((
-        ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-        ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-        ("openblas_get_num_threads", "openblas_set_num_threads")))
+def _blas_libraries():
+    """threadpoolctl's controller of the BLAS libraries loaded now (numpy's), made once."""
+    global _blas
+    with _blas_lock:
+        if _blas is None:
+            _blas = ThreadpoolController().select(user_api="blas")
+        return _blas
+
+
+def blas_thread_count():
+    """The thread count numpy's BLAS runs its products on now (None where none is found)."""
+    counts = [lib.get_num_threads() for lib in _blas_libraries().lib_controllers]
+    return counts[0] if counts else None
 
 
 def openblas_kernels():
     """The kernels numpy's OpenBLAS runs its matrix products on ("Haswell" for AVX2, "SkylakeX"
     for AVX-512, ...): its own choice for this CPU, or OPENBLAS_CORETYPE's where the environment
     sets it.  None where numpy uses another BLAS."""
-    found = _openblas_functions((("scipy_openblas_get_corename64_",),
-                                 ("scipy_openblas_get_corename",), ("openblas_get_corename",)))
-    if found is None:
-        return None
-    found[0].restype = ctypes.c_char_p
-    return found[0]().decode(errors="replace")
+    for info in _blas_libraries().info():
+        if info.get("internal_api") == "openblas":
+            return info.get("architecture")
+    return None
+
+
+def _set_blas_threads(n):
+    for lib in _blas_libraries().lib_controllers:
+        if lib.get_num_threads() != n:
+            lib.set_num_threads(n)
 
 
 @contextlib.contextmanager
 def blas_threads(n=1):
-    """Run a block with `n` OpenBLAS threads, then restore the previous count.
+    """Run a block with `n` BLAS threads, then restore the previous count.
 
-    Environment variables only act before numpy is loaded, so this calls OpenBLAS's own setter
-    (as threadpoolctl does).  It does nothing where the user chose (OPENBLAS_NUM_THREADS /
-    OMP_NUM_THREADS) or where numpy uses another BLAS.
+    The count is one for the whole process (OpenBLAS has no per-thread setting), so blocks that
+    run at once on several Python threads share it: the count of the block begun last holds
+    until it ends, and the count from before the first block comes back when the last one ends
+    (a block ending while another runs must not change the count under it: that changed the sums
+    of a concurrent prediction).  Environment variables act only before numpy is loaded, so this
+    calls the library's own setter through threadpoolctl.  It does nothing where the user chose
+    (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS) or where no BLAS library is found.
     """
-    functions = None
-    if "OPENBLAS_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
-        functions = _openblas_thread_functions()
-    if functions is None:
+    global _blas_before
+    if "OPENBLAS_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ or \
+            not _blas_libraries().lib_controllers:
         yield
         return
-    get, set_ = functions
-    previous = get()
-    if previous != int(n):
-        set_(int(n))
+    asked = (object(), int(n))
+    with _blas_lock:
+        if not _blas_asked:
+            _blas_before = blas_thread_count()
+        _blas_asked.append(asked)
+        _set_blas_threads(asked[1])
     try:
         yield
     finally:
-        if get() != previous:
-            set_(previous)
+        with _blas_lock:
+            _blas_asked.remove(asked)
+            _set_blas_threads(_blas_asked[-1][1] if _blas_asked else _blas_before)
 
 
 def workers():
@@ -286,8 +281,7 @@ class _Team:
     """Helper threads that work through one list of items together with the caller.
 
     A parallel region costs one wake-up per helper, not a queued task and a future per item, and
-    the caller works instead of waiting (training steps on 4 threads of a 16-core Xeon: 254 against
-    276 ms at 600 x 1000, 148 against 188 at 480 x 640, with an executor).  The items are handed
+    the caller works instead of waiting (faster than an executor: docs/performance.md).  The items are handed
     out one at a time, so a slow item does not hold up the rest, and the caller waits for the items
     to end, not for its helpers to come: a helper busy with a background job (`background`) joins
     the regions that start meanwhile when it is done, and until then the others take its share.
@@ -355,10 +349,7 @@ def background(fn, *args):
     detector's side while the RPN's loss and backward run.  fn runs on the last helper of the
     team that `parallel` wakes on workers() threads (one thread of its own: workers() is 1
     there), so the threads never outnumber workers(): the regions that start while it runs go on
-    without that helper, which joins them when fn is done.  (Two cores of an EPYC, 600 x 1000: the
-    RPN's side, twice as long as the detector's, ran on one thread beside it and then alone, and
-    the two sides took 24-26 ms of a step; with the helper joining, 19-21.  Before that, a pool
-    thread beside a team of all the cores: three threads on two cores.)
+    without that helper, which joins them when fn is done.
     """
     n = workers()
     if n <= 1:
