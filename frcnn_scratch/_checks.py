@@ -1,5 +1,14 @@
-"""Input checks shared by every stage: fail early, name the argument, say what was expected."""
+"""Input checks shared by every stage: fail early, name the argument, say what was expected.
+
+Each public function checks its inputs once, at its door, and then calls an unchecked core that
+trusts them (torchvision's pattern: `roi_align` checks, `_roi_align` computes).  The helpers named
+in ARRAY_CHECKS read every value of an array (NaN / Inf, x2 < x1, batch indices, label ranges):
+they belong at a door, never inside a core (tests/test_checks.py counts them in a training step).
+"""
 import numpy as np
+
+ARRAY_CHECKS = ("as_float_array", "as_float_values", "as_boxes", "as_rois", "as_features",
+                "as_labels")
 
 
 def as_float_array(x, name, ndim=None, last_dim=None, allow_empty=True):
@@ -19,6 +28,18 @@ def as_float_array(x, name, ndim=None, last_dim=None, allow_empty=True):
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or Inf")
     return arr
+
+
+def as_float_values(x, name, ndim):
+    """as_float_array, except that a float64 array stays float64 (the losses run in float64 when
+    given float64, so that their gradients can be checked by finite differences)."""
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float64):
+        return as_float_array(x, name, ndim=ndim)
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected shape {_shape_text(ndim, None)}, got {tuple(x.shape)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return x
 
 
 def _shape_text(ndim, last_dim):

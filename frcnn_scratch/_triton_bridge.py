@@ -1,10 +1,13 @@
 """The "triton" backend as ops.py sees it: NumPy in, NumPy out, Triton kernels in between.
 
-ops.py validates every input (float32 arrays of the right shapes, output_size as (h, w)) and then
-calls one of these functions with exactly the NumPy reference's signature.  Each one moves the
-arrays to torch tensors on kernels.device() (CUDA on a GPU machine, else the CPU, where Triton's
-interpreter runs the kernels), calls the kernel launcher, and brings the result back as NumPy.
-Only ops.py imports this module (only ops.py chooses a backend).
+ops.py validates every input once (float32 arrays of the right shapes, finite, x2 >= x1, batch
+indices that name an image, output_size as (h, w)) and then calls one of these functions with
+exactly the signature of the reference's unchecked core (boxes._box_iou, nms._nms,
+roi_pool._roi_pool_forward, ...).  Like the cores, they trust their inputs: no value is scanned
+again here, and the launchers check only what is O(1) (tensor types, dtypes, shapes, devices).
+Each one moves the arrays to torch tensors on kernels.device() (CUDA on a GPU machine, else the
+CPU, where Triton's interpreter runs the kernels), calls the kernel launcher, and brings the
+result back as NumPy.  Only ops.py imports this module (only ops.py chooses a backend).
 
 What a call moves (on a GPU, host <-> device copies cost more than the kernels):
   box_iou       in: both box sets            out: the (N, M) matrix
@@ -109,6 +112,6 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
     return _to_numpy(grad)
 
 
-# ops.py calls these under the reference module's names: roi_pool / roi_align are the forwards.
+# ops.py calls these under the names of its ops: roi_pool / roi_align are the forwards.
 roi_pool = roi_pool_forward
 roi_align = roi_align_forward

@@ -169,7 +169,11 @@ def anchors_inside(anchors, image_shape, allowed_border=0):
     >>> anchors_inside([[0, 0, 10, 10], [-1, 0, 5, 5], [0, 0, 10, 11]], image_shape=(10, 10))
     array([ True, False, False])
     """
-    a = as_boxes(anchors, "anchors")                     # (A, 4)
-    h, w = check_image_shape(image_shape)
-    b = finite_number(allowed_border, "allowed_border")
+    return _anchors_inside(as_boxes(anchors, "anchors"), check_image_shape(image_shape),
+                           finite_number(allowed_border, "allowed_border"))
+
+
+def _anchors_inside(a, image_shape, b):
+    """anchors_inside of checked (A, 4) anchors, (height, width) and border b."""
+    h, w = image_shape
     return ((a[:, 0] >= -b) & (a[:, 1] >= -b) & (a[:, 2] <= w + b) & (a[:, 3] <= h + b))

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._checks import as_boxes, as_float_array
 
-__all__ = ["BBOX_CLAMP", "encode", "decode"]
+__all__ = ["BBOX_CLAMP", "encode", "decode", "check_weights"]
 
 BBOX_CLAMP = math.log(1000.0 / 16)   # largest tw, th decode uses: a box at most 62.5 x its anchor
 
@@ -40,11 +40,16 @@ def _centre_size(b):
     return b[:, 0] + 0.5 * w, b[:, 1] + 0.5 * h, w, h
 
 
-def _check_weights(weights):
-    w = as_float_array(weights, "weights", ndim=1)
-    if w.shape != (4,) or np.any(w <= 0):
+def check_weights(weights):
+    """(wx, wy, ww, wh): four positive finite numbers -> a tuple of floats (float32 values, as
+    float32 arrays hold them).  Four numbers: no array scan."""
+    try:
+        w = np.asarray(weights, dtype=np.float32)
+    except (TypeError, ValueError):
+        w = None
+    if w is None or w.shape != (4,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"weights: expected four positive numbers (wx, wy, ww, wh), got {weights!r}")
-    return w.astype(np.float64)
+    return tuple(float(v) for v in w)
 
 
 def _check_same_length(a, name_a, b, name_b):
@@ -76,7 +81,12 @@ def encode(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
     _check_same_length(b, "boxes", a, "anchors")
     _check_positive_size(a, "anchors")
     _check_positive_size(b, "boxes")
-    wx, wy, ww, wh = _check_weights(weights)
+    return _encode(b, a, check_weights(weights))
+
+
+def _encode(b, a, weights):
+    """encode of checked boxes and anchors (float32 (N, 4), positive sizes) and checked weights."""
+    wx, wy, ww, wh = weights
     x, y, w, h = _centre_size(b)                         # (N,) each
     xa, ya, wa, ha = _centre_size(a)
     tx = wx * (x - xa) / wa                              # eq. (2)
@@ -103,10 +113,16 @@ def decode(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
     Returns:
         (N, 4) float32 xyxy boxes.  N = 0 gives (0, 4).
     """
-    d = as_float_array(deltas, "deltas", ndim=2, last_dim=4).astype(np.float64)   # (N, 4)
+    d = as_float_array(deltas, "deltas", ndim=2, last_dim=4)                      # (N, 4)
     a = as_boxes(anchors, "anchors")                     # (N, 4)
     _check_same_length(d, "deltas", a, "anchors")
-    wx, wy, ww, wh = _check_weights(weights)
+    return _decode(d, a, check_weights(weights))
+
+
+def _decode(d, a, weights):
+    """decode of checked float32 deltas and anchors (N, 4) and checked weights."""
+    d = d.astype(np.float64)
+    wx, wy, ww, wh = weights
     xa, ya, wa, ha = _centre_size(a)                     # (N,) each
     tx, ty = d[:, 0] / wx, d[:, 1] / wy
     tw = np.minimum(d[:, 2] / ww, BBOX_CLAMP)

@@ -25,6 +25,7 @@ from ._checks import as_boxes, as_float_array
 __all__ = [
     "xyxy_to_cxcywh", "cxcywh_to_xyxy", "xyxy_to_rchw", "rchw_to_xyxy",
     "box_area", "box_iou", "clip_boxes", "remove_small_boxes", "check_image_shape",
+    "check_min_size",
 ]
 
 
@@ -122,7 +123,8 @@ def _area(b):
 
 
 def box_iou(boxes1, boxes2):
-    """Pairwise intersection over union, the NumPy reference that ops.box_iou dispatches to.
+    """Pairwise intersection over union: the inputs checked, then `_box_iou`, the NumPy reference
+    that ops.box_iou dispatches to.
 
     Args:
         boxes1: (N, 4) xyxy.
@@ -135,8 +137,11 @@ def box_iou(boxes1, boxes2):
     array([[0.14285715, 0.        ],
            [0.        , 0.        ]], dtype=float32)
     """
-    a = as_boxes(boxes1, "boxes1")                       # (N, 4)
-    b = as_boxes(boxes2, "boxes2")                       # (M, 4)
+    return _box_iou(as_boxes(boxes1, "boxes1"), as_boxes(boxes2, "boxes2"))
+
+
+def _box_iou(a, b):
+    """box_iou of checked (N, 4) and (M, 4) float32 arrays (ops dispatches here)."""
     area_a = _area(a)                                    # (N,)
     area_b = _area(b)                                    # (M,)
     # The intersection is the box between the larger top-left and the smaller bottom-right
@@ -180,8 +185,12 @@ def clip_boxes(boxes, image_shape):
     >>> clip_boxes([[-5, 2, 30, 50]], image_shape=(40, 20))
     array([[ 0.,  2., 20., 40.]], dtype=float32)
     """
-    b = as_boxes(boxes, "boxes")                         # (N, 4)
-    h, w = check_image_shape(image_shape)
+    return _clip_boxes(as_boxes(boxes, "boxes"), check_image_shape(image_shape))
+
+
+def _clip_boxes(b, image_shape):
+    """clip_boxes of checked (N, 4) float32 boxes and a checked (height, width)."""
+    h, w = image_shape
     out = b.copy()
     out[:, 0::2] = np.clip(b[:, 0::2], 0, w)             # x1, x2
     out[:, 1::2] = np.clip(b[:, 1::2], 0, h)             # y1, y2
@@ -200,10 +209,22 @@ def remove_small_boxes(boxes, min_size):
     >>> remove_small_boxes([[0, 0, 20, 20], [0, 0, 20, 5], [0, 0, 16, 16]], min_size=16)
     array([0, 2])
     """
-    b = as_boxes(boxes, "boxes")                         # (N, 4)
-    min_size = float(min_size)
-    if not np.isfinite(min_size) or min_size < 0:
-        raise ValueError(f"min_size: expected a finite number >= 0, got {min_size}")
+    return _remove_small_boxes(as_boxes(boxes, "boxes"), check_min_size(min_size))
+
+
+def check_min_size(min_size):
+    """min_size as a float, finite and >= 0; a ValueError naming it otherwise."""
+    try:
+        value = float(min_size)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"min_size: expected a finite number >= 0, got {min_size!r}")
+    return value
+
+
+def _remove_small_boxes(b, min_size):
+    """remove_small_boxes of checked (N, 4) float32 boxes and a checked min_size."""
     w = b[:, 2] - b[:, 0]
     h = b[:, 3] - b[:, 1]
     return np.flatnonzero((w >= min_size) & (h >= min_size)).astype(np.int64)

@@ -25,7 +25,8 @@ import numpy as np
 
 from ._checks import as_boxes, as_float_array, as_labels, whole_number
 
-__all__ = ["check_nms_inputs", "float32_threshold", "nms", "nms_reference", "batched_nms"]
+__all__ = ["check_nms_inputs", "check_iou_threshold", "check_classes", "float32_threshold",
+           "nms", "nms_reference", "batched_nms"]
 
 
 def check_nms_inputs(boxes, scores, iou_threshold):
@@ -43,13 +44,18 @@ def check_nms_inputs(boxes, scores, iou_threshold):
     if scores.shape[0] != boxes.shape[0]:
         raise ValueError(f"scores: expected shape ({boxes.shape[0]},) to match boxes "
                          f"{tuple(boxes.shape)}, got {tuple(scores.shape)}")
+    return boxes, scores, check_iou_threshold(iou_threshold)
+
+
+def check_iou_threshold(iou_threshold, name="iou_threshold"):
+    """An NMS threshold: a number in [0, 1] -> float; a ValueError naming `name` otherwise."""
     try:
         thr = float(iou_threshold)
     except (TypeError, ValueError):
-        raise ValueError(f"iou_threshold: expected a number in [0, 1], got {iou_threshold!r}") from None
+        raise ValueError(f"{name}: expected a number in [0, 1], got {iou_threshold!r}") from None
     if not 0.0 <= thr <= 1.0:                                          # also rejects NaN
-        raise ValueError(f"iou_threshold: expected a number in [0, 1], got {thr}")
-    return boxes, scores, thr
+        raise ValueError(f"{name}: expected a number in [0, 1], got {thr}")
+    return thr
 
 
 def float32_threshold(iou_threshold):
@@ -61,7 +67,7 @@ def float32_threshold(iou_threshold):
     float32(0.3).  The largest float32 not above the threshold gives the float64 answer with a
     float32 comparison (the kernels use it too).
 
-    >>> float(np.float32(0.3)) > 0.3, float32_threshold(0.3) < 0.3
+    >>> float(np.float32(0.3)) > 0.3, bool(float32_threshold(0.3) < 0.3)
     (True, True)
     """
     t = np.float32(iou_threshold)
@@ -106,9 +112,14 @@ def nms(boxes, scores, iou_threshold, max_keep=None):
         N = 0 gives an empty int64 array.
     """
     boxes, scores, thr = check_nms_inputs(boxes, scores, iou_threshold)
-    if max_keep is not None:
-        max_keep = whole_number(max_keep, "max_keep")
-    thr = float32_threshold(thr)                # IoU > thr in float32 == IoU > threshold in float64
+    max_keep = None if max_keep is None else whole_number(max_keep, "max_keep")
+    return _nms(boxes, scores, thr, max_keep)
+
+
+def _nms(boxes, scores, iou_threshold, max_keep=None):
+    """nms of checked inputs (check_nms_inputs; max_keep None or an int): the blocked greedy loop
+    that nms describes.  ops and batched_nms call it."""
+    thr = float32_threshold(iou_threshold)      # IoU > thr in float32 == IoU > threshold in float64
     order = _score_order(scores)                                       # (N,)
     ranked = boxes[order]                                              # (N, 4) best first
     x1, y1, x2, y2 = (ranked[:, k] for k in range(4))                  # each (N,)
@@ -177,12 +188,12 @@ def nms_reference(boxes, scores, iou_threshold):
     return np.array(keep, dtype=np.int64)
 
 
-def _as_classes(classes, n):
+def check_classes(classes, n):
     """(N,) int64 class labels, one per box: whole numbers of any sign (_checks.as_labels)."""
     return as_labels(classes, "classes", low=np.iinfo(np.int64).min, high=None, size=n)
 
 
-def batched_nms(boxes, scores, classes, iou_threshold, nms_fn=nms):
+def batched_nms(boxes, scores, classes, iou_threshold, nms_fn=None):
     """Class-wise NMS: boxes of different classes never suppress each other.
 
     Args:
@@ -191,17 +202,23 @@ def batched_nms(boxes, scores, classes, iou_threshold, nms_fn=nms):
         classes: (N,) integer class label of each box.
         iou_threshold: in [0, 1], as in `nms`.
         nms_fn: the single-class NMS to run, called as nms_fn(boxes, scores, iou_threshold) on
-            validated float32 arrays (ops passes the chosen backend's nms).
+            checked float32 arrays; None: this file's nms (ops passes the chosen backend's).
     Returns:
         (K,) int64 indices into `boxes` of the boxes kept in any class, sorted by score
         descending (ties: lower index first).  N = 0 gives an empty int64 array.
     """
     boxes, scores, thr = check_nms_inputs(boxes, scores, iou_threshold)
-    classes = _as_classes(classes, len(boxes))                        # (N,)
+    classes = check_classes(classes, len(boxes))                       # (N,)
+    return _batched_nms(boxes, scores, classes, thr, nms_fn or _nms)
+
+
+def _batched_nms(boxes, scores, classes, iou_threshold, nms_fn):
+    """batched_nms of checked inputs ((N,) int64 classes); nms_fn runs on each class's boxes."""
     kept = [np.zeros(0, dtype=np.int64)]
     for c in np.unique(classes):
         members = np.flatnonzero(classes == c)                         # this class's boxes
-        local = np.asarray(nms_fn(boxes[members], scores[members], thr), dtype=np.int64)
+        local = np.asarray(nms_fn(boxes[members], scores[members], iou_threshold),
+                           dtype=np.int64)
         kept.append(members[local])
     kept = np.sort(np.concatenate(kept))                               # ascending index
     return kept[_score_order(scores[kept])]                            # by score, stable

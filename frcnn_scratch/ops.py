@@ -4,6 +4,12 @@ Every op below takes NumPy arrays and returns NumPy arrays.  `backend=None` mean
 backend": set by `set_backend`, `use_backend`, or the environment variable FRCNN_BACKEND
 (default "numpy").  With "triton" the arrays become torch tensors (on CUDA when a GPU is
 present), `kernels` runs them, and the results come back as NumPy.
+
+Validate at the door (torchvision's ops/roi_align.py): each public op checks its inputs and
+dispatches in one statement to the chosen backend's unchecked core (the reference's `_box_iou`,
+`_nms`, `_roi_pool_forward`, ... or the triton bridge).  Stages that checked their arrays at
+their own door call the `_` twins below (`_box_iou`, `_nms`, `_batched_nms`), which dispatch
+without checking again.
 """
 import contextlib
 import functools
@@ -12,8 +18,9 @@ import threading
 
 import numpy as np
 
-from . import _checks, nms as _nms, roi_align as _roi_align, roi_pool as _roi_pool
-from . import boxes as _boxes
+from . import _checks
+from . import boxes as _boxes_ref, nms as _nms_ref                 # the reference modules
+from . import roi_align as _roi_align_ref, roi_pool as _roi_pool_ref
 
 BACKENDS = ("numpy", "triton")
 _current = None  # set lazily from FRCNN_BACKEND so that importing never fails
@@ -59,13 +66,13 @@ def use_backend(name):
 
 
 class _NumpyImpl:
-    """The readable reference: functions of frcnn_scratch, unchanged."""
-    box_iou = staticmethod(_boxes.box_iou)
-    nms = staticmethod(_nms.nms)
-    roi_pool = staticmethod(_roi_pool.roi_pool_forward)
-    roi_pool_backward = staticmethod(_roi_pool.roi_pool_backward)
-    roi_align = staticmethod(_roi_align.roi_align_forward)
-    roi_align_backward = staticmethod(_roi_align.roi_align_backward)
+    """The readable reference: the unchecked cores of frcnn_scratch's stage files."""
+    box_iou = staticmethod(_boxes_ref._box_iou)
+    nms = staticmethod(_nms_ref._nms)
+    roi_pool = staticmethod(_roi_pool_ref._roi_pool_forward)
+    roi_pool_backward = staticmethod(_roi_pool_ref._roi_pool_backward)
+    roi_align = staticmethod(_roi_align_ref._roi_align_forward)
+    roi_align_backward = staticmethod(_roi_align_ref._roi_align_backward)
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,29 +111,27 @@ def _run(backend, op, *args):
         return getattr(impl, op)(*args)
 
 
-# ---- the public ops -------------------------------------------------------------------------
+# ---- the public ops: check, then dispatch ----------------------------------------------------
 
 def box_iou(boxes1, boxes2, backend=None):
     """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes -> (N, M) float32; zero union gives 0."""
-    a = _checks.as_boxes(boxes1, "boxes1")
-    b = _checks.as_boxes(boxes2, "boxes2")
-    return _run(backend, "box_iou", a, b)
+    return _box_iou(_checks.as_boxes(boxes1, "boxes1"), _checks.as_boxes(boxes2, "boxes2"),
+                    backend)
 
 
 def nms(boxes, scores, iou_threshold, backend=None, max_keep=None):
     """Greedy NMS (section 3.3): int64 indices kept, highest score first, ties by lower index;
     max_keep: at most that many, the first of the whole NMS (nms.nms)."""
-    boxes, scores, iou_threshold = _nms.check_nms_inputs(boxes, scores, iou_threshold)
-    if max_keep is not None:
-        max_keep = _checks.whole_number(max_keep, "max_keep")
-    return _run(backend, "nms", boxes, scores, iou_threshold, max_keep)
+    boxes, scores, iou_threshold = _nms_ref.check_nms_inputs(boxes, scores, iou_threshold)
+    max_keep = None if max_keep is None else _checks.whole_number(max_keep, "max_keep")
+    return _nms(boxes, scores, iou_threshold, backend, max_keep)
 
 
 def batched_nms(boxes, scores, classes, iou_threshold, backend=None):
     """NMS within each class separately; indices kept, by score over all classes."""
-    _impl(backend)                                            # an unknown backend fails here
-    return _nms.batched_nms(boxes, scores, classes, iou_threshold,
-                            nms_fn=lambda b, s, t: _run(backend, "nms", b, s, t))
+    boxes, scores, iou_threshold = _nms_ref.check_nms_inputs(boxes, scores, iou_threshold)
+    classes = _nms_ref.check_classes(classes, len(boxes))
+    return _batched_nms(boxes, scores, classes, iou_threshold, backend)
 
 
 def roi_pool(features, rois, output_size, spatial_scale, backend=None):
@@ -134,42 +139,44 @@ def roi_pool(features, rois, output_size, spatial_scale, backend=None):
 
     argmax holds the flat index into `features` of each bin's maximum (-1 for an empty bin).
     """
-    features = _checks.as_features(features)
-    rois = _checks.as_rois(rois, num_images=features.shape[0])
-    output_size = _checks.pair(output_size)
-    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
-    return _run(backend, "roi_pool", features, rois, output_size, spatial_scale)
+    return _run(backend, "roi_pool", *_roi_pool_ref.check_forward_inputs(
+        features, rois, output_size, spatial_scale))
 
 
 def roi_pool_backward(grad_out, argmax, input_shape, backend=None):
     """Gradient of features: each grad_out value goes to the feature its argmax names."""
-    grad_out, argmax, input_shape = _roi_pool.check_backward_inputs(grad_out, argmax, input_shape)
-    return _run(backend, "roi_pool_backward", grad_out, argmax, input_shape)
+    return _run(backend, "roi_pool_backward", *_roi_pool_ref.check_backward_inputs(
+        grad_out, argmax, input_shape))
 
 
 def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, aligned=False,
               backend=None):
     """RoI Align (Mask R-CNN 3): mean of bilinear samples per bin -> (K, C, ph, pw) float32."""
-    features = _checks.as_features(features)
-    rois = _checks.as_rois(rois, num_images=features.shape[0])
-    output_size = _checks.pair(output_size)
-    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
-    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
-    return _run(backend, "roi_align", features, rois, output_size, spatial_scale,
-                sampling_ratio, bool(aligned))
+    return _run(backend, "roi_align", *_roi_align_ref.check_forward_inputs(
+        features, rois, output_size, spatial_scale, sampling_ratio, aligned))
 
 
 def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
                        sampling_ratio=-1, aligned=False, backend=None):
     """Gradient of features: grad_out spread back by the same bilinear weights."""
-    input_shape = _checks.as_shape4(input_shape)
-    rois = _checks.as_rois(rois, num_images=input_shape[0])
-    output_size = _checks.pair(output_size)
-    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
-    expected = (rois.shape[0], input_shape[1]) + output_size
-    if grad_out.shape != expected:
-        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
-    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
-    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
-    return _run(backend, "roi_align_backward", grad_out, rois, input_shape, output_size,
-                spatial_scale, sampling_ratio, bool(aligned))
+    return _run(backend, "roi_align_backward", *_roi_align_ref.check_backward_inputs(
+        grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned))
+
+
+# ---- the same ops on arrays already checked (by a stage's own door) ---------------------------
+
+def _box_iou(boxes1, boxes2, backend=None):
+    """box_iou of checked (N, 4), (M, 4) float32 boxes."""
+    return _run(backend, "box_iou", boxes1, boxes2)
+
+
+def _nms(boxes, scores, iou_threshold, backend=None, max_keep=None):
+    """nms of checked inputs (nms.check_nms_inputs; max_keep None or an int)."""
+    return _run(backend, "nms", boxes, scores, iou_threshold, max_keep)
+
+
+def _batched_nms(boxes, scores, classes, iou_threshold, backend=None):
+    """batched_nms of checked inputs ((N,) int64 classes); each class's NMS on the backend."""
+    _impl(backend)                                            # an unknown backend fails here
+    return _nms_ref._batched_nms(boxes, scores, classes, iou_threshold,
+                             lambda b, s, t: _run(backend, "nms", b, s, t))

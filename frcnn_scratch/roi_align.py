@@ -60,9 +60,8 @@ def roi_align_reference(features, rois, output_size, spatial_scale, sampling_rat
     Returns:
         out: (K, C, ph, pw) float32, the mean of each bin's bilinear samples.
     """
-    features = _checks.as_features(features)                              # (N, C, H, W)
-    rois, (ph, pw), spatial_scale, sampling_ratio = _check_forward_args(
-        rois, features.shape[0], output_size, spatial_scale, sampling_ratio)
+    features, rois, (ph, pw), spatial_scale, sampling_ratio, aligned = check_forward_inputs(
+        features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     N, C, H, W = features.shape
     out = np.zeros((len(rois), C, ph, pw), dtype=np.float32)
     if H == 0 or W == 0:
@@ -105,8 +104,9 @@ def roi_align_backward_reference(grad_out, rois, input_shape, output_size, spati
     Returns:
         (N, C, H, W) float32, dL/d(features).
     """
-    input_shape, rois, (ph, pw), spatial_scale, sampling_ratio, grad_out = _check_backward_args(
-        grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio)
+    grad_out, rois, input_shape, (ph, pw), spatial_scale, sampling_ratio, aligned = \
+        check_backward_inputs(grad_out, rois, input_shape, output_size, spatial_scale,
+                              sampling_ratio, aligned)
     N, C, H, W = input_shape
     grad = np.zeros(input_shape, dtype=np.float32)
     if H == 0 or W == 0:
@@ -134,7 +134,43 @@ def roi_align_backward_reference(grad_out, rois, input_shape, output_size, spati
     return grad
 
 
-# ---- the pieces both versions use: RoI geometry, sampling points, bilinear weights ------------
+# ---- the pieces both versions use: input checks, RoI geometry, sampling points, weights -------
+
+def check_forward_inputs(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """Validate the forward's inputs.
+
+    Returns:
+        features (N, C, H, W) float32, rois (K, 5) float32, (ph, pw), spatial_scale float,
+        sampling_ratio int, aligned bool.
+    """
+    features = _checks.as_features(features)                              # (N, C, H, W)
+    rois = _checks.as_rois(rois, num_images=features.shape[0])             # (K, 5)
+    output_size = _checks.pair(output_size)
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
+    return features, rois, output_size, spatial_scale, sampling_ratio, bool(aligned)
+
+
+def check_backward_inputs(grad_out, rois, input_shape, output_size, spatial_scale,
+                          sampling_ratio, aligned):
+    """Validate the backward's inputs.
+
+    Returns:
+        grad_out (K, C, ph, pw) float32, rois (K, 5) float32, input_shape (N, C, H, W),
+        (ph, pw), spatial_scale float, sampling_ratio int, aligned bool.
+    """
+    input_shape = _checks.as_shape4(input_shape)
+    rois = _checks.as_rois(rois, num_images=input_shape[0])               # (K, 5)
+    output_size = _checks.pair(output_size)
+    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
+    expected = (len(rois), input_shape[1]) + output_size
+    if grad_out.shape != expected:
+        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
+    return (grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio,
+            bool(aligned))
+
 
 def roi_geometry(rois, spatial_scale, output_size, sampling_ratio, aligned):
     """Start, bin size and samples per bin of every RoI, along y and along x.
@@ -272,25 +308,6 @@ def support(A):
     return np.stack([np.where(none, 0, first), np.where(none, 0, end)], axis=1)
 
 
-def _check_forward_args(rois, num_images, output_size, spatial_scale, sampling_ratio):
-    rois = _checks.as_rois(rois, num_images=num_images)
-    output_size = _checks.pair(output_size)
-    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
-    sampling_ratio = _checks.sampling_ratio(sampling_ratio)
-    return rois, output_size, spatial_scale, sampling_ratio
-
-
-def _check_backward_args(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio):
-    input_shape = _checks.as_shape4(input_shape)
-    rois, output_size, spatial_scale, sampling_ratio = _check_forward_args(
-        rois, input_shape[0], output_size, spatial_scale, sampling_ratio)
-    grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
-    expected = (len(rois), input_shape[1]) + output_size
-    if grad_out.shape != expected:
-        raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
-    return input_shape, rois, output_size, spatial_scale, sampling_ratio, grad_out
-
-
 def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio=-1,
                       aligned=False):
     """RoI Align (Mask R-CNN 3), torchvision.ops.roi_align semantics, vectorised.
@@ -307,10 +324,14 @@ def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio
     Returns:
         out: (K, C, ph, pw) float32, the mean of each bin's bilinear samples.
     """
-    features = _checks.as_features(features)                              # (N, C, H, W)
-    rois, (ph, pw), spatial_scale, sampling_ratio = _check_forward_args(
-        rois, features.shape[0], output_size, spatial_scale, sampling_ratio)
+    return _roi_align_forward(*check_forward_inputs(features, rois, output_size, spatial_scale,
+                                                    sampling_ratio, aligned))
+
+
+def _roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """roi_align_forward of checked inputs (check_forward_inputs): ops dispatches here."""
     N, C, H, W = features.shape
+    ph, pw = output_size
     batch, y_axis, x_axis = roi_geometry(rois, spatial_scale, (ph, pw), sampling_ratio, aligned)
     Ay = interpolation_matrix(*y_axis, ph, H)                               # (K, ph, H)
     Ax = interpolation_matrix(*x_axis, pw, W)                               # (K, pw, W)
@@ -349,9 +370,15 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
     Returns:
         (N, C, H, W) float32, dL/d(features).
     """
-    input_shape, rois, (ph, pw), spatial_scale, sampling_ratio, grad_out = _check_backward_args(
-        grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio)
+    return _roi_align_backward(*check_backward_inputs(grad_out, rois, input_shape, output_size,
+                                                      spatial_scale, sampling_ratio, aligned))
+
+
+def _roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio,
+                        aligned):
+    """roi_align_backward of checked inputs (check_backward_inputs): ops dispatches here."""
     N, C, H, W = input_shape
+    ph, pw = output_size
     batch, y_axis, x_axis = roi_geometry(rois, spatial_scale, (ph, pw), sampling_ratio, aligned)
     Ay = interpolation_matrix(*y_axis, ph, H)                               # (K, ph, H)
     Ax = interpolation_matrix(*x_axis, pw, W)                               # (K, pw, W)

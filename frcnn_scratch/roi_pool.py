@@ -181,10 +181,14 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
         argmax: (K, C, ph, pw) int64, the flat index into features.reshape(-1) of each bin's
             first maximum in row-major order, -1 for an empty bin. roi_pool_backward consumes it.
     """
-    features, rois, (ph, pw), spatial_scale = check_forward_inputs(
-        features, rois, output_size, spatial_scale)
+    return _roi_pool_forward(*check_forward_inputs(features, rois, output_size, spatial_scale))
+
+
+def _roi_pool_forward(features, rois, output_size, spatial_scale):
+    """roi_pool_forward of checked inputs (check_forward_inputs): ops dispatches here."""
     N, C, H, W = features.shape
     K = rois.shape[0]
+    ph, pw = output_size
 
     batch, x1, y1, x2, y2 = scaled_roi_cells(rois, spatial_scale)      # (K,) each
     row_lo, row_hi = bin_bounds(y1, y2, ph, H)                         # (K, ph)
@@ -267,7 +271,11 @@ def roi_pool_backward(grad_out, argmax, input_shape):
     Returns:
         (N, C, H, W) float32, dL/d(features).
     """
-    grad_out, argmax, input_shape = check_backward_inputs(grad_out, argmax, input_shape)
+    return _roi_pool_backward(*check_backward_inputs(grad_out, argmax, input_shape))
+
+
+def _roi_pool_backward(grad_out, argmax, input_shape):
+    """roi_pool_backward of checked inputs (check_backward_inputs): ops dispatches here."""
     # grad.reshape(-1)[argmax] += grad_out, adding up repeats: np.add.at (plain `+=` with fancy
     # indexing would keep only one of the repeats).  Indices are shifted by one so that empty
     # bins (argmax -1) land in slot 0, which is dropped.

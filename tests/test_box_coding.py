@@ -130,6 +130,8 @@ def test_zero_size_box_rejected_in_encode():
     (lambda: decode([[0, 0, 0, 0]], [[0, 2, 1, 1]]), "anchors: box 0 has x2 < x1 or y2 < y1"),
     (lambda: encode([[0, 0, 1, 1]], [[0, 0, 1, 1]], (1, 1, 0, 1)), "weights: expected four positive"),
     (lambda: decode([[0, 0, 0, 0]], [[0, 0, 1, 1]], (1, 1, 1)), "weights: expected four positive"),
+    (lambda: decode([[0, 0, 0, 0]], [[0, 0, 1, 1]], (1, np.nan, 1, 1)), "weights: expected four positive"),
+    (lambda: encode([[0, 0, 1, 1]], [[0, 0, 1, 1]], "abcd"), "weights: expected four positive"),
 ])
 def test_bad_input_named(call, match):
     with pytest.raises(ValueError, match=match):
@@ -141,3 +143,11 @@ def test_docstring_examples_run():
     from frcnn_scratch import box_coding as module
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0, f"{result.failed} docstring examples failed"
+
+
+def test_weights_become_float32_values_as_before():
+    """check_weights reads four numbers (no array scan) and keeps them as float32 holds them, so
+    a weight like 0.1 codes exactly as it did when the weights were a float32 array."""
+    from frcnn_scratch.box_coding import check_weights
+    assert check_weights((10, 10, 5, 5)) == (10.0, 10.0, 5.0, 5.0)
+    assert check_weights([0.1, 1, 1, 1])[0] == float(np.float32(0.1))

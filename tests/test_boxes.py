@@ -193,6 +193,8 @@ def test_other_bad_inputs_named():
         clip_boxes([[0, 0, 1, 1]], (-4, 4))
     with pytest.raises(ValueError, match="min_size: expected a finite number >= 0"):
         remove_small_boxes([[0, 0, 1, 1]], -1)
+    with pytest.raises(ValueError, match="min_size: expected a finite number >= 0, got 'a'"):
+        remove_small_boxes([[0, 0, 1, 1]], "a")
     with pytest.raises(ValueError, match="boxes: box 0 has x2 < x1"):
         box_area([[1, 0, 0, 1]])
 

@@ -111,6 +111,27 @@ def test_batched_nms_calls_nms_fn_once_per_class_on_that_class():
     assert calls[0][2] == 0.5 and calls[0][0].dtype == np.float32
 
 
+def test_batched_nms_runs_this_files_nms_on_checked_arrays(monkeypatch):
+    """Without nms_fn, each class goes to the unchecked core: the inputs were checked once."""
+    calls = []
+    core = nms_module._nms
+    monkeypatch.setattr(nms_module, "_nms", lambda *a: calls.append(len(a[0])) or core(*a))
+    monkeypatch.setattr(nms_module, "check_nms_inputs", lambda *a, real=check_nms_inputs:
+                        calls.append("checked") or real(*a))
+    keep = batched_nms(BOXES, SCORES, np.array([0, 1, 0, 1, 0]), 0.5)
+    assert calls == ["checked", 3, 2], calls
+    assert_indices(keep, batched_nms(BOXES, SCORES, np.array([0, 1, 0, 1, 0]), 0.5, nms_fn=nms))
+
+
+def test_nms_thresholds_are_named_where_they_are_checked():
+    from frcnn_scratch.nms import check_iou_threshold
+    assert check_iou_threshold(1) == 1.0
+    with pytest.raises(ValueError, match=r"nms_threshold: expected a number in \[0, 1\], got nan"):
+        check_iou_threshold(float("nan"), "nms_threshold")
+    with pytest.raises(ValueError, match=r"iou_threshold: expected a number in \[0, 1\], got 'a'"):
+        check_iou_threshold("a")
+
+
 def test_check_nms_inputs_returns_float32():
     b, s, thr = check_nms_inputs([[0, 0, 1, 1]], np.array([1.0]), 0.5)
     assert b.dtype == np.float32 and s.dtype == np.float32 and isinstance(thr, float)
