@@ -5,11 +5,14 @@ resumed continues as if it had never stopped.
 Every file is written through a temporary file, fsync'ed and renamed (`atomic_savez`): a kill or a
 power loss leaves the previous checkpoint, never a truncated one.  Nothing is ever unpickled.
 """
+import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict
 
 import numpy as np
@@ -28,8 +31,12 @@ def atomic_savez(path, arrays):
     empty file either.  The temporary file is named after the checkpoint and the writing process
     (.NAME.tmp-PID-XXXX.npz); those of processes that are gone (a killed run) are removed on the
     next save.  The file gets the permissions the umask gives new files (mkstemp's are 0600).
+    A symlink is written through (its target gets the new file; the link stays), and a path that
+    exists but is not a regular file (a device, a FIFO, a folder) is refused, never replaced.
     """
-    path = os.fspath(path)
+    path = os.path.realpath(os.fspath(path)) if os.path.islink(path) else os.fspath(path)
+    if os.path.lexists(path):
+        check_regular_file(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     prefix = f".{os.path.basename(path)}.tmp-"
@@ -47,6 +54,51 @@ def atomic_savez(path, arrays):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def hold(path):
+    """Hold `path` for one writer while the block runs: a lock file .NAME.lock beside it (beside
+    a symlink's target), created with O_EXCL and holding this process's id.  Another live
+    process's lock is refused by name; a lock whose process is gone (a killed run) is stale and
+    taken over.  The lock is removed when the block ends."""
+    path = os.path.realpath(os.fspath(path))
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and owner != os.getpid() and _process_alive(owner):
+                raise ValueError(f"checkpoint {path!r} is being written by another run (process "
+                                 f"{owner}, lock {lock}); wait for it, or choose another "
+                                 f"--checkpoint") from None
+            try:
+                os.remove(lock)                           # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise ValueError(f"checkpoint {path!r}: cannot take its lock {lock}")
+    try:
+        yield path
+    finally:
+        if _lock_owner(lock) == os.getpid():
+            os.remove(lock)
+
+
+def _lock_owner(lock):
+    """The process id written in a lock file, or None (unreadable, empty, half-written)."""
+    try:
+        with open(lock) as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _umask():
@@ -95,35 +147,131 @@ def _process_alive(pid):
     return True
 
 
-def read_npz(path):
-    """All arrays of an .npz file as a dict; an unreadable file is one clear ValueError."""
+def check_regular_file(path, what="checkpoint"):
+    """`path` if it exists and is a regular file (a symlink to one counts): a FIFO would block a
+    reader forever, /dev/zero would fill memory, and a device node must never be replaced."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if not zipfile.is_zipfile(path):                  # np.load would suggest allow_pickle: not helpful
-        raise ValueError(f"checkpoint {path!r} is not an .npz archive")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, ValueError, ...
-        raise ValueError(f"checkpoint {path!r} is not a readable .npz file ({type(e).__name__}: {e})") from None
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path!r} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+        raise ValueError(f"{what} {path!r} is {kind}")
+    return path
+
+
+# Bytes an array of a checkpoint may hold when its shape is not known in advance (the config,
+# class names, random state and train settings are JSON strings of a few kB).
+SMALL_ARRAY_BYTES = 1 << 20
+
+
+class NpzArrays(Mapping):
+    """The arrays of an .npz checkpoint, each read only when asked for, never the whole file.
+
+    Before an array is decompressed its header is read and checked: `shapes` (name -> the shape
+    the model needs) fixes the shape of those it names, and any other array may hold at most
+    SMALL_ARRAY_BYTES; an archive whose member declares more, or is not what it declares, is
+    refused by name.  Use as a context manager (or call close()).
+    """
+
+    def __init__(self, path, shapes=None):
+        self.path = check_regular_file(path)
+        self.source = f"checkpoint {self.path!r}"
+        self.shapes = dict(shapes or {})
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, ValueError):
+            raise ValueError(f"{self.source} is not an .npz archive") from None
+        self._members = {info.filename[:-4]: info for info in self._zip.infolist()
+                         if info.filename.endswith(".npy")}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._zip.close()
+
+    def __iter__(self):
+        return iter(self._members)
+
+    def __len__(self):
+        return len(self._members)
+
+    def __contains__(self, key):
+        return key in self._members
+
+    def __getitem__(self, key):
+        if key not in self._members:
+            raise KeyError(key)
+        info = self._members[key]
+        try:
+            with self._zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            self._check_size(key, shape, dtype, info)
+            with self._zip.open(info) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as e:
+            if str(e).startswith(self.source):
+                raise
+            raise ValueError(f"{self.source} is not a readable .npz file: its {key!r} "
+                             f"({type(e).__name__}: {e})") from None
+
+    def _check_size(self, key, shape, dtype, info):
+        nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        want = self.shapes.get(key)
+        if dtype.hasobject:
+            raise ValueError(f"{self.source}: its {key!r} holds Python objects; not a frcnn "
+                             f"checkpoint")
+        if want is not None and tuple(shape) != tuple(want):
+            raise ValueError(f"{self.source}: its {key!r} has shape {tuple(shape)}, the model's "
+                             f"is {tuple(want)}")
+        if want is None and nbytes > SMALL_ARRAY_BYTES:
+            raise ValueError(f"{self.source}: its {key!r} declares {nbytes:,} bytes, more than "
+                             f"a checkpoint's {key!r} can hold")
+        if nbytes > info.file_size:
+            raise ValueError(f"{self.source}: its {key!r} is truncated ({info.file_size:,} of "
+                             f"{nbytes:,} bytes)")
+
+
+def read_npz(path, shapes=None):
+    """The arrays of an .npz checkpoint (NpzArrays: each read and size-checked when asked for)."""
+    return NpzArrays(path, shapes)
+
+
+def stored_json(arrays, key, source, kind=dict):
+    """The JSON value saved under `key` of a checkpoint's arrays, which must be a `kind` (dict,
+    list, ...; None allowed when kind is a tuple holding type(None)).  A missing key, text that
+    is not JSON, or JSON of another type is one ValueError naming `source` and the key."""
+    if key not in arrays:
+        raise ValueError(f"{source}: no {key} in the file; not a frcnn checkpoint")
+    value = arrays[key]
+    if value.shape != () or value.dtype.kind != "U":
+        raise ValueError(f"{source}: its {key} is not a JSON string ({value.dtype} {value.shape})")
+    try:
+        value = json.loads(str(value))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{source}: its {key} is not valid JSON ({type(e).__name__}: "
+                         f"{str(e)[:80]})") from None
+    if not isinstance(value, kind):
+        words = {dict: "an object", list: "a list", type(None): "null"}
+        want = " or ".join(words.get(k, k.__name__) for k in
+                           (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{source}: its {key} is JSON but not {want}: {value!r:.80}")
+    return value
 
 
 def stored_dict(arrays, key, source):
-    """The JSON object saved under `key` of a checkpoint's arrays, as a dict.
-
-    A missing key, text that is not JSON, or JSON that is not an object is one ValueError naming
-    `source` (the checkpoint path).
-    """
-    if key not in arrays:
-        raise ValueError(f"{source}: no {key} in the file; not a frcnn checkpoint")
-    try:
-        value = json.loads(str(arrays[key]))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: its {key} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{source}: its {key} is JSON but not an object of fields: {value!r:.80}")
-    return value
+    """The JSON object saved under `key` (stored_json with kind=dict)."""
+    return stored_json(arrays, key, source, dict)
 
 
 # ---- a model: weights, config, class names ------------------------------------------------------
@@ -143,13 +291,15 @@ def save_model(model, path):
 
 
 def load_model_arrays(model, arrays, source="checkpoint", strict=True):
-    """Copy parameters from `arrays` (as model_arrays writes them) after checking the config.
+    """Copy parameters from `arrays` (an NpzArrays, as model_arrays writes them) after checking
+    the config; each parameter's shape is checked before it is read.
 
     strict: every config field must match (resuming a run); else only the fields that make
     the network what it is (not Config.TEST_TIME_FIELDS or Config.TRAINING_FIELDS).
     """
     saved = stored_dict(arrays, "config", source)
-    saved = {**Config().to_dict(), **saved}     # files from before a field existed: its default
+    defaults = json.loads(json.dumps(Config().to_dict()))   # files from before a field existed
+    saved = {**defaults, **saved}
     mine = json.loads(json.dumps(model.config.to_dict()))
     free = () if strict else Config.TEST_TIME_FIELDS + Config.TRAINING_FIELDS
     differ = sorted(k for k in set(saved) | set(mine)
@@ -157,10 +307,12 @@ def load_model_arrays(model, arrays, source="checkpoint", strict=True):
     if differ:
         detail = ", ".join(f"{k}: file {saved.get(k)!r} vs model {mine.get(k)!r}" for k in differ[:4])
         raise ValueError(f"{source}: saved with a different config ({detail})")
-    for name, param in model.params().items():
+    params = model.params()
+    arrays.shapes.update({f"param/{name}": p.shape for name, p in params.items()})
+    for name, param in params.items():
         key = f"param/{name}"
-        if key not in arrays or arrays[key].shape != param.shape:
-            raise ValueError(f"{source}: parameter {name!r} missing or of another shape")
+        if key not in arrays:
+            raise ValueError(f"{source}: parameter {name!r} missing")
         value = arrays[key]
         if value.dtype != param.dtype:
             raise ValueError(f"{source}: parameter {name!r} is {value.dtype}, not {param.dtype}")
@@ -172,8 +324,8 @@ def load_model_arrays(model, arrays, source="checkpoint", strict=True):
 def load_weights(model, path):
     """Load weights saved by `save_model`; refuses a file whose network differs (any config field
     but the test-time and training-only ones)."""
-    load_model_arrays(model, read_npz(path), source=f"checkpoint {os.fspath(path)!r}",
-                      strict=False)
+    with read_npz(path) as arrays:
+        load_model_arrays(model, arrays, source=arrays.source, strict=False)
 
 
 def load_model(cls, path, backend=None, overrides=None, fast=True):
@@ -182,33 +334,34 @@ def load_model(cls, path, backend=None, overrides=None, fast=True):
     cls: the model class (FasterRCNN); backend, fast: passed to it.
     overrides: dict of Config.TEST_TIME_FIELDS to change (score and NMS thresholds, test-time
         proposal counts, max detections, the input scale); a field that changes the network
-        is refused, named.
+        is refused, named.  A bad value is blamed on --set, a bad stored one on the file.
     """
-    arrays = read_npz(path)
-    source = f"checkpoint {os.fspath(path)!r}"
-    saved = stored_dict(arrays, "config", source)
     overrides = dict(overrides or {})
     fixed = sorted(k for k in overrides if k not in Config.TEST_TIME_FIELDS)
     if fixed:
         raise ValueError(f"--set {', '.join(fixed)}: fixed by the trained network; a trained "
                          f"model can change only {', '.join(Config.TEST_TIME_FIELDS)}")
-    try:
-        config = Config.from_dict({**saved, **overrides})
-    except ValueError as e:                           # names the field; add the file
-        raise ValueError(f"{source}: {e}") from None
-    names = None
-    if "class_names" in arrays:
+    with read_npz(path) as arrays:
+        source = arrays.source
+        saved = stored_dict(arrays, "config", source)
         try:
-            names = json.loads(str(arrays["class_names"]))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: its class_names are not valid JSON ({e})") from None
-        if not isinstance(names, list):
-            raise ValueError(f"{source}: its class_names are not a list of names")
-    try:
-        model = cls(config, backend=backend, class_names=names, fast=fast)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    load_model_arrays(model, arrays, source=source, strict=False)
+            config = Config.from_dict(saved)
+        except ValueError as e:                           # names the field; add the file
+            raise ValueError(f"{source}: {e}") from None
+        try:
+            config = config.replace(**overrides)
+        except ValueError as e:
+            raise ValueError(f"--set: {e}") from None
+        names = None
+        if "class_names" in arrays:
+            names = stored_json(arrays, "class_names", source, list)
+            if not all(isinstance(n, str) and n.strip() for n in names):
+                raise ValueError(f"{source}: its class_names are not a list of non-empty names")
+        try:
+            model = cls(config, backend=backend, class_names=names, fast=fast)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        load_model_arrays(model, arrays, source=source, strict=False)
     return model
 
 
@@ -261,21 +414,44 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
     RESUME_MUST_MATCH (else the resumed run would not be the run that was stopped), `iterations`
     excepted while the checkpoint's iteration is <= warmup + 1 (all steps taken had
     iteration <= warmup, where the schedule ignores the total): a ValueError lists the fields that
-    differ.
+    differ.  With `data_id`, the checkpoint's data identity must be the same.
     """
-    arrays = read_npz(path)
-    source = f"checkpoint {os.fspath(path)!r}"
-    load_model_arrays(model, arrays, source=source)
+    with read_npz(path) as arrays:
+        source = arrays.source
+        load_model_arrays(model, arrays, source=source)
+        iteration = checkpoint_iteration(arrays, source)
+        check_run(arrays, source, tcfg, data_id, iteration)
+        arrays.shapes.update({f"opt/velocity.{k}": p.shape for k, p in model.params().items()})
+        try:
+            optimizer.load_state_dict({k[4:]: arrays[k] for k in arrays if k.startswith("opt/")})
+        except ValueError as e:
+            raise ValueError(f"{source}: optimizer {e}") from None
+        try:
+            rng.bit_generator.state = stored_dict(arrays, "rng_state", source)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{source}: its random state cannot be restored ({type(e).__name__}: "
+                             f"{e})") from None
+    return iteration
+
+
+def checkpoint_iteration(arrays, source):
+    """The iteration a training checkpoint reached (its arrays, an NpzArrays)."""
     if "iteration" not in arrays or "rng_state" not in arrays:
         raise ValueError(f"{source}: holds weights only (no optimizer / rng state); cannot resume")
     iteration = arrays["iteration"]
     if iteration.shape != () or iteration.dtype.kind not in "iu" or int(iteration) < 0:
         raise ValueError(f"{source}: its iteration is not a whole number >= 0 "
                          f"({iteration.dtype} {iteration.shape})")
+    return int(iteration)
+
+
+def check_run(arrays, source, tcfg, data_id, iteration):
+    """Refuse to resume a checkpoint with another train config (RESUME_MUST_MATCH) or on other
+    data (its data identity); the same checks whether the run is finished or not."""
     if tcfg is not None:
         saved = stored_dict(arrays, "train_config", source)
         mine = json.loads(json.dumps(asdict(tcfg)))
-        in_warmup = int(arrays["iteration"]) <= tcfg.warmup + 1      # steps 0 .. warmup taken at most
+        in_warmup = iteration <= tcfg.warmup + 1          # steps 0 .. warmup taken at most
         differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != mine[k]
                   and not (k == "iterations" and in_warmup)]
         if differ:
@@ -283,7 +459,7 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
             raise ValueError(f"{source}: cannot resume exactly with another train config ({detail}); "
                              "use the checkpoint's values, or start a new run without --resume")
     if data_id is not None and "data_identity" in arrays:
-        saved_data = json.loads(str(arrays["data_identity"]))
+        saved_data = stored_json(arrays, "data_identity", source, (dict, type(None)))
         mine = json.loads(json.dumps(data_id))
         if saved_data is not None and saved_data != mine:
             keys = sorted(set(saved_data) | set(mine))
@@ -291,13 +467,3 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
                                for k in keys if saved_data.get(k) != mine.get(k))
             raise ValueError(f"{source}: was trained on other data ({detail}); resume with the "
                              "same --data, --split, --train-images and --data-seed")
-    try:
-        optimizer.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("opt/")})
-    except ValueError as e:
-        raise ValueError(f"{source}: optimizer {e}") from None
-    try:
-        rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{source}: its random state cannot be restored ({type(e).__name__}: "
-                         f"{e})") from None
-    return int(iteration)

@@ -9,13 +9,14 @@ may change only while every step taken so far lies in the warmup (iteration <= w
 learning rate does not depend on the total; after that the cosine stretches over the total, so
 another --iters would have given the steps already taken other learning rates.
 """
+import contextlib
 import math
 import os
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import hold, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data.transforms import hflip
 from .nn import SGD
@@ -137,7 +138,8 @@ def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=Tru
         samples: list of sample dicts (see frcnn_scratch.data), or a data.Dataset.
         tcfg: a TrainConfig (defaults if None).
         checkpoint: path of the checkpoint .npz (written every tcfg.checkpoint_every iterations and
-            at the end); None writes none.
+            at the end); None writes none.  The path is held for this run (checkpoint.hold): a
+            second run on it at the same time is refused.
         resume: continue from `checkpoint` if it exists.
         progress: show a tqdm bar with the losses and images per second.
         data_id: a description of the data (data_identity), saved in checkpoints; resuming from a
@@ -146,19 +148,19 @@ def train(model, samples, tcfg=None, checkpoint=None, resume=False, progress=Tru
         list of per-iteration loss dicts (of this call's iterations).
     """
     trainer = Trainer(model, samples, tcfg, data_id=data_id)
-    tcfg = trainer.tcfg
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        trainer.resume(checkpoint)
-    history = []
-    bar = None
-    if progress:
-        bar = tqdm(total=tcfg.iterations, initial=trainer.iteration, desc="train", unit="img",
-                   dynamic_ncols=True)
-    try:
-        _loop(trainer, checkpoint, history, bar)          # threads: model's choice per image
-    finally:
-        if bar is not None:
-            bar.close()
+    with contextlib.nullcontext() if checkpoint is None else hold(checkpoint):
+        if resume and checkpoint is not None and os.path.exists(checkpoint):
+            trainer.resume(checkpoint)
+        history = []
+        bar = None
+        if progress:
+            bar = tqdm(total=trainer.tcfg.iterations, initial=trainer.iteration, desc="train",
+                       unit="img", dynamic_ncols=True)
+        try:
+            _loop(trainer, checkpoint, history, bar)
+        finally:
+            if bar is not None:
+                bar.close()
     return history
 
 
