@@ -27,10 +27,11 @@ Labels use 1 = positive, 0 = negative, -1 = ignored.
 import numpy as np
 
 from . import ops
-from ._checks import as_boxes, as_labels, unit_interval, whole_number
-from .anchors import anchors_inside
+from ._checks import as_boxes, as_labels, finite_number, unit_interval, whole_number
+from .anchors import _anchors_inside
+from .boxes import check_image_shape
 
-__all__ = ["label_anchors", "sample_labels"]
+__all__ = ["label_anchors", "sample_labels", "check_iou_thresholds"]
 
 
 def label_anchors(anchors, gt_boxes, image_shape=None, pos_iou=0.7, neg_iou=0.3, allowed_border=0,
@@ -57,15 +58,28 @@ def label_anchors(anchors, gt_boxes, image_shape=None, pos_iou=0.7, neg_iou=0.3,
     """
     a = as_boxes(anchors, "anchors")                     # (A, 4)
     g = as_boxes(gt_boxes, "gt_boxes")                   # (G, 4)
+    pos_iou, neg_iou = check_iou_thresholds(pos_iou, neg_iou)
+    if image_shape is None:
+        inside = np.ones(a.shape[0], bool)               # (A,)
+    else:
+        inside = _anchors_inside(a, check_image_shape(image_shape),
+                                 finite_number(allowed_border, "allowed_border"))
+    return _label_anchors(a, g, inside, pos_iou, neg_iou, bool(pos_inclusive))
+
+
+def check_iou_thresholds(pos_iou, neg_iou):
+    """(pos_iou, neg_iou) as floats with 0 <= neg_iou <= pos_iou <= 1."""
     pos_iou = unit_interval(pos_iou, "pos_iou")
     neg_iou = unit_interval(neg_iou, "neg_iou")
     if neg_iou > pos_iou:
         raise ValueError(f"neg_iou: expected at most pos_iou = {pos_iou}, got {neg_iou}")
+    return pos_iou, neg_iou
+
+
+def _label_anchors(a, g, inside, pos_iou, neg_iou, pos_inclusive):
+    """label_anchors of checked anchors (A, 4) and gt boxes (G, 4), the (A,) bool mask of the
+    anchors inside the image, and checked thresholds."""
     num_anchors = a.shape[0]
-    if image_shape is None:
-        inside = np.ones(num_anchors, bool)              # (A,)
-    else:
-        inside = anchors_inside(a, image_shape, allowed_border)
     labels = np.full(num_anchors, -1, np.int64)          # (A,) everything starts ignored
     matched_gt = np.full(num_anchors, -1, np.int64)      # (A,)
     if g.shape[0] == 0:                                  # no objects: every usable anchor is background
@@ -74,7 +88,7 @@ def label_anchors(anchors, gt_boxes, image_shape=None, pos_iou=0.7, neg_iou=0.3,
     if num_anchors == 0:
         return labels, matched_gt
 
-    iou = ops.box_iou(g, a).T                            # (A, G), a view of (G, A): its long
+    iou = ops._box_iou(g, a).T                           # (A, G), a view of (G, A): its long
                                                          # rows make it 3x faster (A >> G)
     matched_gt[:] = iou.argmax(axis=1)                   # best gt per anchor, lowest index on ties
     best_iou = iou[np.arange(num_anchors), matched_gt]   # (A,)
@@ -117,11 +131,14 @@ def sample_labels(labels, batch_size=256, positive_fraction=0.5, rng=None):
     >>> int((out == 1).sum()), int((out == 0).sum())        # 2 of the 3 positives, 2 negatives
     (2, 2)
     """
-    lab = as_labels(labels, "labels", -1, 1)             # (A,) in {1, 0, -1}
-    batch_size = whole_number(batch_size, "batch_size")
-    positive_fraction = unit_interval(positive_fraction, "positive_fraction")
-    rng = np.random.default_rng(rng)                     # a Generator passes through unchanged
+    return _sample_labels(as_labels(labels, "labels", -1, 1),                     # (A,)
+                          whole_number(batch_size, "batch_size"),
+                          unit_interval(positive_fraction, "positive_fraction"),
+                          np.random.default_rng(rng))    # a Generator passes through unchanged
 
+
+def _sample_labels(lab, batch_size, positive_fraction, rng):
+    """sample_labels of checked (A,) int64 labels, batch_size, fraction and a Generator."""
     positives = np.flatnonzero(lab == 1)
     negatives = np.flatnonzero(lab == 0)
     num_pos = min(len(positives), int(batch_size * positive_fraction))

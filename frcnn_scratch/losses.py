@@ -19,28 +19,9 @@ checked by finite differences in float64).  The loss is returned as a Python flo
 """
 import numpy as np
 
-from ._checks import as_float_array, as_labels, finite_number, positive_number
+from ._checks import as_float_values, as_labels, finite_number, positive_number
 
 __all__ = ["sigmoid", "softmax", "binary_log_loss", "softmax_cross_entropy", "smooth_l1", "rpn_loss"]
-
-
-# ---- input checks ------------------------------------------------------------------------------
-
-def _values(x, name, ndim):
-    """A finite float array with `ndim` dims: float64 stays float64, anything else becomes float32."""
-    if not (isinstance(x, np.ndarray) and x.dtype == np.float64):
-        return as_float_array(x, name, ndim=ndim)
-    if x.ndim != ndim:
-        want = "(N,)" if ndim == 1 else "(N, _)"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name}: contains NaN or Inf")
-    return x
-
-
-def _labels(labels, name, n, allowed_min, allowed_max):
-    """(n,) int64 labels, whole numbers in [allowed_min, allowed_max] (the shared _checks.as_labels)."""
-    return as_labels(labels, name, allowed_min, allowed_max, size=n)
 
 
 # ---- L_cls: log loss ---------------------------------------------------------------------------
@@ -59,8 +40,12 @@ def binary_log_loss(logits, labels):
         (loss, grad): loss = SUM of L over the anchors whose label is not -1 (a float);
         grad (A,) = dloss/dlogits, 0 where the label is -1.
     """
-    x = _values(logits, "logits", ndim=1)                              # (A,)
-    y = _labels(labels, "labels", len(x), -1, 1)                       # (A,)
+    x = as_float_values(logits, "logits", ndim=1)                      # (A,)
+    return _binary_log_loss(x, as_labels(labels, "labels", -1, 1, size=len(x)))
+
+
+def _binary_log_loss(x, y):
+    """binary_log_loss of checked logits (A,) and (A,) int64 labels in {1, 0, -1}."""
     counted = y >= 0                                                   # (A,) not ignored
     y = np.where(counted, y, 0).astype(x.dtype)
     per_anchor = np.maximum(x, 0) - y * x + np.log1p(np.exp(-np.abs(x)))   # softplus(x) - y x
@@ -93,13 +78,18 @@ def softmax_cross_entropy(logits, labels):
     Returns:
         (loss, grad): loss = SUM of L over counted rows (a float); grad (R, C), 0 on rows with -1.
     """
-    z = _values(logits, "logits", ndim=2)                              # (R, C)
+    z = as_float_values(logits, "logits", ndim=2)                      # (R, C)
     num_rows, num_classes = z.shape
     if num_classes == 0:
         raise ValueError("logits: expected at least one class column, got shape (R, 0)")
-    y = _labels(labels, "labels", num_rows, -1, num_classes - 1)       # (R,)
+    return _softmax_cross_entropy(z, as_labels(labels, "labels", -1, num_classes - 1,
+                                               size=num_rows))
+
+
+def _softmax_cross_entropy(z, y):
+    """softmax_cross_entropy of checked (R, C) logits and (R,) int64 labels in [-1, C)."""
     counted = y >= 0                                                   # (R,)
-    rows = np.arange(num_rows)
+    rows = np.arange(len(z))
     shifted = z - z.max(axis=1, keepdims=True)                         # (R, C), row max is 0
     log_sum_exp = np.log(np.exp(shifted).sum(axis=1))                  # (R,) in [0, log C]
     target = shifted[rows, np.where(counted, y, 0)]                    # (R,) z_y - max
@@ -130,12 +120,18 @@ def smooth_l1(pred, target, sigma=1.0, weights=None):
     Returns:
         (loss, grad): loss = SUM of weights * L (a float); grad same shape as pred.
     """
-    p = _values(pred, "pred", ndim=np.ndim(pred) if np.ndim(pred) in (1, 2) else 2)
-    t = _values(target, "target", ndim=p.ndim).astype(p.dtype)
+    p = as_float_values(pred, "pred", ndim=np.ndim(pred) if np.ndim(pred) in (1, 2) else 2)
+    t = as_float_values(target, "target", ndim=p.ndim).astype(p.dtype)
     if t.shape != p.shape:
         raise ValueError(f"target: expected shape {tuple(p.shape)} like pred, got {tuple(t.shape)}")
-    sigma = positive_number(sigma, "sigma")
-    w = _weights(weights, p)                                           # like p
+    return _smooth_l1(p, t, positive_number(sigma, "sigma"), _weights(weights, p))
+
+
+def _smooth_l1(p, t, sigma, w):
+    """smooth_l1 of checked pred and target (same shape and dtype), sigma, and weights w (None,
+    or non-negative and of p's shape and dtype)."""
+    if w is None:
+        w = np.ones_like(p)
     s2 = sigma * sigma
     x = p - t
     inside = np.abs(x) < 1.0 / s2                                      # the quadratic zone
@@ -146,10 +142,10 @@ def smooth_l1(pred, target, sigma=1.0, weights=None):
 
 
 def _weights(weights, p):
-    """Per-element weights broadcast to p's shape; None -> ones."""
+    """Per-element weights broadcast to p's shape (None stays None: all 1)."""
     if weights is None:
-        return np.ones_like(p)
-    w = _values(weights, "weights", ndim=np.ndim(weights)).astype(p.dtype)
+        return None
+    w = as_float_values(weights, "weights", ndim=np.ndim(weights)).astype(p.dtype)
     if w.shape == p.shape[:1] and p.ndim == 2:
         w = np.repeat(w[:, None], p.shape[1], axis=1)                  # (N,) -> (N, D)
     if w.shape != p.shape:
@@ -192,26 +188,31 @@ def rpn_loss(logits, t_pred, labels, t_target, n_cls=None, n_reg=None, lam=1.0, 
         dict(loss=float, loss_cls=float (the first term), loss_reg=float (1/N_reg sum p* L_reg,
         before lambda; loss = loss_cls + lam * loss_reg), grad_logits (A,), grad_t (A, 4)).
     """
-    x = _values(logits, "logits", ndim=1)                              # (A,)
+    x = as_float_values(logits, "logits", ndim=1)                      # (A,)
     num = len(x)
-    t = _values(t_pred, "t_pred", ndim=2)                              # (A, 4)
-    t_star = _values(t_target, "t_target", ndim=2)                     # (A, 4)
+    t = as_float_values(t_pred, "t_pred", ndim=2)                      # (A, 4)
+    t_star = as_float_values(t_target, "t_target", ndim=2)             # (A, 4)
     for name, arr in (("t_pred", t), ("t_target", t_star)):
         if arr.shape != (num, 4):
             raise ValueError(f"{name}: expected shape ({num}, 4) to match logits, got {tuple(arr.shape)}")
-    y = _labels(labels, "labels", num, -1, 1)                          # (A,)
+    y = as_labels(labels, "labels", -1, 1, size=num)                   # (A,)
     sampled = int(np.count_nonzero(y >= 0))
-    n_cls = _normaliser(n_cls, "n_cls", sampled)
-    n_reg = _normaliser(n_reg, "n_reg", sampled)
-    lam = finite_number(lam, "lam", minimum=0)
+    return _rpn_loss(x, t, y, t_star, _normaliser(n_cls, "n_cls", sampled),
+                     _normaliser(n_reg, "n_reg", sampled), finite_number(lam, "lam", minimum=0),
+                     positive_number(sigma, "sigma"))
 
+
+def _rpn_loss(x, t, y, t_star, n_cls, n_reg, lam, sigma):
+    """rpn_loss of checked arrays (logits (A,), t_pred and t_target (A, 4), labels (A,) int64)
+    and checked normalisers, lambda and sigma."""
+    num = len(x)
     # Only the sampled anchors count (a few hundred of tens of thousands): both sums run over
     # them alone, and every other anchor's gradient is 0.
     sampled_rows = np.flatnonzero(y >= 0)                              # (S,)
     positive_rows = np.flatnonzero(y == 1)                             # p_i* = 1, (P,)
-    cls_sum, grad_cls = binary_log_loss(x[sampled_rows], y[sampled_rows])
-    reg_sum, grad_reg = smooth_l1(t[positive_rows], t_star[positive_rows].astype(t.dtype),
-                                  sigma=sigma)                         # p_i* L_reg, summed
+    cls_sum, grad_cls = _binary_log_loss(x[sampled_rows], y[sampled_rows])
+    reg_sum, grad_reg = _smooth_l1(t[positive_rows], t_star[positive_rows].astype(t.dtype),
+                                   sigma, None)                        # p_i* L_reg, summed
     loss_cls = cls_sum / n_cls
     loss_reg = reg_sum / n_reg
     grad_logits = np.zeros(num, x.dtype)                               # (A,)

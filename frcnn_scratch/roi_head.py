@@ -14,9 +14,10 @@ each class, drops low scores and runs NMS within each class.
 import numpy as np
 
 from . import _checks, ops
-from .box_coding import decode, encode
-from .boxes import clip_boxes, remove_small_boxes
-from .losses import smooth_l1, softmax, softmax_cross_entropy
+from .box_coding import _decode, _encode, check_weights
+from .boxes import _clip_boxes, _remove_small_boxes, check_image_shape
+from .losses import _smooth_l1, _softmax_cross_entropy, softmax
+from .nms import check_iou_threshold
 from . import nn
 
 HEAD_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # eq. (2) times these = dividing by stds (0.1, 0.1, 0.2, 0.2)
@@ -52,14 +53,28 @@ def proposal_targets(proposals, gt_boxes, gt_labels, num_classes, batch_size=128
         bbox_targets: (R, 4 (C+1)) float32; row r holds t* in columns 4 l .. 4 l + 3 of its class l.
         bbox_weights: (R, 4 (C+1)) float32; 1 where bbox_targets counts in the loss, else 0.
     """
-    rng = np.random.default_rng(rng)                                      # a Generator passes through
-    proposals = _checks.as_boxes(proposals, "proposals")
-    gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")
+    proposals = _checks.as_boxes(proposals, "proposals")                  # (P, 4)
+    gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")                     # (G, 4)
     num_classes = _checks.whole_number(num_classes, "num_classes")
     gt_labels = _checks.as_labels(gt_labels, "gt_labels", 1, num_classes, size=len(gt_boxes))  # (G,)
+    batch_size = _checks.whole_number(batch_size, "batch_size")
+    fg_fraction = _checks.unit_interval(fg_fraction, "fg_fraction")
+    fg_iou = _checks.unit_interval(fg_iou, "fg_iou")
+    if fg_iou == 0:                        # every RoI, even one of zero size, would be foreground
+        raise ValueError("fg_iou: expected a number in (0, 1], got 0.0")
+    bg_iou_hi = _checks.unit_interval(bg_iou_hi, "bg_iou_hi")
+    bg_iou_lo = _checks.unit_interval(bg_iou_lo, "bg_iou_lo")
+    return _proposal_targets(proposals, gt_boxes, gt_labels, num_classes, batch_size,
+                             fg_fraction, fg_iou, bg_iou_hi, bg_iou_lo, check_weights(weights),
+                             np.random.default_rng(rng), backend)   # a Generator passes through
+
+
+def _proposal_targets(proposals, gt_boxes, gt_labels, num_classes, batch_size, fg_fraction,
+                      fg_iou, bg_iou_hi, bg_iou_lo, weights, rng, backend=None):
+    """proposal_targets of checked inputs (rng a Generator)."""
     all_rois = np.concatenate([proposals, gt_boxes], axis=0)              # (P + G, 4)
     if len(gt_boxes):
-        iou = ops.box_iou(all_rois, gt_boxes, backend=backend)            # (P + G, G)
+        iou = ops._box_iou(all_rois, gt_boxes, backend)                   # (P + G, G)
         best_gt = iou.argmax(axis=1)
         max_iou = iou[np.arange(len(all_rois)), best_gt]
     else:
@@ -76,8 +91,8 @@ def proposal_targets(proposals, gt_boxes, gt_labels, num_classes, batch_size=128
     labels[:len(fg)] = gt_labels[best_gt[fg]]
     bbox_targets = np.zeros((len(keep), 4 * (num_classes + 1)), np.float32)
     bbox_weights = np.zeros_like(bbox_targets)
-    if len(fg):
-        t = encode(gt_boxes[best_gt[fg]], rois[:len(fg)], weights=weights)  # (F, 4)
+    if len(fg):             # IoU >= fg_iou > 0: both boxes have positive sizes, as eq. (2) needs
+        t = _encode(gt_boxes[best_gt[fg]], rois[:len(fg)], weights)       # (F, 4)
         cols = 4 * labels[:len(fg), None] + np.arange(4)                  # (F, 4) the class's columns
         rows = np.arange(len(fg))[:, None]
         bbox_targets[rows, cols] = t
@@ -163,14 +178,39 @@ def fast_rcnn_loss(cls_logits, bbox_deltas, labels, bbox_targets, bbox_weights, 
 
     Args:
         cls_logits: (R, C+1).  bbox_deltas: (R, 4 (C+1)).
-        labels, bbox_targets, bbox_weights: from `proposal_targets`.
+        labels, bbox_targets, bbox_weights: from `proposal_targets` (labels may hold -1: a RoI
+            that is not counted); bbox_weights >= 0.
         sigma: smooth L1's sigma (1 for the head).
     Returns:
         dict(loss, loss_cls, loss_reg, grad_cls (R, C+1), grad_bbox (R, 4 (C+1))).
+        float64 logits and deltas give float64 losses and gradients (for gradient checks).
     """
+    cls_logits = _checks.as_float_values(cls_logits, "cls_logits", ndim=2)          # (R, C+1)
+    r, c1 = cls_logits.shape
+    if c1 == 0:
+        raise ValueError("cls_logits: expected at least one class column, got shape (R, 0)")
+    labels = _checks.as_labels(labels, "labels", -1, c1 - 1, size=r)                # (R,)
+    bbox_deltas = _checks.as_float_values(bbox_deltas, "bbox_deltas", ndim=2)       # (R, 4 (C+1))
+    bbox_targets = _checks.as_float_values(bbox_targets, "bbox_targets", ndim=2)
+    bbox_weights = _checks.as_float_values(bbox_weights, "bbox_weights", ndim=2)
+    for name, arr in (("bbox_deltas", bbox_deltas), ("bbox_targets", bbox_targets),
+                      ("bbox_weights", bbox_weights)):
+        if arr.shape != (r, 4 * c1):
+            raise ValueError(f"{name}: expected shape ({r}, {4 * c1}) = (R, 4 (C+1)), "
+                             f"got {tuple(arr.shape)}")
+    if np.any(bbox_weights < 0):
+        raise ValueError("bbox_weights: expected non-negative values")
+    return _fast_rcnn_loss(cls_logits, bbox_deltas, labels,
+                           bbox_targets.astype(bbox_deltas.dtype),
+                           bbox_weights.astype(bbox_deltas.dtype),
+                           _checks.positive_number(sigma, "sigma"))
+
+
+def _fast_rcnn_loss(cls_logits, bbox_deltas, labels, bbox_targets, bbox_weights, sigma):
+    """fast_rcnn_loss of checked arrays (targets and weights in bbox_deltas' dtype)."""
     r = max(len(labels), 1)
-    loss_cls, grad_cls = softmax_cross_entropy(cls_logits, labels)
-    loss_reg, grad_bbox = smooth_l1(bbox_deltas, bbox_targets, sigma=sigma, weights=bbox_weights)
+    loss_cls, grad_cls = _softmax_cross_entropy(cls_logits, labels)
+    loss_reg, grad_bbox = _smooth_l1(bbox_deltas, bbox_targets, sigma, bbox_weights)
     return dict(loss=(loss_cls + loss_reg) / r, loss_cls=loss_cls / r, loss_reg=loss_reg / r,
                 grad_cls=grad_cls / r,
                 grad_bbox=grad_bbox / r)
@@ -200,15 +240,29 @@ def postprocess_detections(rois, cls_logits, bbox_deltas, image_shape, score_thr
     if bbox_deltas.shape != (r, 4 * c1):
         raise ValueError(f"bbox_deltas: expected shape ({r}, {4 * c1}) = (R, 4 (C+1)), "
                          f"got {tuple(bbox_deltas.shape)}")
+    image_shape = check_image_shape(image_shape)
+    score_threshold = _checks.finite_number(score_threshold, "score_threshold")
+    nms_threshold = check_iou_threshold(nms_threshold, "nms_threshold")
+    if max_detections is not None:
+        max_detections = _checks.whole_number(max_detections, "max_detections")
+    return _postprocess_detections(rois, cls_logits, bbox_deltas, image_shape, score_threshold,
+                                   nms_threshold, max_detections, check_weights(weights), backend)
+
+
+def _postprocess_detections(rois, cls_logits, bbox_deltas, image_shape, score_threshold,
+                            nms_threshold, max_detections, weights, backend=None):
+    """postprocess_detections of checked inputs.  Decoded boxes of finite t are finite with
+    x2 >= x1, so the class-wise NMS can trust them."""
+    r, c1 = cls_logits.shape
     probs = softmax(cls_logits)                                           # (R, C+1)
     anchors = np.repeat(rois, c1, axis=0)                                 # (R (C+1), 4)
-    boxes = decode(bbox_deltas.reshape(-1, 4), anchors, weights=weights)  # (R (C+1), 4)
-    boxes = clip_boxes(boxes, image_shape).reshape(r, c1, 4)
+    boxes = _decode(bbox_deltas.reshape(-1, 4), anchors, weights)         # (R (C+1), 4)
+    boxes = _clip_boxes(boxes, image_shape).reshape(r, c1, 4)
     boxes, probs = boxes[:, 1:].reshape(-1, 4), probs[:, 1:].reshape(-1)  # drop background
     labels = np.tile(np.arange(1, c1, dtype=np.int64), r)                 # (R C,)
     keep = np.flatnonzero(probs > score_threshold)
-    keep = keep[remove_small_boxes(boxes[keep], 1e-2)]
+    keep = keep[_remove_small_boxes(boxes[keep], 1e-2)]
     boxes, probs, labels = boxes[keep], probs[keep], labels[keep]
-    keep = ops.batched_nms(boxes, probs, labels, nms_threshold, backend=backend)[:max_detections]
+    keep = ops._batched_nms(boxes, probs, labels, nms_threshold, backend)[:max_detections]
     return dict(boxes=boxes[keep].astype(np.float32), scores=probs[keep].astype(np.float32),
                 labels=labels[keep])

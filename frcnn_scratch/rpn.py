@@ -22,10 +22,12 @@ the image, drop tiny boxes, keep the pre-NMS top N by score, NMS at 0.7, keep th
 import numpy as np
 
 from . import _checks, ops
-from .box_coding import decode, encode
-from .boxes import clip_boxes, remove_small_boxes
-from .labeling import label_anchors, sample_labels
+from .anchors import _anchors_inside
+from .box_coding import _decode, _encode
+from .boxes import _clip_boxes, _remove_small_boxes, check_image_shape, check_min_size
+from .labeling import _label_anchors, _sample_labels, check_iou_thresholds
 from .losses import sigmoid
+from .nms import check_iou_threshold
 from . import nn
 
 
@@ -79,24 +81,38 @@ def anchor_targets(anchors, gt_boxes, image_shape, pos_iou=0.7, neg_iou=0.3,
     Args:
         anchors: (A, 4) all anchors of the image, xyxy.
         gt_boxes: (G, 4) ground-truth boxes, xyxy (G may be 0).
-        image_shape: (height, width); anchors crossing the border are ignored.
+        image_shape: (height, width); anchors crossing the border are ignored (None: none is).
         pos_iou, neg_iou: the 0.7 / 0.3 thresholds.
         batch_size, positive_fraction: the mini-batch of anchors (256 at up to 1:1 in the paper).
-        rng: np.random.Generator for the sampling.
+        rng: np.random.Generator (or an int seed, or None) for the sampling.
     Returns:
         labels: (A,) int64 in {1, 0, -1}; only the sampled anchors are >= 0.
         targets: (A, 4) float32 t* of eq. (2) for each anchor's best ground truth (0 where none).
     """
-    anchors = _checks.as_boxes(anchors, "anchors")
-    gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")
-    labels, matched = label_anchors(anchors, gt_boxes, image_shape=image_shape,
-                                    pos_iou=pos_iou, neg_iou=neg_iou)
-    labels = sample_labels(labels, batch_size=batch_size,
-                           positive_fraction=positive_fraction, rng=rng)
+    anchors = _checks.as_boxes(anchors, "anchors")                        # (A, 4)
+    gt_boxes = _checks.as_boxes(gt_boxes, "gt_boxes")                     # (G, 4)
+    image_shape = None if image_shape is None else check_image_shape(image_shape)
+    pos_iou, neg_iou = check_iou_thresholds(pos_iou, neg_iou)
+    batch_size = _checks.whole_number(batch_size, "batch_size")
+    positive_fraction = _checks.unit_interval(positive_fraction, "positive_fraction")
+    return _anchor_targets(anchors, gt_boxes, image_shape, pos_iou, neg_iou, batch_size,
+                           positive_fraction, np.random.default_rng(rng))
+
+
+def _anchor_targets(anchors, gt_boxes, image_shape, pos_iou, neg_iou, batch_size,
+                    positive_fraction, rng):
+    """anchor_targets of checked inputs (rng a Generator): label, sample, encode."""
+    if image_shape is None:
+        inside = np.ones(len(anchors), bool)                              # (A,)
+    else:
+        inside = _anchors_inside(anchors, image_shape, 0.0)               # (A,) bool
+    labels, matched = _label_anchors(anchors, gt_boxes, inside, pos_iou, neg_iou, False)
+    labels = _sample_labels(labels, batch_size, positive_fraction, rng)
     targets = np.zeros((len(anchors), 4), np.float32)                     # (A, 4)
     pos = np.flatnonzero(labels == 1)
     if len(pos):
-        targets[pos] = encode(gt_boxes[matched[pos]], anchors[pos])
+        # a positive anchor overlaps its gt box (IoU > 0): both have positive sizes, as eq. (2) needs
+        targets[pos] = _encode(gt_boxes[matched[pos]], anchors[pos], (1.0, 1.0, 1.0, 1.0))
     return labels.astype(np.int64), targets
 
 
@@ -141,10 +157,21 @@ def generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post
     if not len(anchors) == len(logits) == len(deltas):
         raise ValueError(f"anchors, logits, deltas: expected one row per anchor, got "
                          f"{len(anchors)}, {len(logits)}, {len(deltas)}")
+    image_shape = check_image_shape(image_shape)
     pre_nms_top_n = _checks.whole_number(pre_nms_top_n, "pre_nms_top_n")
     post_nms_top_n = _checks.whole_number(post_nms_top_n, "post_nms_top_n")
+    nms_threshold = check_iou_threshold(nms_threshold, "nms_threshold")
+    min_size = check_min_size(min_size)
+    return _generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n,
+                               post_nms_top_n, nms_threshold, min_size, backend)
+
+
+def _generate_proposals(anchors, logits, deltas, image_shape, pre_nms_top_n, post_nms_top_n,
+                        nms_threshold, min_size, backend=None):
+    """generate_proposals of checked inputs.  Decoded boxes of finite t are finite with
+    x2 >= x1, so the NMS can trust them."""
     boxes, logits = _best_boxes(anchors, logits, deltas, image_shape, min_size, pre_nms_top_n)
-    keep = ops.nms(boxes, logits, nms_threshold, backend=backend, max_keep=post_nms_top_n)
+    keep = ops._nms(boxes, logits, nms_threshold, backend, max_keep=post_nms_top_n)
     return boxes[keep].astype(np.float32), sigmoid(logits[keep]).astype(np.float32)
 
 
@@ -159,8 +186,9 @@ def _best_boxes(anchors, logits, deltas, image_shape, min_size, n):
     take = n + n // 4 + 16                                 # a margin for boxes dropped as small
     while True:
         order = top_n(logits, take)                        # best first, ties in index order
-        boxes = clip_boxes(decode(deltas[order], anchors[order]), image_shape)
-        keep = remove_small_boxes(boxes, min_size)[:n]     # the first n that pass, in order
+        boxes = _clip_boxes(_decode(deltas[order], anchors[order], (1.0, 1.0, 1.0, 1.0)),
+                            image_shape)
+        keep = _remove_small_boxes(boxes, min_size)[:n]    # the first n that pass, in order
         if len(keep) == n or len(order) == len(logits):
             return boxes[keep], logits[order[keep]]
         take *= 4

@@ -144,13 +144,16 @@ def test_empty_anchors_and_zero_area_boxes():
 
 
 def test_labeling_goes_through_ops_box_iou(monkeypatch):
+    """label_anchors checks its boxes at its door, then dispatches through ops._box_iou (the
+    backend switch, without checking the boxes again)."""
     calls = []
     def spy(a, b, backend=None):
         calls.append((len(a), len(b)))
         return box_iou(a, b)
-    monkeypatch.setattr(ops, "box_iou", spy)
+    monkeypatch.setattr(ops, "_box_iou", spy)
+    monkeypatch.setattr(ops, "box_iou", lambda *a, **k: pytest.fail("boxes checked twice"))
     label_anchors([[0, 0, 10, 10]] * 3, GT)
-    assert calls == [(1, 3)], "label_anchors must call ops.box_iou (the backend dispatch point)"
+    assert calls == [(1, 3)], "label_anchors must call ops._box_iou (the backend dispatch point)"
     assert labeling.ops is ops
 
 

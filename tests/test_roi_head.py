@@ -241,3 +241,52 @@ def test_proposal_targets_check_the_label_values(labels, match):
 def test_postprocess_names_a_wrongly_shaped_argument(rois, cls, bbox, match):
     with pytest.raises(ValueError, match=match):
         postprocess_detections(rois, cls, bbox, (20, 20))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(fg_iou=0), r"fg_iou: expected a number in \(0, 1\]"),
+    (dict(fg_iou=1.5), r"fg_iou: expected a number in \[0, 1\]"),
+    (dict(bg_iou_lo=-0.1), r"bg_iou_lo: expected a number in \[0, 1\]"),
+    (dict(fg_fraction="x"), r"fg_fraction: expected a number in \[0, 1\]"),
+    (dict(batch_size=2.5), "batch_size: expected a whole number"),
+    (dict(weights=(10, 10, 5)), "weights: expected four positive numbers"),
+])
+def test_proposal_targets_check_their_settings_at_the_door(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        proposal_targets(GT, GT, GT_LABELS, 3, rng=0, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(score_threshold=np.nan), "score_threshold: expected a finite number"),
+    (dict(nms_threshold=-0.5), r"nms_threshold: expected a number in \[0, 1\]"),
+    (dict(max_detections=-1), "max_detections: expected a whole number"),
+    (dict(weights=(10, 10, 5, np.inf)), "weights: expected four positive numbers"),
+    (dict(image_shape=(-1, 5)), "image_shape: expected non-negative finite"),
+])
+def test_postprocess_checks_its_settings_at_the_door(kwargs, match):
+    args = dict(rois=np.zeros((2, 4)), cls_logits=np.zeros((2, 3)), bbox_deltas=np.zeros((2, 12)),
+                image_shape=(20, 20))
+    with pytest.raises(ValueError, match=match):
+        postprocess_detections(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((2, 3), (2, 8), (2, 12), (2, 12)), r"bbox_deltas: expected shape \(2, 12\)"),
+    (((2, 3), (2, 12), (2, 8), (2, 12)), r"bbox_targets: expected shape \(2, 12\)"),
+    (((2, 3), (2, 12), (2, 12), (3, 12)), r"bbox_weights: expected shape \(2, 12\)"),
+    (((2, 0), (2, 0), (2, 0), (2, 0)), "cls_logits: expected at least one class column"),
+])
+def test_fast_rcnn_loss_names_a_wrongly_shaped_argument(shapes, match):
+    cls, bbox, targets, weights = (np.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        fast_rcnn_loss(cls, bbox, [1, 0], targets, weights)
+
+
+def test_fast_rcnn_loss_checks_labels_and_weights():
+    cls, bbox = np.zeros((2, 3)), np.zeros((2, 12))
+    with pytest.raises(ValueError, match=r"labels: expected values in \[-1, 2\], got 3"):
+        fast_rcnn_loss(cls, bbox, [3, 0], bbox, bbox)
+    with pytest.raises(ValueError, match="bbox_weights: expected non-negative values"):
+        fast_rcnn_loss(cls, bbox, [1, 0], bbox, -np.ones((2, 12)))
+    with pytest.raises(ValueError, match="cls_logits: contains NaN or Inf"):
+        fast_rcnn_loss(np.full((2, 3), np.nan), bbox, [1, 0], bbox, bbox)

@@ -234,3 +234,38 @@ def test_docstring_states_the_strict_positive_rule_the_code_uses():
     anchors = np.array([[0, 0, 10, 10], [0, 0, 7, 10]], np.float32)   # IoU 1 (best) and exactly 0.7
     labels, _ = label_anchors(anchors, gt)
     assert labels.tolist() == [1, -1]                  # 0.7 is not above 0.7: ignored, not positive
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(nms_threshold=1.5), r"nms_threshold: expected a number in \[0, 1\]"),
+    (dict(nms_threshold="a"), r"nms_threshold: expected a number in \[0, 1\]"),
+    (dict(min_size=-1), "min_size: expected a finite number >= 0"),
+    (dict(min_size=None), "min_size: expected a finite number >= 0"),
+    (dict(image_shape=(20,)), r"image_shape: expected \(height, width\)"),
+])
+def test_proposals_check_their_settings_at_the_door(kwargs, match):
+    """generate_proposals checks every input once, before any work (the NMS inside trusts them)."""
+    args = dict(anchors=np.array([[0, 0, 10, 10]], np.float32), logits=np.zeros(1),
+                deltas=np.zeros((1, 4)), image_shape=(20, 20), pre_nms_top_n=5, post_nms_top_n=5)
+    with pytest.raises(ValueError, match=match):
+        generate_proposals(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=-1), "batch_size: expected a whole number"),
+    (dict(positive_fraction=2), r"positive_fraction: expected a number in \[0, 1\]"),
+    (dict(pos_iou=0.2, neg_iou=0.3), "neg_iou: expected at most pos_iou"),
+    (dict(image_shape=(np.nan, 3)), "image_shape: expected non-negative finite"),
+])
+def test_anchor_targets_check_their_settings_at_the_door(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        anchor_targets(**{**dict(anchors=ANCHORS, gt_boxes=ANCHORS[:1], image_shape=(32, 32), rng=0),
+                          **kwargs})
+
+
+def test_anchor_targets_without_an_image_shape_use_every_anchor():
+    """image_shape=None: no anchor crosses a border, so the last anchor (x from -8) may match."""
+    labels, targets = anchor_targets(ANCHORS, ANCHORS[4:], None, batch_size=len(ANCHORS), rng=0)
+    assert labels[4] == 1 and np.array_equal(targets[4], np.zeros(4, np.float32))
+    labels, _ = anchor_targets(ANCHORS, ANCHORS[4:], (32, 32), batch_size=len(ANCHORS), rng=0)
+    assert labels[4] == -1
