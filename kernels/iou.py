@@ -1,5 +1,9 @@
 """Pairwise IoU of two box sets as a Triton kernel, one 2-D block of the (N, M) matrix per program.
 
+NumPy reference: frcnn_scratch/boxes.py, box_iou (its core _box_iou)
+Tests:           tests/test_kernels_iou.py (bit-equal to the reference)
+Benchmark:       `frcnn bench --op box_iou` (frcnn_scratch/tools/bench.py)
+
 IoU(a, b) = area(a ∩ b) / area(a ∪ b), with area(a ∪ b) = area(a) + area(b) - area(a ∩ b).
 Boxes are (x1, y1, x2, y2) with width = x2 - x1 (no +1).  A zero union gives 0, never NaN.
 
@@ -17,6 +21,8 @@ from . import device  # noqa: F401  (imports the package first: sets TRITON_INTE
 import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 
 @triton.jit
@@ -61,16 +67,6 @@ def box_iou_kernel(a_ptr, b_ptr, out_ptr, N, M,
     tl.store(out_ptr + rows[:, None] * M + cols[None, :], iou, mask=out_mask)
 
 
-def _check_boxes(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[1] != 4:
-        raise ValueError(f"{name}: expected shape (N, 4), got {tuple(x.shape)}")
-    if x.dtype != torch.float32:
-        raise ValueError(f"{name}: expected float32, got {x.dtype}")
-    return x.contiguous()
-
-
 def box_iou(boxes1, boxes2, block_n=32, block_m=32):
     """Pairwise IoU on the device.
 
@@ -81,10 +77,9 @@ def box_iou(boxes1, boxes2, block_n=32, block_m=32):
     Returns:
         (N, M) float32 tensor; entries with zero union are 0.
     """
-    a = _check_boxes(boxes1, "boxes1")
-    b = _check_boxes(boxes2, "boxes2")
-    if a.device != b.device:
-        raise ValueError(f"boxes2: expected device {a.device}, got {b.device}")
+    a = _launch.tensor(boxes1, "boxes1", torch.float32, 2, last_dim=4)
+    b = _launch.tensor(boxes2, "boxes2", torch.float32, 2, last_dim=4)
+    _launch.same_device(b, "boxes2", a)
     n, m = a.shape[0], b.shape[0]
     out = torch.empty((n, m), dtype=torch.float32, device=a.device)
     if n == 0 or m == 0:

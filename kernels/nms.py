@@ -23,17 +23,32 @@ the scan stays on the device, so only the kept flags (one byte a box) leave it.
 Ordering is the reference's (frcnn_scratch.nms.nms): scores sorted descending with a stable sort,
 so ties keep the lower index first; suppression is strict (IoU > threshold), with the float32 IoU
 compared to the threshold as a float64 number, as torchvision's CPU nms does.
+
+NumPy reference: frcnn_scratch/nms.py, nms (its core _nms; nms_reference, the plain loops)
+Tests:           tests/test_kernels_nms.py (the same indices as the reference)
+Benchmark:       `frcnn bench --op nms` (frcnn_scratch/tools/bench.py)
 """
 from . import device  # noqa: F401  (imports the package first: sets TRITON_INTERPRET=1 without CUDA)
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ..nms import float32_threshold
+from . import _launch
 from .iou import load_boxes, pair_iou
 
 WORD_BITS = 64  # boxes per mask word (an int64)
+
+
+def float32_threshold(iou_threshold):
+    """The float32 t such that, for every float32 IoU x, x > t exactly when x > iou_threshold
+    compared as float64 numbers: float32(threshold), one step down when it rounded up.  The
+    reference's function of the same name (frcnn_scratch/nms.py) explains why."""
+    t = np.float32(iou_threshold)
+    if float(t) > float(iou_threshold):
+        t = np.nextafter(t, np.float32(-np.inf))
+    return float(t)
 
 
 @triton.jit
@@ -131,7 +146,7 @@ def suppression_mask(sorted_boxes, iou_threshold, num_warps=2):
     if n == 0:
         return mask
     grid = (n_words, n_words)
-    nms_mask_kernel[grid](sorted_boxes, mask, n, n_words, float(float32_threshold(iou_threshold)),
+    nms_mask_kernel[grid](sorted_boxes, mask, n, n_words, float32_threshold(iou_threshold),
                           WORD=WORD_BITS, num_warps=num_warps, enable_fp_fusion=False)
     return mask
 
@@ -163,15 +178,12 @@ def nms(boxes, scores, iou_threshold):
         (K,) int64 tensor on the boxes' device: indices of kept boxes, highest score first
         (ties: lower index first).
     """
-    if not isinstance(boxes, torch.Tensor) or not isinstance(scores, torch.Tensor):
-        raise ValueError("boxes, scores: expected torch tensors")
-    if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.dtype != torch.float32:
-        raise ValueError(f"boxes: expected (N, 4) float32, got {tuple(boxes.shape)} {boxes.dtype}")
-    if scores.shape != (boxes.shape[0],) or scores.dtype != torch.float32:
-        raise ValueError(f"scores: expected ({boxes.shape[0]},) float32, "
-                         f"got {tuple(scores.shape)} {scores.dtype}")
-    if scores.device != boxes.device:
-        raise ValueError(f"scores: expected device {boxes.device}, got {scores.device}")
+    boxes = _launch.tensor(boxes, "boxes", torch.float32, 2, last_dim=4, contiguous=False)
+    scores = _launch.tensor(scores, "scores", torch.float32, 1, contiguous=False)
+    if scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"scores: expected shape ({boxes.shape[0]},) to match boxes, "
+                         f"got {tuple(scores.shape)}")
+    _launch.same_device(scores, "scores", boxes)
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
 

@@ -23,6 +23,14 @@ Backward: the same walk, adding grad / count * w to each of the four cells with 
 gradient, which the launcher turns back to (N, C, H, W).
 
 Offsets into every tensor are int64: K * C * PH * PW passes 2**31 at paper sizes times 30.
+
+NumPy reference: frcnn_scratch/roi_align.py, roi_align_forward / roi_align_backward (their cores
+                 _roi_align_forward / _roi_align_backward; roi_align_reference and
+                 roi_align_backward_reference, the plain loops whose order of operations the kernels
+                 follow).  The helpers share its names: roi_geometry, sample_coordinates,
+                 bilinear_weights.
+Tests:           tests/test_kernels_roi_align.py (bit-equal to roi_align_reference)
+Benchmark:       `frcnn bench --op roi_align` (frcnn_scratch/tools/bench.py)
 """
 from . import device  # noqa: F401  (imports the package first: sets TRITON_INTERPRET=1 without CUDA)
 
@@ -30,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .roi_pool import channels_last
+from . import _launch
 
 LIMIT = tl.constexpr(2.0 ** 30)  # the largest sample count per bin side the kernels compute
 
@@ -63,17 +71,18 @@ def roi_geometry(rois_ptr, k, PH, PW, spatial_scale, sampling_ratio, ALIGNED: tl
 
 
 @triton.jit
-def sample_coord(start, i, bin_size, s, grid):
-    """start + i * bin + (s + 0.5) * bin / grid: sample s of bin i, in the reference's order."""
+def sample_coordinates(start, i, bin_size, s, grid):
+    """start + i * bin + (s + 0.5) * bin / grid: sample s of bin i, one point of the reference's
+    sample_coordinates, in its order of operations."""
     g = tl.cast(tl.maximum(grid, 1), tl.float32)
     return start + tl.cast(i, tl.float32) * bin_size + tl.math.div_rn(
         (tl.cast(s, tl.float32) + 0.5) * bin_size, g)
 
 
 @triton.jit
-def linear_taps(coord, size):
-    """One axis of bilinear interpolation, as frcnn_scratch.roi_align.bilinear_weights: the two
-    cells (low, high) a coordinate reads, their weights (w_low, w_high), and whether the
+def bilinear_weights(coord, size):
+    """One axis of bilinear interpolation, as the reference's bilinear_weights: the two cells
+    (low, high) a coordinate reads, their weights (w_low, w_high), and whether the
     coordinate lies in [-1, size] (outside, both weights are 0 and the sample reads 0).  The cells
     are always inside the map, so loads need no mask; y is clamped to <= size before it becomes an
     int (the same cells and weights as the reference, without int overflow for huge RoIs)."""
@@ -108,13 +117,13 @@ def roi_align_forward_kernel(feat_ptr, rois_ptr, out_ptr, C, H, W, PH, PW,
 
     acc = tl.zeros((BLOCK_PW, BLOCK_C), tl.float32)
     for sy in range(0, grid_h):  # sample rows: scalars for the whole tile
-        y = sample_coord(y1, i, bin_h, sy, grid_h)
-        y_lo, y_hi, hy, ly, y_in = linear_taps(y, H)
+        y = sample_coordinates(y1, i, bin_h, sy, grid_h)
+        y_lo, y_hi, hy, ly, y_in = bilinear_weights(y, H)
         row_lo = (b * H + y_lo) * W  # flat cell index of (b, y_lo, 0)
         row_hi = (b * H + y_hi) * W
         for sx in range(0, grid_w):  # sample columns: one per bin j
-            x = sample_coord(x1, j, bin_w, sx, grid_w)  # (BLOCK_PW,)
-            x_lo, x_hi, hx, lx, x_in = linear_taps(x, W)
+            x = sample_coordinates(x1, j, bin_w, sx, grid_w)  # (BLOCK_PW,)
+            x_lo, x_hi, hx, lx, x_in = bilinear_weights(x, W)
             v1 = tl.load(feat_ptr + ((row_lo + x_lo) * C)[:, None] + c[None, :], mask=ok, other=0.0)
             v2 = tl.load(feat_ptr + ((row_lo + x_hi) * C)[:, None] + c[None, :], mask=ok, other=0.0)
             v3 = tl.load(feat_ptr + ((row_hi + x_lo) * C)[:, None] + c[None, :], mask=ok, other=0.0)
@@ -149,13 +158,13 @@ def roi_align_backward_kernel(grad_out_ptr, rois_ptr, grad_ptr, C, H, W, PH, PW,
     g = tl.load(grad_out_ptr + o, mask=ok, other=0.0)  # (BLOCK_PW, BLOCK_C)
     g = tl.math.div_rn(g, count + tl.zeros_like(g))  # each sample's share
     for sy in range(0, grid_h):
-        y = sample_coord(y1, i, bin_h, sy, grid_h)
-        y_lo, y_hi, hy, ly, y_in = linear_taps(y, H)
+        y = sample_coordinates(y1, i, bin_h, sy, grid_h)
+        y_lo, y_hi, hy, ly, y_in = bilinear_weights(y, H)
         row_lo = (b * H + y_lo) * W
         row_hi = (b * H + y_hi) * W
         for sx in range(0, grid_w):
-            x = sample_coord(x1, j, bin_w, sx, grid_w)
-            x_lo, x_hi, hx, lx, x_in = linear_taps(x, W)
+            x = sample_coordinates(x1, j, bin_w, sx, grid_w)
+            x_lo, x_hi, hx, lx, x_in = bilinear_weights(x, W)
             send = tl.where(y_in, ok & x_in[:, None], False)  # outside the map: nothing to send
             tl.atomic_add(grad_ptr + ((row_lo + x_lo) * C)[:, None] + c[None, :],
                           (hy * hx)[:, None] * g, mask=send, sem="relaxed")
@@ -167,21 +176,11 @@ def roi_align_backward_kernel(grad_out_ptr, rois_ptr, grad_ptr, C, H, W, PH, PW,
                           (ly * lx)[:, None] * g, mask=send, sem="relaxed")
 
 
-def _check(x, name, ndim, contiguous=True):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32 or x.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D float32 tensor, got {x.dim()}-D {x.dtype}")
-    return x.contiguous() if contiguous else x
-
-
-def _check_rois(rois, pooled_h, pooled_w):
-    rois = _check(rois, "rois", 2)
-    if rois.shape[1] != 5:
-        raise ValueError(f"rois: expected shape (K, 5), got {tuple(rois.shape)}")
-    if pooled_h <= 0 or pooled_w <= 0:
-        raise ValueError(f"pooled_h, pooled_w: expected positive ints, got {(pooled_h, pooled_w)}")
-    return rois
+def _check_rois(rois, like, pooled_h, pooled_w):
+    """rois (K, 5) float32 on like's device, and the checked (pooled_h, pooled_w)."""
+    rois = _launch.tensor(rois, "rois", torch.float32, 2, last_dim=5)
+    _launch.same_device(rois, "rois", like)
+    return rois, _launch.output_size(pooled_h, pooled_w)
 
 
 def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio=-1,
@@ -200,8 +199,9 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
     Returns:
         (K, C, pooled_h, pooled_w) float32 tensor.
     """
-    features = _check(features, "features", 4, contiguous=False)  # any layout: see channels_last
-    rois = _check_rois(rois, pooled_h, pooled_w)
+    features = _launch.tensor(features, "features", torch.float32, 4,
+                              contiguous=False)  # any layout: see _launch.channels_last
+    rois, (pooled_h, pooled_w) = _check_rois(rois, features, pooled_h, pooled_w)
     n, c, h, w = features.shape
     k = rois.shape[0]
     if k == 0 or c == 0 or h == 0 or w == 0:  # no RoI, or no cell to read: zeros
@@ -209,8 +209,8 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
     out = torch.empty((k, c, pooled_h, pooled_w), dtype=torch.float32, device=features.device)
     block_c = min(block_c, triton.next_power_of_2(c))
     grid = (k * pooled_h, triton.cdiv(c, block_c))
-    roi_align_forward_kernel[grid](channels_last(features), rois, out, c, h, w, pooled_h, pooled_w,
-                                   float(spatial_scale), int(sampling_ratio),
+    roi_align_forward_kernel[grid](_launch.channels_last(features), rois, out, c, h, w,
+                                   pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio),
                                    ALIGNED=bool(aligned), BLOCK_PW=triton.next_power_of_2(pooled_w),
                                    BLOCK_C=block_c, num_warps=num_warps, enable_fp_fusion=False)
     return out
@@ -227,8 +227,8 @@ def roi_align_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spatial_
     Returns:
         (N, C, H, W) float32 tensor (sums by atomic add: their order is not fixed on a GPU).
     """
-    grad_out = _check(grad_out, "grad_out", 4)
-    rois = _check_rois(rois, pooled_h, pooled_w)
+    grad_out = _launch.tensor(grad_out, "grad_out", torch.float32, 4)
+    rois, (pooled_h, pooled_w) = _check_rois(rois, grad_out, pooled_h, pooled_w)
     n, c, h, w = (int(v) for v in input_shape)
     k = rois.shape[0]
     if tuple(grad_out.shape) != (k, c, pooled_h, pooled_w):

@@ -19,12 +19,20 @@ the output's order (neighbouring lanes: neighbouring bins of one channel plane),
 gradient at its argmax with a relaxed atomic add (outputs may share an argmax; no ordering needed).
 
 Offsets into every tensor are int64: K * C * PH * PW passes 2**31 at paper sizes times 30.
+
+NumPy reference: frcnn_scratch/roi_pool.py, roi_pool_forward / roi_pool_backward (their cores
+                 _roi_pool_forward / _roi_pool_backward; roi_pool_reference, the plain loops).
+                 The helpers share its names: round_half_away, scaled_roi_cells, bin_bounds.
+Tests:           tests/test_kernels_roi_pool.py (out and argmax bit-equal to the reference)
+Benchmark:       `frcnn bench --op roi_pool` (frcnn_scratch/tools/bench.py)
 """
 from . import device  # noqa: F401  (imports the package first: sets TRITON_INTERPRET=1 without CUDA)
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 
 @triton.jit
@@ -33,6 +41,18 @@ def round_half_away(x):
     t = tl.where(x >= 0.0, tl.floor(x), tl.ceil(x))
     step = tl.where(x >= 0.0, 1.0, -1.0)
     return tl.where(tl.abs(x - t) >= 0.5, t + step, t).to(tl.int64)
+
+
+@triton.jit
+def scaled_roi_cells(rois_ptr, k, spatial_scale):
+    """Batch index and corners (x1, y1, x2, y2) of RoI k in feature cells, int64: image pixels
+    times spatial_scale (in float32), rounded half away from zero."""
+    b = tl.load(rois_ptr + k * 5 + 0).to(tl.int64)
+    x1 = round_half_away(tl.load(rois_ptr + k * 5 + 1) * spatial_scale)
+    y1 = round_half_away(tl.load(rois_ptr + k * 5 + 2) * spatial_scale)
+    x2 = round_half_away(tl.load(rois_ptr + k * 5 + 3) * spatial_scale)
+    y2 = round_half_away(tl.load(rois_ptr + k * 5 + 4) * spatial_scale)
+    return b, x1, y1, x2, y2
 
 
 @triton.jit
@@ -62,12 +82,7 @@ def roi_pool_forward_kernel(feat_ptr, rois_ptr, out_ptr, argmax_ptr,
     j_ok = j < PW
     c_ok = c < C
 
-    # the RoI in feature cells: image pixels * spatial_scale, rounded half away from zero
-    b = tl.load(rois_ptr + k * 5 + 0).to(tl.int64)
-    x1 = round_half_away(tl.load(rois_ptr + k * 5 + 1) * spatial_scale)
-    y1 = round_half_away(tl.load(rois_ptr + k * 5 + 2) * spatial_scale)
-    x2 = round_half_away(tl.load(rois_ptr + k * 5 + 3) * spatial_scale)
-    y2 = round_half_away(tl.load(rois_ptr + k * 5 + 4) * spatial_scale)
+    b, x1, y1, x2, y2 = scaled_roi_cells(rois_ptr, k, spatial_scale)  # the RoI in whole cells
     h0, h1 = bin_bounds(y1, y2, i, PH, H)  # scalars: the rows of this bin row
     w0, w1 = bin_bounds(x1, x2, j, PW, W)  # (BLOCK_PW,): the columns of each bin
     width = tl.where(j_ok, tl.maximum(w1 - w0, 0), 0)
@@ -106,20 +121,6 @@ def roi_pool_backward_kernel(grad_out_ptr, argmax_ptr, grad_ptr, TOTAL,
     tl.atomic_add(grad_ptr + tl.where(won, at, 0), g, mask=won, sem="relaxed")
 
 
-def _check(x, name, dtype, ndim, contiguous=True):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != dtype or x.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D {dtype} tensor, got {x.dim()}-D {x.dtype}")
-    return x.contiguous() if contiguous else x
-
-
-def channels_last(features):
-    """(N, C, H, W) -> a contiguous (N, H, W, C) tensor: a cell's C values side by side.  A copy,
-    unless the features are already stored channels last (torch.channels_last): then a view."""
-    return features.permute(0, 2, 3, 1).contiguous()
-
-
 def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=64,
                      num_warps=8):
     """RoI max pooling on the device.
@@ -135,12 +136,11 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
         out (K, C, pooled_h, pooled_w) float32 and argmax (same shape) int64: the flat index into
         features of each bin's first maximum, -1 for an empty bin.
     """
-    features = _check(features, "features", torch.float32, 4, contiguous=False)  # any layout
-    rois = _check(rois, "rois", torch.float32, 2)
-    if rois.shape[1] != 5:
-        raise ValueError(f"rois: expected shape (K, 5), got {tuple(rois.shape)}")
-    if pooled_h <= 0 or pooled_w <= 0:
-        raise ValueError(f"pooled_h, pooled_w: expected positive ints, got {(pooled_h, pooled_w)}")
+    features = _launch.tensor(features, "features", torch.float32, 4,
+                              contiguous=False)  # any layout: see _launch.channels_last
+    rois = _launch.tensor(rois, "rois", torch.float32, 2, last_dim=5)
+    _launch.same_device(rois, "rois", features)
+    pooled_h, pooled_w = _launch.output_size(pooled_h, pooled_w)
     n, c, h, w = features.shape
     if h * w >= 2 ** 31:  # the kernel keeps a bin's best cell, h * W + w, as an int32
         raise ValueError(f"features: a map of {h} x {w} cells is more than the kernel's 2**31")
@@ -153,7 +153,7 @@ def roi_pool_forward(features, rois, pooled_h, pooled_w, spatial_scale, block_c=
     argmax = torch.empty(shape, dtype=torch.int64, device=features.device)
     block_c = min(block_c, triton.next_power_of_2(c))
     grid = (k * pooled_h, triton.cdiv(c, block_c))
-    roi_pool_forward_kernel[grid](channels_last(features), rois, out, argmax, c, h, w,
+    roi_pool_forward_kernel[grid](_launch.channels_last(features), rois, out, argmax, c, h, w,
                                   pooled_h, pooled_w, float(spatial_scale),
                                   BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_C=block_c,
                                   num_warps=num_warps, enable_fp_fusion=False)
@@ -171,8 +171,9 @@ def roi_pool_backward(grad_out, argmax, input_shape, block=128):
         (N, C, H, W) float32 tensor.  Where several outputs share an argmax, the adds happen in
         atomic order: the interpreter adds in flat order (as np.add.at does); a GPU may not.
     """
-    grad_out = _check(grad_out, "grad_out", torch.float32, 4)
-    argmax = _check(argmax, "argmax", torch.int64, 4)
+    grad_out = _launch.tensor(grad_out, "grad_out", torch.float32, 4)
+    argmax = _launch.tensor(argmax, "argmax", torch.int64, 4)
+    _launch.same_device(argmax, "argmax", grad_out)
     if argmax.shape != grad_out.shape:
         raise ValueError(f"argmax: expected shape {tuple(grad_out.shape)}, got {tuple(argmax.shape)}")
     grad = torch.zeros(tuple(int(v) for v in input_shape), dtype=torch.float32,
