@@ -57,9 +57,7 @@ def roi_pool_reference(features, rois, output_size, spatial_scale):
     argmax = np.full((K, C, ph, pw), -1, dtype=np.int64)    # ... and argmax -1
     channels = np.arange(C)                                 # (C,)
 
-    batch, x1, y1, x2, y2 = scaled_roi_cells(rois, spatial_scale)   # (K,) each, whole cells
-    row_lo, row_hi = bin_bounds(y1, y2, ph, H)                      # (K, ph) cell ranges [lo, hi)
-    col_lo, col_hi = bin_bounds(x1, x2, pw, W)                      # (K, pw)
+    batch, (row_lo, row_hi), (col_lo, col_hi) = bin_cells(rois, (ph, pw), spatial_scale, (H, W))
     for k in range(K):                                      # every RoI
         n = batch[k]
         for i in range(ph):                                 # every bin (i, j)
@@ -123,7 +121,8 @@ def bin_bounds(start, end, pooled, limit):
     Args:
         start, end: (K,) int64 first and last cell of each RoI (from scaled_roi_cells).
         pooled: number of bins along this axis (ph or pw).
-        limit: map size along this axis (H or W); bins are clipped to [0, limit].
+        limit: map size along this axis (H or W); bins are clipped to [0, limit] (None: to
+            [0, inf), for a drawing without a map).
     Returns:
         lo, hi: (K, pooled) int64; a bin is empty when hi <= lo.
     """
@@ -133,6 +132,31 @@ def bin_bounds(start, end, pooled, limit):
     lo = np.floor(i * bin_size).astype(np.int64) + start[:, None]    # (K, pooled)
     hi = np.ceil((i + 1) * bin_size).astype(np.int64) + start[:, None]
     return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
+
+
+def bin_cells(rois, output_size, spatial_scale, map_size):
+    """The geometry of RoI pooling: which cells each bin of each RoI takes the max over.
+
+    scaled_roi_cells, then bin_bounds along y and along x.  roi_pool_reference, roi_pool_forward
+    and viz's drawings all use it: there is one definition of a bin.
+
+    Args:
+        rois: (K, 5) float32 (batch index, x1, y1, x2, y2) in image pixels.
+        output_size: (ph, pw).
+        spatial_scale: feature cells per image pixel.
+        map_size: (H, W) of the feature map, or None for no upper clip.
+    Returns:
+        batch (K,) int64; (row_lo, row_hi) (K, ph) int64; (col_lo, col_hi) (K, pw) int64:
+        bin (i, j) of RoI k covers rows row_lo[k, i] .. row_hi[k, i] - 1 and columns
+        col_lo[k, j] .. col_hi[k, j] - 1 (empty when hi <= lo).
+
+    >>> batch, rows, cols = bin_cells(np.array([[0, 0, 0, 6, 0]], np.float32), (1, 3), 1.0, (8, 8))
+    >>> cols            # 7 cells in 3 bins of 7/3: 0..2, 2..4, 4..6 (neighbours share a cell)
+    (array([[0, 2, 4]]), array([[3, 5, 7]]))
+    """
+    (ph, pw), (H, W) = output_size, (None, None) if map_size is None else map_size
+    batch, x1, y1, x2, y2 = scaled_roi_cells(rois, spatial_scale)      # (K,) each, whole cells
+    return batch, bin_bounds(y1, y2, ph, H), bin_bounds(x1, x2, pw, W)
 
 
 # ---- the same, vectorised: one max over packed keys finds both the value and where it is -----
@@ -190,9 +214,7 @@ def _roi_pool_forward(features, rois, output_size, spatial_scale):
     K = rois.shape[0]
     ph, pw = output_size
 
-    batch, x1, y1, x2, y2 = scaled_roi_cells(rois, spatial_scale)      # (K,) each
-    row_lo, row_hi = bin_bounds(y1, y2, ph, H)                         # (K, ph)
-    col_lo, col_hi = bin_bounds(x1, x2, pw, W)                         # (K, pw)
+    batch, (row_lo, row_hi), (col_lo, col_hi) = bin_cells(rois, (ph, pw), spatial_scale, (H, W))
     empty = (row_hi <= row_lo)[:, :, None] | (col_hi <= col_lo)[:, None, :]   # (K, ph, pw)
 
     out = np.empty((K, C, ph, pw), dtype=np.float32)

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from . import _checks, roi_align, roi_pool
 from ._checks import as_boxes, as_float_array, pair, positive_number
 
 PIXEL = 0.5  # imshow centres pixel i at i: a continuous coordinate x is drawn at x - PIXEL
@@ -126,22 +127,18 @@ def draw_anchors(ax, anchors, color=None, max_anchors=None, linewidth=1.0, show_
     return patches
 
 
-def _round_half_away(x):
-    """C's round(): halves go away from zero (RoI pooling's convention, not numpy's half-to-even)."""
-    return math.floor(x + 0.5) if x >= 0 else -math.floor(-x + 0.5)
-
-
-def roi_bins(roi, output_size, spatial_scale, mode="align", aligned=False):
+def roi_bins(roi, output_size, spatial_scale, mode="align", aligned=False, map_size=None):
     """The bin rectangles of one RoI on the feature map, in feature-map index coordinates.
 
     In index coordinates (torchvision's) feature cell j has its centre at j; imshow(feature_map)
     draws cell j over [j - 0.5, j + 0.5], so these rectangles overlay such an image directly.
+    The geometry is the ops' own, not a copy of it:
 
-    mode="align" (RoI Align): the scaled RoI is split into equal, continuous bins; corners are
-        roi * spatial_scale (minus 0.5 when aligned), size forced >= 1 unless aligned.
-    mode="pool" (RoI max pooling): corners rounded half away from zero, size = end - start + 1 cells,
-        bin j covers cells start + floor(j * bin) .. start + ceil((j + 1) * bin) - 1 (bins may overlap);
-        drawn as the union of those cells, [first - 0.5, last + 0.5].
+    mode="align" (RoI Align): roi_align.roi_geometry's start and bin size, bin i spanning
+        start + i * bin .. start + (i + 1) * bin (continuous, in float32 as the op computes them).
+    mode="pool" (RoI max pooling): roi_pool.bin_cells, the cells each bin takes the max over
+        (corners rounded half away from zero, bins clipped to the map), drawn as the union of
+        those cells, [first - 0.5, last + 0.5]; neighbouring bins may share a cell.
 
     Args:
         roi: (4,) x1, y1, x2, y2 or (5,) batch index first, in image coordinates.
@@ -149,47 +146,64 @@ def roi_bins(roi, output_size, spatial_scale, mode="align", aligned=False):
         spatial_scale: feature-map size / image size (1 / stride).
         mode: "align" or "pool".
         aligned: RoI Align's half-pixel shift.
+        map_size: (H, W) of the feature map: RoI pool's bins are clipped to it (None: only at 0).
     Returns:
         (ph, pw, 4) float32 bins as xyxy in index coordinates.
     """
     roi = as_float_array(roi, "roi", ndim=1)
     if roi.shape[0] not in (4, 5):
         raise ValueError(f"roi: expected shape (4,) or (5,), got {roi.shape}")
-    x1, y1, x2, y2 = (float(v) for v in roi[-4:])
+    if mode not in ("align", "pool"):
+        raise ValueError(f"mode: expected 'align' or 'pool', got {mode!r}")
+    rois = np.concatenate([[0.0], roi[-4:]]).astype(np.float32)[None]      # (1, 5), image 0
     ph, pw = pair(output_size)
     s = positive_number(spatial_scale, "spatial_scale")
-    bins = np.zeros((ph, pw, 4), np.float32)
     if mode == "align":
-        offset = 0.5 if aligned else 0.0
-        sx, sy, ex, ey = x1 * s - offset, y1 * s - offset, x2 * s - offset, y2 * s - offset
-        w, h = ex - sx, ey - sy
-        if not aligned:                                   # legacy: a RoI is at least one cell
-            w, h = max(w, 1.0), max(h, 1.0)
-        bw, bh = w / pw, h / ph
-        for i in range(ph):
-            for j in range(pw):
-                bins[i, j] = (sx + j * bw, sy + i * bh, sx + (j + 1) * bw, sy + (i + 1) * bh)
-    elif mode == "pool":
-        sx, sy = _round_half_away(x1 * s), _round_half_away(y1 * s)
-        ex, ey = _round_half_away(x2 * s), _round_half_away(y2 * s)
-        bw, bh = max(ex - sx + 1, 1) / pw, max(ey - sy + 1, 1) / ph
-        for i in range(ph):
-            for j in range(pw):
-                c0, c1 = sx + math.floor(j * bw), sx + math.ceil((j + 1) * bw)   # cells c0 .. c1 - 1
-                r0, r1 = sy + math.floor(i * bh), sy + math.ceil((i + 1) * bh)
-                bins[i, j] = (c0 - 0.5, r0 - 0.5, c1 - 0.5, r1 - 0.5)
+        _, (y0, bin_h, _), (x0, bin_w, _) = roi_align.roi_geometry(rois, s, (ph, pw), 1, aligned)
+        xs = x0[0] + np.arange(pw + 1, dtype=np.float32) * bin_w[0]     # (pw + 1,) bin edges
+        ys = y0[0] + np.arange(ph + 1, dtype=np.float32) * bin_h[0]     # (ph + 1,)
+        x_lo, x_hi, y_lo, y_hi = xs[:-1], xs[1:], ys[:-1], ys[1:]
     else:
-        raise ValueError(f"mode: expected 'align' or 'pool', got {mode!r}")
+        _, (row_lo, row_hi), (col_lo, col_hi) = roi_pool.bin_cells(rois, (ph, pw), s, map_size)
+        x_lo, x_hi = col_lo[0] - 0.5, col_hi[0] - 0.5                   # cells c0 .. c1 - 1
+        y_lo, y_hi = row_lo[0] - 0.5, row_hi[0] - 0.5
+    bins = np.zeros((ph, pw, 4), np.float32)
+    bins[..., 0], bins[..., 2] = x_lo[None, :], x_hi[None, :]
+    bins[..., 1], bins[..., 3] = y_lo[:, None], y_hi[:, None]
     return bins
 
 
+def align_samples(roi, output_size, spatial_scale, sampling_ratio=-1, aligned=False):
+    """RoI Align's bilinear sampling points of one RoI (roi_align's own sample_coordinates).
+
+    Args:
+        roi, output_size, spatial_scale, aligned: as in roi_bins.
+        sampling_ratio: samples per bin side; <= 0 adaptive, ceil(bin size), as the op counts.
+    Returns:
+        xs, ys: (ph, pw, Gy, Gx) float32 each, the points of bin (i, j) in index coordinates.
+    """
+    roi = as_float_array(roi, "roi", ndim=1)
+    if roi.shape[0] not in (4, 5):
+        raise ValueError(f"roi: expected shape (4,) or (5,), got {roi.shape}")
+    rois = np.concatenate([[0.0], roi[-4:]]).astype(np.float32)[None]      # (1, 5), image 0
+    ph, pw = pair(output_size)
+    ratio = _checks.sampling_ratio(sampling_ratio)
+    _, y_axis, x_axis = roi_align.roi_geometry(rois, positive_number(spatial_scale, "spatial_scale"),
+                                               (ph, pw), ratio, aligned)
+    ys, _ = roi_align.sample_coordinates(*y_axis, ph)                   # (1, ph, Gy)
+    xs, _ = roi_align.sample_coordinates(*x_axis, pw)                   # (1, pw, Gx)
+    shape = (ph, pw, ys.shape[2], xs.shape[2])
+    return (np.broadcast_to(xs[0][None, :, None, :], shape),
+            np.broadcast_to(ys[0][:, None, :, None], shape))
+
+
 def draw_roi_grid(ax, roi, output_size, spatial_scale, mode="align", aligned=False, sampling_ratio=0,
-                  color="yellow", cell_color="0.6"):
+                  color="yellow", cell_color="0.6", map_size=None):
     """Draw a RoI's bin grid over a feature map shown with ax.imshow(feature_map) (index coordinates).
 
     Draws the feature cells around the RoI (thin lines at half-integers), the bins (see roi_bins),
-    and for mode="align" the bilinear sampling points: sampling_ratio per bin side, or adaptive
-    ceil(bin size) when sampling_ratio <= 0, at the centres of a regular sub-grid of each bin.
+    and for mode="align" the bilinear sampling points (see align_samples): sampling_ratio per
+    bin side, or adaptive ceil(bin size) when sampling_ratio <= 0.
 
     Args:
         ax: matplotlib Axes.
@@ -200,11 +214,11 @@ def draw_roi_grid(ax, roi, output_size, spatial_scale, mode="align", aligned=Fal
         aligned: RoI Align's half-pixel shift.
         sampling_ratio: RoI Align samples per bin side (<= 0 adaptive).
         color, cell_color: colours of the bins and of the cell lines.
+        map_size: (H, W) of the map, to clip RoI pool's bins as the op does (see roi_bins).
     Returns:
         (ph, pw, 4) bins that were drawn.
     """
-    bins = roi_bins(roi, output_size, spatial_scale, mode, aligned)
-    ph, pw = bins.shape[:2]
+    bins = roi_bins(roi, output_size, spatial_scale, mode, aligned, map_size)
     lo = np.floor(bins[..., :2].min(axis=(0, 1))) - 1.5       # (2,) x, y of the cell lines to draw
     hi = np.ceil(bins[..., 2:].max(axis=(0, 1))) + 1.5
     for x in np.arange(lo[0], hi[0] + 1e-6):
@@ -214,14 +228,7 @@ def draw_roi_grid(ax, roi, output_size, spatial_scale, mode="align", aligned=Fal
     for x1, y1, x2, y2 in bins.reshape(-1, 4).tolist():
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.2))
     if mode == "align":
-        bw, bh = bins[0, 0, 2] - bins[0, 0, 0], bins[0, 0, 3] - bins[0, 0, 1]
-        gx = sampling_ratio if sampling_ratio > 0 else max(math.ceil(bw), 1)
-        gy = sampling_ratio if sampling_ratio > 0 else max(math.ceil(bh), 1)
-        fx = (np.arange(gx) + 0.5) / gx                          # (gx,) fractions of a bin
-        fy = (np.arange(gy) + 0.5) / gy
-        xs = (bins[..., 0:1] + fx * bw).reshape(ph, pw, 1, gx)   # (ph, pw, 1, gx)
-        ys = (bins[..., 1:2] + fy * bh).reshape(ph, pw, gy, 1)   # (ph, pw, gy, 1)
-        xs, ys = np.broadcast_arrays(xs, ys)
+        xs, ys = align_samples(roi, output_size, spatial_scale, sampling_ratio, aligned)
         ax.plot(xs.ravel(), ys.ravel(), ".", color=color, markersize=3)
     ax.set_xlim(lo[0], hi[0])
     ax.set_ylim(hi[1], lo[1])                                     # image orientation: y down

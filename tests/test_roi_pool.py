@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from frcnn_scratch.roi_pool import (check_backward_inputs, round_half_away, roi_pool_backward,
-                                    roi_pool_forward, roi_pool_reference)
+from frcnn_scratch.roi_pool import (bin_cells, check_backward_inputs, round_half_away,
+                                    roi_pool_backward, roi_pool_forward, roi_pool_reference)
 
 # A 4 x 4 map with ties (two 9s, three 8s, two 7s) so the first-maximum rule matters.
 MAP = np.array([[1, 9, 3, 0],
@@ -292,3 +292,22 @@ def test_realistic_sizes_match_restatement_on_a_sample():
     t_out, t_argmax = torch_roi_pool(torch.from_numpy(feats), rois, (7, 7), 1 / 16)
     np.testing.assert_array_equal(out, t_out.numpy())
     np.testing.assert_array_equal(argmax, t_argmax.numpy())
+
+
+def test_bin_cells_is_the_geometry_both_versions_pool_over():
+    """bin_cells: 7 cells (x 0..6) in 3 bins of 7/3 share cells 2 and 4; rows of a RoI that starts
+    above the map are clipped to it at 0, and to the map's height below (None: not below)."""
+    rois = np.array([[1, 0, -8, 6, 20]], np.float32)                 # y: -8 .. 20 at scale 1/4: -2 .. 5
+    batch, (row_lo, row_hi), (col_lo, col_hi) = bin_cells(rois, (2, 3), 1.0, (4, 9))
+    assert batch.tolist() == [1]
+    assert col_lo.tolist() == [[0, 2, 4]] and col_hi.tolist() == [[3, 5, 7]]
+    assert row_lo.tolist() == [[0, 4]] and row_hi.tolist() == [[4, 4]]    # -8..20 clipped to 0..4
+    _, (row_lo, row_hi), _ = bin_cells(rois, (2, 3), 0.25, None)
+    assert row_lo.tolist() == [[0, 2]] and row_hi.tolist() == [[2, 6]]    # 8 cells -2..5: 0 clips
+    # the forward pools exactly there: on a map rising in row-major order, a bin's max is its last cell
+    rising = np.arange(2 * 1 * 4 * 9, dtype=np.float32).reshape(2, 1, 4, 9)
+    _, argmax = roi_pool_forward(rising, rois, (2, 3), 1.0)
+    _, (row_lo, row_hi), (col_lo, col_hi) = bin_cells(rois, (2, 3), 1.0, (4, 9))
+    last = 36 + (row_hi[0, :, None] - 1) * 9 + col_hi[0, None, :] - 1   # image 1 starts at 36
+    empty = (row_hi[0, :, None] <= row_lo[0, :, None]) | (col_hi[0] <= col_lo[0])[None, :]
+    np.testing.assert_array_equal(argmax[0, 0], np.where(empty, -1, last))

@@ -81,3 +81,52 @@ def test_save_detections_writes_a_png(tmp_path):
     with Image.open(path) as im:
         w, h = im.size
     assert abs(w / h - s["image"].shape[1] / s["image"].shape[0]) < 0.05, "aspect ratio not kept"
+
+
+# ---- the drawings use the ops' own geometry --------------------------------------------------
+
+def test_roi_pool_bins_round_as_the_op_does():
+    """At scale 0.7, x = 45 is 31.499999999999996 in float64 (rounds to 31) and 31.5 in float32,
+    as RoI pooling computes it (rounds to 32): the drawn bin starts where the op's bin starts."""
+    bins = roi_bins([45, 0, 60, 0], 1, 0.7, mode="pool")
+    assert bins[0, 0, 0] == 31.5 and bins[0, 0, 2] == 42.5     # cells 32 .. 42
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roi_pool_bins_hold_the_ops_maxima(seed):
+    """On a map whose values rise in row-major order, each bin's maximum is its last cell, and on
+    one whose values fall, its first: the corners of the drawn bins (clipped to the map)."""
+    from frcnn_scratch import ops
+    rng = np.random.default_rng(seed)
+    H, W = 9, 11
+    rising = np.arange(H * W, dtype=np.float32).reshape(1, 1, H, W)
+    xy = rng.uniform(-10, 60, 2)
+    roi = np.concatenate([[0], xy, xy + rng.uniform(0, 40, 2)]).astype(np.float32)
+    for values, corner in ((rising, "last"), (-rising, "first")):
+        _, argmax = ops.roi_pool(values, roi[None], (3, 2), 0.2)
+        bins = roi_bins(roi, (3, 2), 0.2, mode="pool", map_size=(H, W))
+        for i in range(3):
+            for j in range(2):
+                x1, y1, x2, y2 = bins[i, j] + 0.5                       # cells x1 .. x2 - 1
+                if argmax[0, 0, i, j] < 0:
+                    assert x2 <= x1 or y2 <= y1, (i, j, bins[i, j])     # an empty bin: nothing drawn
+                    continue
+                want = (y2 - 1) * W + x2 - 1 if corner == "last" else y1 * W + x1
+                assert argmax[0, 0, i, j] == want, (corner, i, j, bins[i, j])
+
+
+@pytest.mark.parametrize("aligned, ratio", [(False, 2), (True, 3), (True, -1)])
+def test_align_samples_are_the_ops_samples(aligned, ratio):
+    """On a map F[h, w] = w, RoI Align reads each sample's own x (bilinear interpolation of a
+    linear map, inside it): each bin's output is the mean x of the drawn samples."""
+    from frcnn_scratch import ops
+    from frcnn_scratch.viz import align_samples
+    H, W = 12, 16
+    features = np.broadcast_to(np.arange(W, dtype=np.float32), (1, 1, H, W)).copy()
+    roi = np.array([0, 9, 7, 41, 33], np.float32)                    # well inside, at scale 1/4
+    out = ops.roi_align(features, roi[None], (2, 3), 0.25, ratio, aligned)
+    xs, ys = align_samples(roi, (2, 3), 0.25, ratio, aligned)
+    np.testing.assert_allclose(out[0, 0], xs.mean(axis=(2, 3)), rtol=1e-6)
+    bins = roi_bins(roi, (2, 3), 0.25, aligned=aligned)
+    assert ((xs >= bins[..., 0:1, None]) & (xs <= bins[..., 2:3, None])).all()
+    assert ((ys >= bins[..., 1:2, None]) & (ys <= bins[..., 3:4, None])).all()
