@@ -241,7 +241,10 @@ class MaxPool2d(nn.MaxPool2d):
 
     def pooled_gradient(self, dy):
         """backward's dx as a PooledGradient (dy and the argmax) for the convolution below, which
-        unpools it band by band; windows must tile the input."""
+        unpools it band by band.  Windows that do not tile the input (stride != kernel): backward's
+        array itself."""
+        if not self.tiles():
+            return self.backward(dy)
         argmax, x_shape = self._cache or (None, None)
         dy = nn.as_grad(dy, None if argmax is None else argmax.shape, nn.float_dtype(dy),
                         "MaxPool2d", finite=False)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import nn
 from . import threads
-from .blocks import MaxPool2d, PooledGradient, by_channels
+from .blocks import MaxPool2d, PooledGradient, by_channels, relu_into
 from .columns import (band_col2im_add, band_im2col, flat_col2im_add, flat_im2col, ones_below,
                       pad_into, polyphase_im2col, polyphase_split, weight_grad)
 
@@ -104,7 +104,11 @@ class Conv2d(nn.Conv2d):
         """pool.forward(self.forward(x)) (then ReLU, if relu) for a fast.MaxPool2d whose windows
         tile its input, worked band by band: each band of output rows is pooled as soon as it is
         made, and y itself is never stored.  pool keeps what its backward needs.  relu folds the
-        ReLU's gradient into the pool's argmax (see ConvPoolReLU).  pool None: the plain forward."""
+        ReLU's gradient into the pool's argmax (see ConvPoolReLU).  pool None: the plain forward.
+        A pool whose windows do not tile its input (stride != kernel) runs after the plain
+        forward, on the whole output."""
+        if pool is not None and not pool.tiles():
+            return _pool_after(pool, self.forward_pooled(x, None), relu)
         w, b = self.params["weight"], self.params["bias"]  # (O, C, kh, kw), (O,)
         x = nn.as_input(x, "Conv2d x", w.dtype, ndim=4, channels=self.in_ch, finite=False)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -334,6 +338,20 @@ class Conv2d(nn.Conv2d):
         if layout == "flat":
             dxp = dxp[..., :hp * wp].reshape(xp.shape[:2] + (hp, wp))  # (N, C, Hp, Wp), a view
         return dxp[:, :, ph:hp - ph, pw:wp - pw]                      # (N, C, H, W)
+
+
+def _pool_after(pool, y, relu):
+    """pool.forward(y) (then ReLU, its gradient folded into the argmax as forward_pooled folds it)
+    for a pool whose windows do not tile y: the two passes one after the other."""
+    y = pool.forward(y)
+    if relu:
+        argmax = None if pool._cache is None else pool._cache[0]
+        if argmax is not None:                                    # ReLU's gradient is 0 where
+            kh, kw = pool.kernel_size                             # the max is <= 0: an offset
+            code = np.multiply(y <= 0, argmax.dtype.type(kh * kw))   # no value has
+            np.bitwise_or(argmax, code, out=argmax)
+        relu_into(y, y)
+    return y
 
 
 class ConvPoolReLU(nn.Module):
