@@ -332,8 +332,8 @@ def cmd_eval(args):
 
 
 def read_image(path):
-    """An image file -> (H, W, 3) float32 in [0, 1] (data.voc.read_image: by content, any depth)."""
-    from .data.voc import read_image as read
+    """An image file -> (H, W, 3) float32 in [0, 1] (data.images.read_image: by content, any depth)."""
+    from .data.images import read_image as read
     return read(path)
 
 
@@ -351,7 +351,7 @@ def cmd_detect(args):
     if bool(args.images) == bool(args.data):
         raise ValueError("IMAGE, --data: give image files or --data, not both (nor neither)")
     overrides = _test_overrides(args)
-    from .data.voc import read_image_reduced
+    from .data.images import read_image_reduced
     from .viz import MAX_PICTURE_SIDE
     images = [(path, read_image_reduced(path, MAX_PICTURE_SIDE))  # the images first: a missing
               for path in args.images]

@@ -128,7 +128,7 @@ def test_detect_files_to_json_and_pictures_without_overwriting(tmp_path, capsys)
     import json
     from fixtures.detector_tiny import tiny_config
     from frcnn_scratch.data import make_shapes_dataset
-    from frcnn_scratch.data.voc import write_image
+    from frcnn_scratch.data.images import write_image
     from frcnn_scratch.model import FasterRCNN
     ckpt = tmp_path / "m.npz"
     FasterRCNN(tiny_config(score_threshold=0.0)).save(ckpt)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from frcnn_scratch.data import SHAPE_CLASSES, make_shapes_dataset, open_dataset, write_coco, write_voc
-from frcnn_scratch.data import voc as voc_module
+from frcnn_scratch.data import images
 from frcnn_scratch.data.dataset import parse_spec
 
 
@@ -19,7 +19,7 @@ def test_each_image_is_decoded_once(tmp_path, monkeypatch):
     write_voc(tmp_path, samples(), SHAPE_CLASSES, split="train")
     data = open_dataset(f"voc:{tmp_path}", split="train", min_size=48, max_size=96)
     calls = []
-    real = voc_module.read_image
+    real = images.read_image
     monkeypatch.setattr("frcnn_scratch.data.dataset.read_image",
                         lambda path: calls.append(path) or real(path))
     for _ in range(3):

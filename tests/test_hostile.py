@@ -119,7 +119,7 @@ def test_negative_stride_arrays_work_on_the_triton_backend():
 ])
 def test_deep_images_are_scaled_by_their_depth(tmp_path, mode, make, want):
     from PIL import Image
-    from frcnn_scratch.data.voc import read_image
+    from frcnn_scratch.data.images import read_image
     path = tmp_path / "a.tif"
     image = Image.fromarray(make())
     assert image.mode == mode
@@ -129,7 +129,7 @@ def test_deep_images_are_scaled_by_their_depth(tmp_path, mode, make, want):
 
 def test_images_that_cannot_be_shown_are_refused_by_name(tmp_path):
     from PIL import Image
-    from frcnn_scratch.data.voc import read_image
+    from frcnn_scratch.data.images import read_image
     Image.fromarray(np.array([[0, 5_000_000]], np.int32)).save(tmp_path / "i.tif")
     with pytest.raises(ValueError, match="i.tif.*32-bit integer"):
         read_image(tmp_path / "i.tif")
@@ -145,7 +145,7 @@ def test_images_that_cannot_be_shown_are_refused_by_name(tmp_path):
 
 def test_a_jpeg_named_png_is_read_by_content(tmp_path):
     from PIL import Image
-    from frcnn_scratch.data.voc import read_image
+    from frcnn_scratch.data.images import read_image
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "x.png", format="JPEG")
     assert abs(float(read_image(tmp_path / "x.png").mean()) - 200 / 255) < 0.02
 
@@ -182,7 +182,7 @@ def test_outputs_that_cannot_be_written_are_named_before_the_work(tmp_path, caps
     assert main(["train", "--checkpoint", str(blocker / "m.npz"), "--iters", "1"] + TINY) == 2
     assert "--checkpoint: cannot write to" in one_line(capsys)
     image = tmp_path / "img.png"
-    from frcnn_scratch.data.voc import write_image
+    from frcnn_scratch.data.images import write_image
     write_image(image, np.zeros((40, 40, 3), np.float32))
     assert main(["detect", str(image), "--checkpoint", str(checkpoint), "--out",
                  str(blocker / "out")]) == 2
@@ -192,7 +192,7 @@ def test_outputs_that_cannot_be_written_are_named_before_the_work(tmp_path, caps
 
 
 def test_a_tiny_image_names_its_file_and_size(tmp_path, capsys, checkpoint):
-    from frcnn_scratch.data.voc import write_image
+    from frcnn_scratch.data.images import write_image
     write_image(tmp_path / "thin.png", np.zeros((1, 1000, 3), np.float32))
     assert main(["detect", str(tmp_path / "thin.png"), "--checkpoint", str(checkpoint),
                  "--out", str(tmp_path / "o")]) == 2

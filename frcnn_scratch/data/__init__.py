@@ -2,6 +2,7 @@
 xyxy, labels=(G,) int64 in 1..num_classes (0 is background), difficult=(G,) bool, id=str).
 
     shapes.py      make_shapes_dataset(num_images, seed): synthetic filled shapes, no download
+    images.py      read_image(path), write_image(path, image): image files (PNG, JPEG, ...)
     voc.py         load_voc(root, split): PASCAL VOC layout (XML annotations); write_voc
     coco.py        load_coco(annotation_json, image_dir): COCO JSON; write_coco
     transforms.py  resize(sample, min_size, max_size), hflip(sample)

@@ -18,8 +18,8 @@ import numpy as np
 
 from .._checks import as_boxes
 from ..boxes import xyxy_to_xywh
-from ._samples import check_sample
-from .voc import _check_id, check_inside, check_size, read_image, sample_image_format, write_image
+from ._samples import check_id, check_inside, check_sample
+from .images import check_size, read_image, sample_image_format, write_image
 
 
 def _read_json(path, what):
@@ -170,7 +170,7 @@ def write_coco(json_path, image_dir, samples, class_names, image_format="png"):
         os.makedirs(os.path.dirname(json_path), exist_ok=True)
     images, annotations = [], []
     for n, sample in enumerate(samples):
-        image_id = _check_id(sample.get("id", f"{n:06d}"))
+        image_id = check_id(sample.get("id", f"{n:06d}"))
         if any(os.path.splitext(img["file_name"])[0] == image_id for img in images):
             raise ValueError(f"samples[{n}]: duplicate id {image_id!r} (its image would be overwritten)")
         image, boxes, labels, difficult = check_sample(sample, n, class_names)

@@ -19,12 +19,16 @@ detections are scored: a detection on the resized image maps back as boxes / sca
 Difficult (VOC) and crowd (COCO) objects are marked `difficult`: the training loop leaves them out
 of the targets, and the metrics ignore them (VOC AP) or treat them as crowd regions (COCO AP).
 """
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..rescale import compute_scale, resize_image
-from .voc import check_size, read_image
+from .coco import read_coco_annotations
+from .images import check_size, read_image
+from .shapes import SHAPE_CLASSES, SHAPES_HARD, make_shapes_sample
+from .voc import read_voc_split
 
 
 CACHE_BYTES = 1 << 30   # decoded images kept in memory at most (8-bit pixels at the model's scale)
@@ -71,7 +75,6 @@ class Dataset(Sequence):
     def fingerprint(self):
         """A short hash of what the images and their objects are (for checkpoints: a resume on
         other data is refused)."""
-        import hashlib
         digest = hashlib.sha256()
         for i in range(len(self)):
             r = self.record(i)
@@ -144,7 +147,6 @@ class ShapesDataset(Dataset):
 
     def __init__(self, num_images, seed, min_size=None, max_size=None, cache_bytes=CACHE_BYTES,
                  **options):
-        from .shapes import SHAPE_CLASSES
         super().__init__([], SHAPE_CLASSES, None, min_size, max_size, spec="shapes",
                          cache_bytes=cache_bytes)
         self.num_images, self.seed, self.options = int(num_images), int(seed), options
@@ -154,7 +156,6 @@ class ShapesDataset(Dataset):
         return self.num_images
 
     def record(self, i):
-        from .shapes import make_shapes_sample
         if i in self._drawn:
             return self._drawn[i]
         s = make_shapes_sample(np.random.default_rng([self.seed, i]),
@@ -171,7 +172,6 @@ class ShapesDataset(Dataset):
         return list(range(1, self.num_images + 1))
 
     def fingerprint(self):
-        import hashlib
         text = f"shapes:{self.seed}:{self.num_images}:{sorted(self.options.items())}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -219,16 +219,11 @@ def open_dataset(spec="shapes", split=None, class_names=None, min_size=None, max
     Returns:
         a Dataset.
     """
-    from .coco import read_coco_annotations
-    from .shapes import SHAPE_CLASSES
-    from .voc import read_voc_split
-
     kind, args = parse_spec(spec)
     category_ids = None
     if kind == "shapes":
         if int(num_images) <= 0:
             raise ValueError(f"num_images: expected a positive number of images, got {num_images}")
-        from .shapes import SHAPES_HARD
         options = SHAPES_HARD if args[0] == "shapes-hard" else {}
         data = ShapesDataset(num_images, seed, min_size, max_size, **options)
         data.spec = args[0]
