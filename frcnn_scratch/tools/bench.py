@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from .. import ops
+from ..fast.threads import blas_thread_count, blas_threads
 
 BACKENDS = ("numpy", "triton", "torchvision")
 
@@ -88,7 +89,7 @@ def median_ms(fn, repeat):
 def device_ms(fn, device, repeat):
     """GPU: triton.testing.do_bench (synchronised, median); CPU: median_ms."""
     if device == "cuda":
-        import triton.testing
+        import triton.testing         # lazy, as every torch / triton import here: optional
         return triton.testing.do_bench(fn, return_mode="median")
     return median_ms(fn, repeat)
 
@@ -311,17 +312,15 @@ def main(args):
 def thread_counts(n, torch=None):
     """Run a block with numpy's OpenBLAS and torch both at `n` threads; yields the counts in use.
 
-    numpy's count is set by train.blas_threads (which leaves a user's OPENBLAS_NUM_THREADS /
+    numpy's count is set by fast.threads.blas_threads (which leaves a user's OPENBLAS_NUM_THREADS /
     OMP_NUM_THREADS alone), torch's by torch.set_num_threads; both are restored afterwards.
     """
-    from ..fast.threads import _openblas_thread_functions, blas_threads
-    functions = _openblas_thread_functions()
     previous = torch.get_num_threads() if torch is not None else None
     with blas_threads(n):
         if torch is not None:
             torch.set_num_threads(n)
         try:
-            yield {"numpy": functions[0]() if functions else "unknown BLAS",
+            yield {"numpy": blas_thread_count() or "unknown BLAS",
                    "torch": torch.get_num_threads() if torch is not None else "-"}
         finally:
             if torch is not None:
@@ -340,7 +339,7 @@ def moved_megabytes(ops_call):
     """"in / out": MB one ops call with backend="triton" copies to the device and back."""
     if ops_call is None:
         return "-"
-    from .. import _triton_bridge
+    from .. import _triton_bridge     # lazy: it imports torch
     _triton_bridge.moved_bytes(reset=True)
     ops_call()
     moved = _triton_bridge.moved_bytes(reset=True)
