@@ -1,17 +1,35 @@
 """The `frcnn` command.  Each subcommand is a small function; errors are one clear line."""
 import argparse
-import ctypes
+import dataclasses
+import json
 import os
 import sys
+import tempfile
+import time
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .anchors import generate_anchors
+from .box_coding import decode, encode
+from .checkpoint import data_identity, read_npz
+from .config import Config, TrainConfig, parse_overrides
+from .data.coco import read_coco_results, write_coco_results
+from .data.dataset import open_dataset, parse_spec
+from .data.images import read_image_reduced
+from .evaluate import detect_all, evaluate, score
+from .fast import threads
+from .memory import check_memory
+from .model import FasterRCNN
+from .tools import bench, bench_model
+from .tools.process import keep_freed_memory
+from .train import train
+from .viz import MAX_PICTURE_SIDE, draw_boxes, save_detections, save_pr_curves, show_image
 
 
 def cmd_anchors(args):
     """Print the k = 9 base anchors and a box-coding round trip (eq. 2)."""
-    from .anchors import generate_anchors
-    from .box_coding import decode, encode
-
     anchors = generate_anchors(legacy=args.legacy)
     np.set_printoptions(precision=2, suppress=True)
     print(f"base anchors (base 16, ratios 0.5/1/2, scales 8/16/32, legacy={args.legacy}):")
@@ -26,24 +44,20 @@ def cmd_anchors(args):
 
 
 def cmd_bench(args):
-    from .tools import bench
     return bench.main(args)
 
 
 def cmd_bench_model(args):
-    from .tools import bench_model
     return bench_model.main(args)
 
 
 def cmd_kernels(args):
     """Compile every Triton kernel for real GPUs (no GPU needed) and report what the compiler made.
 
-    Exit status 1 if any launch fails to compile or breaks a check (kernels/compile_report.py)."""
-    import dataclasses
-    import json
-    import os
+    Exit status 1 if any launch fails to compile or breaks a check (tools/compile_report.py)."""
     if "frcnn_scratch.kernels" not in sys.modules:      # kernels defined for the compiler,
         os.environ["TRITON_INTERPRET"] = "0"            # not for the CPU interpreter
+    # lazy: it imports torch and triton, and the kernels must load after TRITON_INTERPRET is set
     from .tools import compile_report as report
     missing = report.check_api()
     if missing:
@@ -75,31 +89,6 @@ def cmd_kernels(args):
 
 DEMO_TRAIN_SEED, DEMO_TEST_SEED = 0, 1000  # held-out images come from another seed
 
-
-def _parse_overrides(pairs):
-    """["pooler=pool", "fc_hidden=256"] -> dict of Config fields, values parsed as JSON when they can be."""
-    import json
-    from .config import Config
-    names = {f for f in Config.__dataclass_fields__}
-    out = {}
-    for pair in pairs or []:
-        key, sep, text = pair.partition("=")
-        if not sep or key not in names:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE with KEY one of the Config fields "
-                             f"({', '.join(sorted(names))})")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        out[key] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def _config(args):
-    from .config import Config
-    return Config(**_parse_overrides(args.set))
-
-
 # TrainConfig fields set from the command line, and the options as the user types them
 TRAIN_OPTIONS = {"iterations": "--iters", "lr": "--lr", "seed": "--seed",
                  "checkpoint_every": "--checkpoint-every"}
@@ -107,7 +96,6 @@ TRAIN_OPTIONS = {"iterations": "--iters", "lr": "--lr", "seed": "--seed",
 
 def _train_config(args):
     """TrainConfig from the options; a bad value's error names the option (--iters, not iterations)."""
-    from .config import TrainConfig
     try:
         return TrainConfig(iterations=args.iters, lr=args.lr, seed=args.seed,
                            checkpoint_every=args.checkpoint_every)
@@ -127,7 +115,6 @@ FOLDER_MIN_SIZE, FOLDER_MAX_SIZE = 128, 256
 def _train_scale(args, data_spec):
     """(min_size, max_size) a model is trained at: --min-size / --max-size, else 0 / 0 (images as
     they come) for the shapes and 128 / 256 for VOC and COCO folders."""
-    from .data.dataset import parse_spec
     folder = parse_spec(data_spec)[0] != "shapes"
     lo = args.min_size if args.min_size is not None else (FOLDER_MIN_SIZE if folder else 0)
     hi = args.max_size if args.max_size is not None else (FOLDER_MAX_SIZE if folder else 0)
@@ -147,7 +134,6 @@ def _scale_options(lo, hi):
 def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, seed=0,
                images_option="--train-images"):
     """open_dataset with the command line's names in its errors."""
-    from .data.dataset import open_dataset, parse_spec
     if parse_spec(spec)[0] == "shapes":
         if num_images <= 0:
             raise ValueError(f"{images_option}: expected a positive number of images, got {num_images}")
@@ -160,29 +146,24 @@ def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, see
 def _check_model_options(args):
     """Every --set value checked before any data is read (a typo, or weights that cannot fit in
     memory, fail at once)."""
-    from .config import Config
-    from .memory import check_memory
-    check_memory(Config(**_parse_overrides(args.set)), what="--set")
+    check_memory(Config(**parse_overrides(args.set)), what="--set")
 
 
 def _check_image_memory(config, training, what):
     """Refuse a scale whose images cannot be processed in the memory there is (the estimate of
     model.memory_estimate, at the largest image the scale allows; the shapes' at most 160 px)."""
-    from .memory import check_memory
     side = config.max_size if config.max_size > 0 else 160
     check_memory(config, (side, side), training=training, what=what)
 
 
 def _model_for(args, data, scale):
     """A new model for `data`: its class names and number of classes, the training scale."""
-    from .model import FasterRCNN
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     n = len(data.class_names)
     if overrides.get("num_classes", n) != n:
         raise ValueError(f"--set num_classes={overrides['num_classes']}: the data has {n} classes "
                          f"({', '.join(data.class_names)})")
     overrides.update(num_classes=n, min_size=scale[0], max_size=scale[1])
-    from .config import Config
     config = Config(**overrides)
     _check_image_memory(config, True, "--set, --min-size / --max-size")
     return FasterRCNN(config, backend=args.backend, class_names=data.class_names)
@@ -190,7 +171,7 @@ def _model_for(args, data, scale):
 
 def _test_overrides(args):
     """--set fields and --min-size / --max-size for a trained model (Config.TEST_TIME_FIELDS)."""
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.min_size is not None or args.max_size is not None:
         if args.min_size is None or args.max_size is None:
             raise ValueError("--min-size, --max-size: give both (or neither: the model's own)")
@@ -234,7 +215,6 @@ def _check_writable(path, option, folder=False):
     target = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
     try:
         os.makedirs(target, exist_ok=True)
-        import tempfile
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as e:
@@ -242,8 +222,6 @@ def _check_writable(path, option, folder=False):
 
 
 def _training_data_id(args, data, scale):
-    from .data.dataset import parse_spec
-    from .checkpoint import data_identity
     shapes = parse_spec(args.data)[0] == "shapes"
     return data_identity(data, data=str(args.data),
                          split=None if shapes else (args.split or "trainval"),
@@ -253,7 +231,6 @@ def _training_data_id(args, data, scale):
 
 def cmd_train(args):
     """Train on --data (shapes, voc:ROOT or coco:ANN.json:IMAGES); checkpoints go to --checkpoint."""
-    from .train import train
     tcfg = _train_config(args)                          # check every value before building data
     _check_model_options(args)
     _check_checkpoint_path(args.checkpoint, args)
@@ -271,7 +248,6 @@ def cmd_train(args):
 
 def _run_training(model, data, tcfg, checkpoint, args, data_id):
     """train(), with Ctrl-C turned into one line saying where the last checkpoint is."""
-    from .train import train
     if tcfg.iterations == 0:
         raise ValueError("--iters: 0 iterations leave nothing to train")
     if args.resume and _checkpoint_iteration(checkpoint) >= tcfg.iterations:
@@ -291,7 +267,6 @@ def _run_training(model, data, tcfg, checkpoint, args, data_id):
 
 def _checkpoint_iteration(path):
     """The iteration a training checkpoint reached, or 0 (none, or unreadable)."""
-    from .checkpoint import read_npz
     try:
         return int(read_npz(path).get("iteration", 0)) if path and os.path.exists(path) else 0
     except (ValueError, OSError, TypeError):
@@ -306,9 +281,6 @@ def _eval_data(args, model, split):
 
 def cmd_eval(args):
     """VOC AP and COCO metrics of a checkpoint (or of a --detections file) on --data."""
-    from .data.coco import read_coco_results
-    from .model import FasterRCNN
-    from .evaluate import detect_all, score
     plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_pr.png"
     if os.path.isdir(plot):
         raise ValueError(f"--plot: {plot!r} is a folder, not a file path")
@@ -325,25 +297,13 @@ def cmd_eval(args):
     result = score(detections, data, model.config.num_classes)
     print(f"{len(data)} images ({args.data}), {source}")
     _report(result, model.class_names)
-    from .viz import save_pr_curves
     save_pr_curves(plot, result, model.class_names)
     print(f"precision-recall curves: {plot}")
     return 0
 
 
-def read_image(path):
-    """An image file -> (H, W, 3) float32 in [0, 1] (data.images.read_image: by content, any depth)."""
-    from .data.images import read_image as read
-    return read(path)
-
-
 def cmd_detect(args):
     """Detect objects in IMAGE files or in --data; pictures into --out, COCO results into --json."""
-    from .data.coco import write_coco_results
-    from .model import FasterRCNN
-    from .evaluate import detect_all
-    from .fast.threads import blas_threads
-    from .viz import save_detections
     if not 0.0 <= args.score <= 1.0:                    # NaN fails too
         raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
     if not args.out and not args.json:
@@ -351,8 +311,6 @@ def cmd_detect(args):
     if bool(args.images) == bool(args.data):
         raise ValueError("IMAGE, --data: give image files or --data, not both (nor neither)")
     overrides = _test_overrides(args)
-    from .data.images import read_image_reduced
-    from .viz import MAX_PICTURE_SIDE
     images = [(path, read_image_reduced(path, MAX_PICTURE_SIDE))  # the images first: a missing
               for path in args.images]
     if args.out:                                                    # one is named even without
@@ -374,7 +332,7 @@ def cmd_detect(args):
         pictures = ((name, lambda i=i: data.original_image(i)) for i, name in enumerate(names))
     else:
         detections = []
-        with blas_threads(1):                 # big photos come reduced (read_image_reduced):
+        with threads.blas_threads(1):         # big photos come reduced (read_image_reduced):
             for path, (image, _) in images:   # boxes on them
                 try:
                     detections.append(model.detect(image))
@@ -408,9 +366,6 @@ def cmd_detect(args):
 
 def save_demo_figure(path, samples, detections, class_names, score=0.5, cols=4):
     """A grid of test images with their detections (score >= `score`) drawn by viz.draw_boxes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from .viz import draw_boxes, show_image
     rows = max(1, (len(samples) + cols - 1) // cols)
     fig = Figure(figsize=(3 * cols, 3 * rows))
     FigureCanvasAgg(fig)
@@ -427,10 +382,6 @@ def save_demo_figure(path, samples, detections, class_names, score=0.5, cols=4):
 
 def cmd_demo(args):
     """The main job: build (or read) data, train, evaluate on held-out images, draw detections."""
-    import time
-    from .data.dataset import parse_spec
-    from .evaluate import evaluate
-    from .train import train
     start = time.time()
     tcfg = _train_config(args)                          # check every value before building data
     _check_model_options(args)
@@ -600,28 +551,8 @@ def build_parser():
     return p
 
 
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for the next allocation instead of handing it back.
-
-    A training step frees and re-allocates the same activation arrays (20-40 MB at 480 x 640 and
-    up) every step.  By default glibc returns such blocks to the kernel and asks again for fresh,
-    zeroed pages, so every step pays page faults: 8 ms of system time in a 266 ms step at
-    600 x 1000 (one thread of a 2-core EPYC), and more with threads faulting at once.  Kept in the
-    heap, the memory is reused, and the peak is what it was.  Only the `frcnn` command does this:
-    it owns its process, while a library should leave its host's allocator alone.  No-op where
-    the C library has no mallopt (not glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3              # glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2 << 30))
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .fast import threads
     keep_freed_memory()
     try:
         if getattr(args, "work_threads", None) is not None:

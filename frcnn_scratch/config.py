@@ -5,6 +5,7 @@ naming the field) and normalise it to plain ints, floats and tuples, so that the
 through the JSON a checkpoint stores.
 """
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -167,6 +168,26 @@ PAPER_VALUES = dict(
     roi_fg_iou=0.5, roi_bg_iou_hi=0.5, roi_bg_iou_lo=0.1,   # Fast R-CNN 2.3 (bg in [0.1, 0.5))
     nms_threshold=0.3, score_threshold=0.05, max_detections=100,   # released code's test
 )
+
+
+def parse_overrides(pairs, option="--set"):
+    """["pooler=pool", "channels=[8,16]"] -> {"pooler": "pool", "channels": (8, 16)}: Config fields
+    as the command line gives them, each value read as JSON where it can be (a list becomes a
+    tuple), else kept as text.  Config checks the values; an unknown KEY is refused here, named
+    with `option`."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"{option} {pair!r}: expected KEY=VALUE with KEY one of the Config "
+                             f"fields ({', '.join(sorted(names))})")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 @dataclass

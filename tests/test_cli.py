@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY, one_line as _error_line
-from frcnn_scratch.cli import main, read_image
+from frcnn_scratch.cli import main
+from frcnn_scratch.data.images import read_image
 
 
 def test_demo_trains_evaluates_and_draws(tmp_path, capsys):
@@ -146,3 +147,4 @@ def test_detect_files_to_json_and_pictures_without_overwriting(tmp_path, capsys)
     assert sorted(os.listdir(tmp_path / "o")) == ["x_2_detections.png", "x_detections.png"]
     assert main(["detect", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
     assert "give image files or --data" in _error_line(capsys)
+

@@ -263,7 +263,7 @@ def peak_memory_mb(side, size, threads, overrides, repeat=2):
 
 def _memory_child(side, size, threads, overrides, repeat):
     """Runs in the child of peak_memory_mb: builds the side, then steps; prints the MB added."""
-    from ..cli import keep_freed_memory
+    from .process import keep_freed_memory
     keep_freed_memory()                         # as in the `frcnn` process that asked
     (h, w), = parse_sizes(size)
     threads = None if threads == "default" else int(threads)
@@ -303,10 +303,9 @@ def _status_mb(field):
 
 
 def _build_model(overrides):
-    from ..cli import _parse_overrides
-    from ..config import Config
+    from ..config import Config, parse_overrides
     from ..model import FasterRCNN
-    return FasterRCNN(Config(**_parse_overrides(overrides)))
+    return FasterRCNN(Config(**parse_overrides(overrides)))
 
 
 # ---- the command -----------------------------------------------------------------------------
