@@ -308,11 +308,11 @@ def cmd_detect(args):
         raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
     if not args.out and not args.json:
         raise ValueError("--out, --json: give at least one (pictures, or a COCO results file)")
-    if bool(args.images) == bool(args.data):
+    if bool(args.image_files) == bool(args.data):
         raise ValueError("IMAGE, --data: give image files or --data, not both (nor neither)")
     overrides = _test_overrides(args)
     images = [(path, read_image_reduced(path, MAX_PICTURE_SIDE))  # the images first: a missing
-              for path in args.images]
+              for path in args.image_files]
     if args.out:                                                    # one is named even without
         _check_writable(args.out, "--out", folder=True)             # a model
     if args.json:
@@ -522,7 +522,8 @@ def build_parser():
     _add_common(e)
     e.set_defaults(func=cmd_eval)
     d = sub.add_parser("detect", help="detect objects in image files or in --data")
-    d.add_argument("images", nargs="*", metavar="IMAGE", help="image files (PNG, JPEG)")
+    d.add_argument("image_files", nargs="*", metavar="IMAGE",       # --images counts shapes
+                   help="image files (PNG, JPEG)")
     d.add_argument("--out", default=None, metavar="DIR", help="folder for the PNGs")
     d.add_argument("--json", default=None, metavar="PATH",
                    help="write the detections as a COCO results file (image_id, category_id, "

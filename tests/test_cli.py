@@ -148,3 +148,16 @@ def test_detect_files_to_json_and_pictures_without_overwriting(tmp_path, capsys)
     assert main(["detect", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
     assert "give image files or --data" in _error_line(capsys)
 
+
+def test_detect_on_the_shapes_takes_its_image_count(tmp_path, capsys):
+    """--images (how many shapes) and the IMAGE files are two options: neither hides the other."""
+    import json
+    from fixtures.detector_tiny import tiny_config
+    from frcnn_scratch.data import SHAPE_CLASSES
+    from frcnn_scratch.model import FasterRCNN
+    ckpt = tmp_path / "m.npz"
+    FasterRCNN(tiny_config(score_threshold=0.0), class_names=SHAPE_CLASSES).save(ckpt)
+    assert main(["detect", "--checkpoint", str(ckpt), "--data", "shapes", "--images", "2",
+                 "--json", str(tmp_path / "d.json")]) == 0
+    assert "in 2 images" in capsys.readouterr().out
+    assert {r["image_id"] for r in json.loads((tmp_path / "d.json").read_text())} <= {1, 2}
