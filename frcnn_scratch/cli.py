@@ -166,7 +166,8 @@ def _model_for(args, data, scale):
     overrides.update(num_classes=n, min_size=scale[0], max_size=scale[1])
     config = Config(**overrides)
     _check_image_memory(config, True, "--set, --min-size / --max-size")
-    return FasterRCNN(config, backend=args.backend, class_names=data.class_names)
+    return FasterRCNN(config, backend=args.backend, class_names=data.class_names,
+                      fast=not args.textbook)
 
 
 def _test_overrides(args):
@@ -285,7 +286,8 @@ def cmd_eval(args):
     if os.path.isdir(plot):
         raise ValueError(f"--plot: {plot!r} is a folder, not a file path")
     _check_writable(plot, "--plot")
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=_test_overrides(args))
+    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=_test_overrides(args),
+                            fast=not args.textbook)
     _check_image_memory(model.config, False, "--set, --min-size / --max-size")
     data = _eval_data(args, model, args.split or "test")
     if args.detections:
@@ -319,7 +321,8 @@ def cmd_detect(args):
         if os.path.isdir(args.json):
             raise ValueError(f"--json: {args.json!r} is a folder, not a file path")
         _check_writable(args.json, "--json")
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=overrides)
+    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=overrides,
+                            fast=not args.textbook)
     _check_image_memory(model.config, False, "--set, --min-size / --max-size")
     if images and model.config.min_size == 0 and "min_size" not in overrides:
         # a model trained on images as they came: rescale files to the default folder sizes
@@ -458,6 +461,9 @@ def _add_common(p):
     p.add_argument("--threads", dest="work_threads", type=int, default=None, metavar="N",
                    help="threads to compute with (default: 1 below about 90k pixels, else up to "
                         "6)")
+    p.add_argument("--textbook", action="store_true",
+                   help="nn.py's textbook layers and the plain training step (fast=False): the "
+                        "same results to float32 rounding, slower")
 
 
 def build_parser():

@@ -149,6 +149,50 @@ def test_detect_files_to_json_and_pictures_without_overwriting(tmp_path, capsys)
     assert "give image files or --data" in _error_line(capsys)
 
 
+def test_textbook_option_reaches_the_model_and_its_checkpoint_loads_in_both_modes(tmp_path, capsys,
+                                                                                  monkeypatch):
+    """--textbook builds (train, demo) or loads (eval, detect) the model with fast=False; a
+    checkpoint it trains loads into the fast model and the textbook one alike, with the same
+    weights and the same features to float32 rounding."""
+    from fixtures.detector_tiny import tiny_sample
+    from frcnn_scratch.model import FasterRCNN
+    built = []
+    real_init = FasterRCNN.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self.fast)
+
+    monkeypatch.setattr(FasterRCNN, "__init__", recording_init)
+    ckpt = str(tmp_path / "m.npz")
+    assert main(["train", "--textbook", "--checkpoint", ckpt, "--iters", "2",
+                 "--train-images", "2"] + TINY) == 0
+    assert main(["eval", "--textbook", "--checkpoint", ckpt, "--images", "2", "--quiet",
+                 "--plot", str(tmp_path / "pr.png")]) == 0
+    assert main(["detect", "--textbook", "--checkpoint", ckpt, "--data", "shapes", "--images", "1",
+                 "--json", str(tmp_path / "d.json")]) == 0
+    assert main(["demo", "--textbook", "--out", str(tmp_path / "demo"), "--iters", "2",
+                 "--train-images", "2", "--test-images", "1"] + TINY) == 0
+    assert built == [False] * 4, built
+    assert main(["eval", "--checkpoint", ckpt, "--images", "1", "--quiet",
+                 "--plot", str(tmp_path / "pr.png")]) == 0
+    assert built[-1] is True                               # without the option: the fast model
+    capsys.readouterr()
+    fast, textbook = FasterRCNN.load(ckpt), FasterRCNN.load(ckpt, fast=False)
+    assert fast.fast and not textbook.fast
+    for name, value in fast.params().items():
+        np.testing.assert_array_equal(textbook.params()[name], value, err_msg=name)
+    x = fast.preprocess(tiny_sample(seed=1, size=48)["image"])
+    np.testing.assert_allclose(textbook.features(x), fast.features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_help_names_the_textbook_option():
+    from frcnn_scratch.cli import build_parser
+    for command in ("train", "eval", "detect", "demo"):
+        text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
+        assert "--textbook" in text and "nn.py's textbook layers" in text, command
+
+
 def test_detect_on_the_shapes_takes_its_image_count(tmp_path, capsys):
     """--images (how many shapes) and the IMAGE files are two options: neither hides the other."""
     import json
