@@ -484,8 +484,9 @@ def build_parser():
                    help="threads for numpy's OpenBLAS and for torch alike (default 1)")
     b.set_defaults(func=cmd_bench)
     bm = sub.add_parser("bench-model", help="time a whole training step and prediction at image "
-                                            "sizes up to 600 x 1000, against torchvision's "
-                                            "FasterRCNN on the same network when importable")
+                                            "sizes up to 600 x 1000, beside the textbook model "
+                                            "and against torchvision's FasterRCNN on the same "
+                                            "network when importable")
     bm.add_argument("--sizes", default="96x160,240x400,480x640,600x1000", metavar="HxW,...",
                     help="image sizes (default: the demo's to the paper's)")
     bm.add_argument("--repeat", type=int, default=5, help="timed runs per size (median reported)")
@@ -494,6 +495,9 @@ def build_parser():
     bm.add_argument("--memory", action="store_true",
                     help="also the peak memory of each side (a fresh process per size and side)")
     bm.add_argument("--numpy-only", action="store_true", help="leave torchvision out")
+    bm.add_argument("--no-textbook", action="store_true",
+                    help="leave the textbook model (fast=False) out: several times slower at "
+                         "large sizes")
     bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="model Config field, repeatable (as for train)")
     bm.set_defaults(func=cmd_bench_model)

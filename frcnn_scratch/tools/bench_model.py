@@ -1,25 +1,30 @@
 """`frcnn bench-model`: the whole detector, one training step and one prediction, at real sizes.
 
 Sizes run from the demo's 96 x 160 to the paper's 600 x 1000 (shorter side 600).  On each size the
-NumPy model (model.Config, default or --set) is timed against torchvision's FasterRCNN built to the
-same network (`torchvision_twin`): the same backbone, the same RPN head, the same 7 x 7 RoI Align
-and two fc layers, the same anchors per position, sampling sizes, proposal counts and thresholds,
-and the same initial weights.  torchvision's resize is switched off (both sides see the image as
-it is) and its padding is to a multiple of the stride, which the four sizes already are.
+NumPy model (model.Config, default or --set) is timed beside the textbook model (`fast=False`:
+nn.py's layers and the plain training step, with the same weights; --no-textbook leaves it out)
+and against torchvision's FasterRCNN built to the same network (`torchvision_twin`): the same
+backbone, the same RPN head, the same 7 x 7 RoI Align and two fc layers, the same anchors per
+position, sampling sizes, proposal counts and thresholds, and the same initial weights.
+torchvision's resize is switched off (both sides see the image as it is) and its padding is to a
+multiple of the stride, which the four sizes already are.
 
-The two sides take turns in one process on the same images, in blocks of three calls (three NumPy
-steps, three torch steps, three NumPy predictions, ...), so that a change in the machine's load
-hits both; each time is the median of --repeat calls, not counting the first of each block (it
-runs right after the other side, whose threads are still busy: `BLOCK`).  A training step is the
-forward pass, the four losses, the backward pass and one SGD update; a prediction is the
-test-time forward with its NMS.  The header names the kernels numpy's matrix products run on.
+The sides take turns in one process on the same images, in blocks of three calls (three NumPy
+steps, three textbook steps, three torch steps, three NumPy predictions, ...), so that a change in
+the machine's load hits them all; each time is the median of --repeat calls, not counting the
+first of each block (it runs right after another side, whose threads are still busy: `BLOCK`).  A
+training step is the forward pass, the four losses, the backward pass and one SGD update; a
+prediction is the test-time forward with its NMS.  The header names the kernels numpy's matrix
+products run on.
 
---threads N runs both sides with N threads (numpy's OpenBLAS and torch's intra-op pool);
---threads default leaves each side to its own choice (this library's `threads.work_threads`, torch's
-default pool).  --memory also measures the peak memory of each side in a fresh process per size:
-the growth of the resident set while it trains and predicts (Linux: the peak counter is reset
-after the model is built, then read from /proc/self/status).
+--threads N runs every side with N threads (the NumPy model's team, the textbook's OpenBLAS,
+torch's intra-op pool); --threads default leaves each side to its own choice (this library's
+`threads.work_threads`, OpenBLAS's and torch's defaults).  --memory also measures the peak memory
+of each side in a fresh process per size: the growth of the resident set while it trains and
+predicts (Linux: the peak counter is reset after the model is built, then read from
+/proc/self/status).
 """
+import contextlib
 import os
 import statistics
 import subprocess
@@ -28,7 +33,14 @@ import time
 
 import numpy as np
 
-from ..fast.threads import for_image, openblas_kernels, set_threads, usable_cores, work_threads
+from ..config import Config, TrainConfig, parse_overrides
+from ..data.shapes import make_shapes_sample
+from ..fast.threads import (blas_threads, for_image, openblas_kernels, set_threads, usable_cores,
+                            work_threads)
+from ..model import FasterRCNN
+from ..train import Trainer
+from .bench import format_table, load_average
+from .process import keep_freed_memory
 
 SIZES = ((96, 160), (240, 400), (480, 640), (600, 1000))
 
@@ -37,7 +49,6 @@ SIZES = ((96, 160), (240, 400), (480, 640), (600, 1000))
 
 def sample_at(height, width, seed=0):
     """A shapes image of exactly (height, width) with several objects scaled to it (a sample dict)."""
-    from ..data.shapes import make_shapes_sample
     side = max(height, width)
     lo, hi = max(8, min(height, width) // 8), max(16, min(height, width) // 2)
     s = make_shapes_sample(np.random.default_rng(seed), image_size=side, shape_size=(lo, hi),
@@ -67,47 +78,51 @@ def parse_sizes(text):
 # ---- torchvision's FasterRCNN, built to our Config --------------------------------------------
 
 def torch_layers(model):
-    """The NumPy model's layers as torch modules holding copies of its weights.
+    """The model's network as torch modules holding copies of its weights, built from its config
+    and params() (the same names for the fast and the textbook model: backbone.0.weight, ...).
 
-    Returns dict(backbone=nn.Sequential (conv / ReLU / max-pool as model.backbone), rpn_conv,
-    rpn_cls, rpn_reg (nn.Conv2d), fc6, fc7, cls_score, bbox_pred (nn.Linear)).  Needs torch only.
+    Returns dict(backbone=nn.Sequential (conv3x3 + ReLU per entry of config.channels, a 2x2 max
+    pool between entries, at the indices of model.backbone), rpn_conv, rpn_cls, rpn_reg
+    (nn.Conv2d), fc6, fc7, cls_score, bbox_pred (nn.Linear)).  Needs torch only.
     """
-    import torch
-    from .. import nn as fnn
+    import torch                      # lazy: an optional dependency
+    params = model.params()
 
-    def conv(layer):
-        w = layer.params["weight"]
-        c = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=layer.stride,
-                            padding=layer.padding)
-        _copy(c, layer)
-        return c
+    def weights(module, name):
+        """Copy params[name.weight / name.bias] into `module`; a shape that differs is an error."""
+        for key in ("weight", "bias"):
+            value = np.asarray(params[f"{name}.{key}"], np.float32)
+            target = getattr(module, key)
+            if tuple(target.shape) != value.shape:
+                raise ValueError(f"torch_layers: {name}.{key} is {value.shape}, the config makes "
+                                 f"{tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(torch.from_numpy(value))
+        return module
 
-    def linear(layer):
-        w = layer.params["weight"]
-        lin = torch.nn.Linear(w.shape[1], w.shape[0])
-        _copy(lin, layer)
-        return lin
+    def conv(name, in_ch, out_ch, k):
+        """A stride-1 conv that keeps the size (3x3 padding 1, 1x1 none), as the model's."""
+        return weights(torch.nn.Conv2d(in_ch, out_ch, k, padding=k // 2), name)
 
-    def _copy(module, layer):
-        with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(np.array(layer.params["weight"], np.float32)))
-            module.bias.copy_(torch.from_numpy(np.array(layer.params["bias"], np.float32)))
+    def linear(name, in_features, out_features):
+        return weights(torch.nn.Linear(in_features, out_features), name)
 
-    backbone = []
-    for layer in model.backbone.layers:
-        if isinstance(layer, fnn.Conv2d):
-            backbone.append(conv(layer))
-        elif isinstance(layer, fnn.ReLU):
-            backbone.append(torch.nn.ReLU())
-        elif isinstance(layer, fnn.MaxPool2d):
-            backbone.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
-        else:
-            raise ValueError(f"torch_layers: no torch twin for backbone layer {type(layer).__name__}")
-    head = model.head.layers
-    return dict(backbone=torch.nn.Sequential(*backbone), rpn_conv=conv(model.rpn.conv),
-                rpn_cls=conv(model.rpn.cls), rpn_reg=conv(model.rpn.reg), fc6=linear(head["fc6"]),
-                fc7=linear(head["fc7"]), cls_score=linear(head["cls_score"]),
-                bbox_pred=linear(head["bbox_pred"]))
+    cfg = model.config
+    layers, in_ch = [], 3
+    for i, out_ch in enumerate(cfg.channels):          # model.backbone's layout and indices
+        layers += [conv(f"backbone.{len(layers)}", in_ch, out_ch, 3), torch.nn.ReLU()]
+        if i < len(cfg.channels) - 1:
+            layers.append(torch.nn.MaxPool2d(2, 2))
+        in_ch = out_ch
+    c, k, hidden = cfg.channels[-1], cfg.num_anchors, cfg.fc_hidden
+    return dict(backbone=torch.nn.Sequential(*layers),
+                rpn_conv=conv("rpn.conv", c, cfg.rpn_channels, 3),
+                rpn_cls=conv("rpn.cls", cfg.rpn_channels, k, 1),
+                rpn_reg=conv("rpn.reg", cfg.rpn_channels, 4 * k, 1),
+                fc6=linear("head.fc6", c * cfg.pooled_size ** 2, hidden),
+                fc7=linear("head.fc7", hidden, hidden),
+                cls_score=linear("head.cls_score", hidden, cfg.num_classes + 1),
+                bbox_pred=linear("head.bbox_pred", hidden, 4 * (cfg.num_classes + 1)))
 
 
 def torchvision_twin(model, torchvision):
@@ -118,8 +133,8 @@ def torchvision_twin(model, torchvision):
     image from model.config; RoI Align 7 x 7 with the same sampling ratio; no resize (both sides
     see the image as it is) and padding to a multiple of the stride.
     """
-    import torch
-    from torchvision.models.detection import FasterRCNN
+    import torch                      # lazy: optional dependencies
+    from torchvision.models.detection import FasterRCNN as TorchFasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
@@ -147,7 +162,7 @@ def torchvision_twin(model, torchvision):
     box_head.fc6, box_head.fc7 = t["fc6"], t["fc7"]
     predictor = FastRCNNPredictor(cfg.fc_hidden, cfg.num_classes + 1)
     predictor.cls_score, predictor.bbox_pred = t["cls_score"], t["bbox_pred"]
-    twin = FasterRCNN(
+    twin = TorchFasterRCNN(
         backbone, num_classes=None, min_size=1, max_size=1 << 30,
         image_mean=list(cfg.pixel_mean), image_std=list(cfg.pixel_std),
         rpn_anchor_generator=anchors, rpn_head=RPNHead(),
@@ -169,21 +184,36 @@ def torchvision_twin(model, torchvision):
 
 # ---- timing ----------------------------------------------------------------------------------
 
-class NumpySide:
-    """One training step (Trainer.step) and one prediction of the NumPy model."""
+def textbook_twin(model):
+    """FasterRCNN(fast=False), nn.py's layers and the plain step, with a copy of `model`'s weights."""
+    twin = FasterRCNN(model.config, backend=model.backend, class_names=model.class_names,
+                      fast=False)
+    ours = model.params()
+    for name, value in twin.params().items():
+        value[...] = ours[name]
+    return twin
 
-    def __init__(self, model, samples):
-        from ..config import TrainConfig
-        from ..train import Trainer
-        self.model = model
+
+class NumpySide:
+    """One training step (Trainer.step) and one prediction of a NumPy model: the fast one on the
+    threads it chooses for the image, the textbook one on `blas` OpenBLAS threads (None: as many
+    as OpenBLAS chooses)."""
+
+    def __init__(self, model, samples, blas=None):
+        self.model, self.blas = model, blas
         self.trainer = Trainer(model, samples, TrainConfig(iterations=1 << 30, flip=False, seed=0))
 
+    def _threads(self, sample):
+        if self.model.fast:
+            return for_image(*sample["image"].shape[:2])     # as the model itself chooses
+        return contextlib.nullcontext() if self.blas is None else blas_threads(self.blas)
+
     def train(self, sample):
-        with for_image(*sample["image"].shape[:2]):      # as the model itself chooses
+        with self._threads(sample):
             self.trainer.step(sample)
 
     def predict(self, sample):
-        with for_image(*sample["image"].shape[:2]):
+        with self._threads(sample):
             self.model.predict(sample["image"])
 
 
@@ -262,8 +292,8 @@ def peak_memory_mb(side, size, threads, overrides, repeat=2):
 
 
 def _memory_child(side, size, threads, overrides, repeat):
-    """Runs in the child of peak_memory_mb: builds the side, then steps; prints the MB added."""
-    from .process import keep_freed_memory
+    """Runs in the child of peak_memory_mb: builds the side ("numpy", "textbook" or "torchvision"),
+    then steps; returns the MB added, as text."""
     keep_freed_memory()                         # as in the `frcnn` process that asked
     (h, w), = parse_sizes(size)
     threads = None if threads == "default" else int(threads)
@@ -272,12 +302,13 @@ def _memory_child(side, size, threads, overrides, repeat):
     if side == "numpy":
         set_threads(threads)
         runner = NumpySide(model, samples)
+    elif side == "textbook":
+        runner = NumpySide(textbook_twin(model), samples, blas=threads)
     else:
-        import torch
+        import torch                  # lazy: optional dependencies
         import torchvision
         if threads is not None:
             torch.set_num_threads(threads)
-        from ..config import TrainConfig
         runner = TorchSide(torchvision_twin(model, torchvision), torch, TrainConfig())
     base = _reset_peak()
     for r in range(int(repeat)):
@@ -303,8 +334,6 @@ def _status_mb(field):
 
 
 def _build_model(overrides):
-    from ..config import Config, parse_overrides
-    from ..model import FasterRCNN
     return FasterRCNN(Config(**parse_overrides(overrides)))
 
 
@@ -312,9 +341,7 @@ def _build_model(overrides):
 
 def main(args):
     """Entry point of `frcnn bench-model` (args.sizes, args.repeat, args.threads, args.memory,
-    args.set, args.backends)."""
-    from .bench import format_table, load_average
-    from ..config import TrainConfig
+    args.set, args.numpy_only, args.no_textbook)."""
     sizes = parse_sizes(args.sizes)
     repeat = int(args.repeat)
     if repeat < 1:
@@ -332,16 +359,20 @@ def main(args):
             raise ValueError(f"--threads: expected 1..{cores} (this machine's cores) or 'default', "
                              f"got {threads}")
     overrides = list(args.set or [])
+    textbook = not getattr(args, "no_textbook", False)
     notes = []
     torch = torchvision = None
     if not args.numpy_only:
         try:
-            import torch
+            import torch                  # lazy: optional dependencies
             import torchvision
         except Exception as e:                # ImportError, or a torchvision built for another torch
             torch = torchvision = None
             notes.append(f"torchvision not importable ({type(e).__name__}: {str(e)[:80]}): "
                          "NumPy alone")
+    if textbook:
+        notes.append("textbook: FasterRCNN(fast=False), nn.py's layers and the plain training "
+                     "step, with the same weights (--no-textbook leaves it out)")
     model = _build_model(overrides)
     previous_threads = torch.get_num_threads() if torch is not None else None
     if torch is not None and threads is not None:
@@ -357,27 +388,26 @@ def main(args):
         notes += pinned_kernels_notes()
         for h, w in sizes:
             samples = [sample_at(h, w, seed=i) for i in range(2)]
-            from ..model import FasterRCNN
             numpy_model = FasterRCNN(model.config)            # fresh weights for every size
             sides = {"numpy": NumpySide(numpy_model, samples)}
+            if textbook:
+                sides["textbook"] = NumpySide(textbook_twin(numpy_model), samples, blas=threads)
             if torch is not None:
                 twin = torchvision_twin(numpy_model, torchvision)
                 sides["torchvision"] = TorchSide(twin, torch, TrainConfig())
             t = interleaved_medians(sides, samples, repeat)
-            row = [f"{h}x{w}", f"{work_threads(h, w)}", f"{t['numpy', 'train']:.1f}"]
-            if torch is not None:
-                row += [f"{torch.get_num_threads()}", f"{t['torchvision', 'train']:.1f}",
-                        f"{t['numpy', 'train'] / t['torchvision', 'train']:.2f}"]
-            row += [f"{t['numpy', 'predict']:.1f}"]
-            if torch is not None:
-                row += [f"{t['torchvision', 'predict']:.1f}",
-                        f"{t['numpy', 'predict'] / t['torchvision', 'predict']:.2f}"]
+            row = [f"{h}x{w}", f"{work_threads(h, w)}"]
+            for what in ("train", "predict"):
+                row += [f"{t['numpy', what]:.1f}"]
+                row += [f"{t['textbook', what]:.1f}"] if textbook else []
+                if torch is not None:
+                    row += [f"{torch.get_num_threads()}"] if what == "train" else []
+                    row += [f"{t['torchvision', what]:.1f}",
+                            f"{t['numpy', what] / t['torchvision', what]:.2f}"]
             if args.memory:
                 mem = {side: peak_memory_mb(side, (h, w), "default" if threads is None else threads,
                                             overrides) for side in sides}
-                row += [_mb(mem["numpy"])]
-                if torch is not None:
-                    row += [_mb(mem["torchvision"])]
+                row += [_mb(mem[side]) for side in sides]
             rows.append(row)
             print(".", end="", flush=True)
         print()
@@ -385,12 +415,16 @@ def main(args):
         set_threads(None)
         if torch is not None:
             torch.set_num_threads(previous_threads)
-    header = ["image", "np threads", "numpy train"]
-    header += ["torch threads", "tv train", "train ratio"] if torch is not None else []
-    header += ["numpy predict"]
-    header += ["tv predict", "predict ratio"] if torch is not None else []
-    header += ["numpy peak MB"] if args.memory else []
-    header += ["tv peak MB"] if args.memory and torch is not None else []
+    header = ["image", "np threads"]
+    for what in ("train", "predict"):
+        header += [f"numpy {what}"]
+        header += [f"textbook {what}"] if textbook else []
+        if torch is not None:
+            header += ["torch threads"] if what == "train" else []
+            header += [f"tv {what}", f"{what} ratio"]
+    if args.memory:
+        header += [f"{short} peak MB" for short, on in
+                   (("numpy", True), ("textbook", textbook), ("tv", torch is not None)) if on]
     print(format_table(header, rows))
     print(f"load average after: {load_average()}")
     for note in notes:
