@@ -246,11 +246,10 @@ class TorchSide:
             self.twin(images)
 
 
-# Calls per side in a row.  The first call of each block is not timed: it runs right after the other
-# side, whose leftovers slow it down.  torch's OpenMP threads keep spinning on the cores for a while
-# after its step ends (libgomp's default wait policy), which a program running torch alone never
-# meets: timed straight after a torch step, the NumPy step at 240 x 400 on two threads took 32-35 ms
-# against 26-29 alone; with OMP_WAIT_POLICY=PASSIVE it was 28, and torch's own step slower.
+# Calls per side in a row.  The first call of each block is not timed: it runs right after another
+# side, whose leftovers slow it down (torch's OpenMP threads keep spinning on the cores for a while
+# after its step ends, libgomp's default wait policy, which a program running torch alone never
+# meets; measurements: docs/performance.md).
 BLOCK = 3
 
 
@@ -452,10 +451,8 @@ def torch_kernels(torch):
 
 def pinned_kernels_notes():
     """A note for the table when OPENBLAS_CORETYPE pins numpy's OpenBLAS to chosen kernels: torch
-    does not read it, so on a CPU with newer instructions the two sides run different ones (the
-    2-core EPYC of this project's rounds sets Haswell, AVX2, for older OpenBLAS builds; its cores
-    have AVX-512, which torch uses and which made the NumPy step 1.4x faster at 480 x 640 when
-    OpenBLAS chose for itself)."""
+    does not read it, so on a CPU with newer instructions the two sides run different ones (e.g.
+    numpy on AVX2 kernels against torch's AVX-512; docs/performance.md)."""
     chosen = os.environ.get("OPENBLAS_CORETYPE")
     if not chosen or openblas_kernels() is None:
         return []
