@@ -12,7 +12,7 @@ so it is switched on here, before the kernel modules are imported:
   built for the compiler; they are re-wrapped for the interpreter, so import order does not matter.
 * TRITON_INTERPRET=1 set by the user: the interpreter, also on a GPU machine.
 * TRITON_INTERPRET=0 set by the user: compiled kernels.  `frcnn kernels` does this to compile every
-  kernel for real GPUs on a machine without one (kernels/compile_report.py); launching them then
+  kernel for real GPUs on a machine without one (frcnn_scratch/tools/compile_report.py); launching them then
   needs a GPU.
 """
 import os

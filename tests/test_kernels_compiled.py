@@ -1,4 +1,4 @@
-"""The kernels as a GPU compiles them, proven on a machine without one (kernels/compile_report.py).
+"""The kernels as a GPU compiles them, proven on a machine without one (frcnn_scratch/tools/compile_report.py).
 
 `frcnn kernels` calls every launcher at the paper's sizes, at every specialisation a GPU can meet
 (sizes of 1 become compile-time constants, multiples of 16 get divisibility hints) and at sizes
