@@ -41,22 +41,22 @@ class Config:
     rpn_post_nms_train: int = 150               # 2000
     rpn_pre_nms_test: int = 300                 # 6000
     rpn_post_nms_test: int = 50                 # 300
-    # Fast R-CNN head (3.2)
+    # Fast R-CNN head (Fast R-CNN 2.1-2.3)
     pooler: str = "align"                       # "align" (RoI Align) or "pool" (RoI max pooling)
     pooled_size: int = 7                        # 7 x 7 on VGG-16
     sampling_ratio: int = 2                     # RoI Align samples per bin side (<= 0: adaptive)
     aligned: bool = True                        # RoI Align's half-pixel shift
     fc_hidden: int = 128                        # 4096 on VGG-16
-    roi_batch_size: int = 64                    # sampled RoIs per image (128)
+    roi_batch_size: int = 64                    # sampled RoIs per image (64: R = 128 from N = 2)
     roi_fg_fraction: float = 0.25
     roi_fg_iou: float = 0.5
     roi_bg_iou_hi: float = 0.5
     roi_bg_iou_lo: float = 0.0                  # the paper's code uses 0.1; 0.0 also shows plain background
-    # test time (3.3)
+    # test time (the released code's test settings)
     score_threshold: float = 0.05
     nms_threshold: float = 0.5                  # class-wise NMS of the final detections
     max_detections: int = 100
-    # input scale (section 4: shorter side 600, longer at most 1000); 0 = images as they come
+    # input scale (3.3: shorter side 600; at most 1000 long: released code); 0 = as they come
     min_size: float = 0.0
     max_size: float = 0.0
     seed: int = 0                               # weight initialisation
@@ -161,10 +161,11 @@ PAPER_VALUES = dict(
     rpn_batch_size=256, rpn_positive_fraction=0.5,      # 3.1.3: 256 anchors, up to 1:1
     rpn_sigma=3.0,                                      # released code (smooth L1 sigma)
     rpn_nms_threshold=0.7,                              # 3.3
-    rpn_pre_nms_train=12000, rpn_post_nms_train=2000,   # released code
+    rpn_pre_nms_train=12000, rpn_post_nms_train=2000,   # 12000: released code; 2000: 3.3
     rpn_pre_nms_test=6000, rpn_post_nms_test=300,       # 300 proposals: section 4; 6000: code
     pooler="pool", pooled_size=7,                       # Fast R-CNN's RoI max pooling, 7 x 7
-    roi_batch_size=128, roi_fg_fraction=0.25,           # Fast R-CNN 2.3: 128 RoIs, 25% fg
+    roi_batch_size=64, roi_fg_fraction=0.25,            # Fast R-CNN 2.3: R = 128 RoIs from N = 2
+                                                        # images, 64 each (released e2e code: 128)
     roi_fg_iou=0.5, roi_bg_iou_hi=0.5, roi_bg_iou_lo=0.1,   # Fast R-CNN 2.3 (bg in [0.1, 0.5))
     nms_threshold=0.3, score_threshold=0.05, max_detections=100,   # released code's test
 )

@@ -22,8 +22,19 @@ backward overwrites `grads` (it does not accumulate): call each layer once per s
 backward after the forward whose cache it uses.  Under `with no_grad():` (inference) a forward
 keeps nothing for a backward pass.
 
+Checking a backward by finite differences (tests/test_nn.py does this for every layer):
+
+    layer = Conv2d(2, 3, 3, padding=1, rng=0).astype(np.float64)
+    x, r = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((1, 3, 5, 5))
+    layer.forward(x); dx = layer.backward(r)              # L = sum(y * r), so dL/dy = r
+    x[0, 0, 2, 2] += 1e-6; up = (layer.forward(x) * r).sum()
+    x[0, 0, 2, 2] -= 2e-6; down = (layer.forward(x) * r).sum()
+    (up - down) / 2e-6  # == dx[0, 0, 2, 2] to ~1e-9
+
 This file is the definition.  frcnn_scratch/fast/ computes the same layers faster (bands of rows
-that stay in cache, a fused conv -> pool -> ReLU, threads); its tests hold it equal to these.
+that stay in cache, threads) and fuses conv -> max pool -> ReLU into one layer (pooling before the
+ReLU is exact: ReLU keeps order, so the max of ReLUs is the ReLU of the max); its tests hold it
+equal to these.
 """
 import contextlib
 import threading
@@ -85,6 +96,19 @@ def grad_enabled():
 
 # ----------------------------------------------------------------------------- input checks
 
+def positive_int(value, name):
+    """A whole number >= 1 (a channel or feature count); 2.5, (3, 5) or True is a ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not np.isscalar(value):
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    try:
+        whole = int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return int(value)
+
+
 def int_pair(value, name, minimum):
     """An int or (h, w) of ints >= minimum -> (h, w); 2.5 or (2, 2, 2) is a ValueError naming it."""
     if np.isscalar(value):
@@ -125,13 +149,17 @@ def as_input(x, where, dtype, ndim=None, channels=None, finite=True):
 def as_grad(dy, y_shape, dtype, layer, finite=True):
     """The incoming gradient dL/dy, checked against the shape of the forward's output."""
     if y_shape is None:
-        raise RuntimeError(f"{layer}.backward called before forward (or after a forward under "
-                           f"nn.no_grad, which keeps nothing for it)")
+        raise RuntimeError(no_forward(layer))
     dy = as_input(dy, f"{layer}.backward dy", dtype, finite=finite)
     if dy.shape != tuple(y_shape):
         raise ValueError(f"{layer}.backward dy: expected the forward output's shape "
                          f"{tuple(y_shape)}, got {tuple(dy.shape)}")
     return dy
+
+
+def no_forward(layer):
+    return (f"{layer}.backward called before forward (or after a forward under nn.no_grad, "
+            f"which keeps nothing for it)")
 
 
 # ----------------------------------------------------------------------------- base class
@@ -145,6 +173,12 @@ class Module:
 
     def __call__(self, x):
         return self.forward(x)
+
+    def cached(self):
+        """What the last forward kept for backward; a RuntimeError if there is none."""
+        if getattr(self, "_cache", None) is None:
+            raise RuntimeError(no_forward(type(self).__name__))
+        return self._cache
 
     def astype(self, dtype):
         """Cast the parameters (e.g. to float64 for gradient checks); returns self.
@@ -165,7 +199,7 @@ class Module:
 
 def conv2d_reference(x, weight, bias, stride=1, padding=0):
     """The definition of a 2-D convolution (cross-correlation, as every framework computes it),
-    one output pixel at a time:
+    one output position (i, j) at a time:
 
         y[n, o, i, j] = b[o] + sum_{c, u, v} W[o, c, u, v] * xp[n, c, i*sh + u, j*sw + v]
 
@@ -224,8 +258,8 @@ class Conv2d(Module):
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, rng=None, std=None):
         super().__init__()
-        self.in_ch = int_pair(in_ch, "in_ch", 1)[0]
-        self.out_ch = int_pair(out_ch, "out_ch", 1)[0]
+        self.in_ch = positive_int(in_ch, "in_ch")
+        self.out_ch = positive_int(out_ch, "out_ch")
         self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
         self.stride = int_pair(stride, "stride", 1)
         self.padding = int_pair(padding, "padding", 0)
@@ -255,9 +289,8 @@ class Conv2d(Module):
     def backward(self, dy):
         """dy (N, out_ch, Ho, Wo) -> dx (N, in_ch, H, W); fills grads weight, bias."""
         w = self.params["weight"]
-        cols, xp_shape, (ho, wo) = self._cache or (None, None, (None, None))
-        y_shape = None if cols is None else (cols.shape[0], self.out_ch, ho, wo)
-        dy = as_grad(dy, y_shape, w.dtype, "Conv2d")
+        cols, xp_shape, (ho, wo) = self.cached()
+        dy = as_grad(dy, (len(cols), self.out_ch, ho, wo), w.dtype, "Conv2d")
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         dy2 = dy.reshape(len(dy), self.out_ch, ho * wo)               # (N, O, L)
         w2 = w.reshape(self.out_ch, -1)                               # (O, K)
@@ -277,20 +310,20 @@ class ReLU(Module):
 
     def __init__(self):
         super().__init__()
-        self._mask = None
+        self._cache = None
 
     def forward(self, x):
         """x (any shape) -> y (same shape)."""
         x = as_input(x, "ReLU x", float_dtype(x))
         mask = x > 0
-        self._mask = mask if grad_enabled() else None
+        self._cache = mask if grad_enabled() else None
         return np.where(mask, x, x.dtype.type(0))
 
     def backward(self, dy):
         """dy (same shape as x) -> dx = dy * [x > 0]."""
-        shape = None if self._mask is None else self._mask.shape
-        dy = as_grad(dy, shape, float_dtype(dy), "ReLU")
-        return np.where(self._mask, dy, dy.dtype.type(0))
+        mask = self.cached()
+        dy = as_grad(dy, mask.shape, float_dtype(dy), "ReLU")
+        return np.where(mask, dy, dy.dtype.type(0))
 
 
 # ----------------------------------------------------------------------------- MaxPool2d
@@ -303,13 +336,14 @@ class MaxPool2d(Module):
     ties, the first max in row-major window order); windows that overlap (s < k) add.
 
     Args:
-        kernel_size, stride: an int or (h, w); stride defaults to 2 (the VGG 2x2/2 pool).
+        kernel_size, stride: an int or (h, w); stride None is kernel_size, as in torch (the VGG
+            pool is 2 x 2 with stride 2).
     """
 
-    def __init__(self, kernel_size=2, stride=2):
+    def __init__(self, kernel_size=2, stride=None):
         super().__init__()
         self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
-        self.stride = int_pair(stride, "stride", 1)
+        self.stride = self.kernel_size if stride is None else int_pair(stride, "stride", 1)
         self._cache = None
 
     def forward(self, x):
@@ -330,8 +364,8 @@ class MaxPool2d(Module):
 
     def backward(self, dy):
         """dy (N, C, Ho, Wo) -> dx (N, C, H, W), dy sent to each window's argmax."""
-        argmax, x_shape = self._cache or (None, None)
-        dy = as_grad(dy, None if argmax is None else argmax.shape, float_dtype(dy), "MaxPool2d")
+        argmax, x_shape = self.cached()
+        dy = as_grad(dy, argmax.shape, float_dtype(dy), "MaxPool2d")
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         ho, wo = argmax.shape[2:]
         dx = np.zeros(x_shape, dtype=dy.dtype)                         # (N, C, H, W)
@@ -358,26 +392,25 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, rng=None, std=None):
         super().__init__()
-        self.in_features = int_pair(in_features, "in_features", 1)[0]
-        self.out_features = int_pair(out_features, "out_features", 1)[0]
+        self.in_features = positive_int(in_features, "in_features")
+        self.out_features = positive_int(out_features, "out_features")
         shape = (self.out_features, self.in_features)
         self.params["weight"] = init_weight(shape, self.in_features, rng, std)
         self.params["bias"] = np.zeros(self.out_features, dtype=np.float32)
-        self._x = None
+        self._cache = None
 
     def forward(self, x):
         """x (N, in_features) -> y (N, out_features)."""
         w, b = self.params["weight"], self.params["bias"]             # (O, I), (O,)
         x = as_input(x, "Linear x", w.dtype, ndim=2, channels=self.in_features)
-        self._x = x if grad_enabled() else None
+        self._cache = x if grad_enabled() else None
         return x @ w.T + b                                            # (N, O)
 
     def backward(self, dy):
         """dy (N, out_features) -> dx (N, in_features); fills grads weight, bias."""
-        w = self.params["weight"]
-        shape = None if self._x is None else (len(self._x), self.out_features)
-        dy = as_grad(dy, shape, w.dtype, "Linear")
-        self.grads["weight"] = dy.T @ self._x                          # (O, I)
+        w, x = self.params["weight"], self.cached()
+        dy = as_grad(dy, (len(x), self.out_features), w.dtype, "Linear")
+        self.grads["weight"] = dy.T @ x                                # (O, I)
         self.grads["bias"] = dy.sum(axis=0)                            # (O,)
         return dy @ w                                                  # (N, I)
 
@@ -389,20 +422,22 @@ class Flatten(Module):
 
     def __init__(self):
         super().__init__()
-        self._shape = None
+        self._cache = None
 
     def forward(self, x):
+        """x (N, ...) -> y (N, prod(...))."""
         x = np.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"Flatten x: expected shape (N, ...), got {tuple(x.shape)}")
         x = as_input(x, "Flatten x", float_dtype(x))
-        self._shape = x.shape if grad_enabled() else None
+        self._cache = x.shape if grad_enabled() else None
         return x.reshape(len(x), -1)
 
     def backward(self, dy):
-        shape = None if self._shape is None else (self._shape[0], int(np.prod(self._shape[1:])))
-        dy = as_grad(dy, shape, float_dtype(dy), "Flatten")
-        return dy.reshape(self._shape)
+        """dy (N, prod(...)) -> dx (N, ...): the same values, the input's shape."""
+        shape = self.cached()
+        dy = as_grad(dy, (shape[0], int(np.prod(shape[1:]))), float_dtype(dy), "Flatten")
+        return dy.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- Sequential
@@ -416,6 +451,7 @@ class Sequential(Module):
     """
 
     def __init__(self, *layers):
+        # (no Module.__init__: params and grads are the layers', gathered by the properties below)
         self.layers = list(layers)
         for i, layer in enumerate(self.layers):
             if not hasattr(layer, "forward") or not hasattr(layer, "backward"):

@@ -401,7 +401,7 @@ def test_parts_choose_which_losses_train_the_network():
 def test_paper_preset_has_the_papers_scale_free_values():
     from frcnn_scratch.config import Config
     c = Config.paper(num_classes=20)
-    assert (c.rpn_batch_size, c.roi_batch_size, c.roi_fg_fraction) == (256, 128, 0.25)
+    assert (c.rpn_batch_size, c.roi_batch_size, c.roi_fg_fraction) == (256, 64, 0.25)
     assert (c.rpn_pre_nms_train, c.rpn_post_nms_train, c.rpn_pre_nms_test, c.rpn_post_nms_test) \
         == (12000, 2000, 6000, 300)
     assert (c.pooler, c.pooled_size, c.roi_bg_iou_lo, c.rpn_pos_iou, c.rpn_neg_iou) == ("pool", 7, 0.1, 0.7, 0.3)

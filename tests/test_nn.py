@@ -533,6 +533,9 @@ def test_bad_backward_inputs():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: nn.Conv2d(0, 4, 3), "in_ch"),
+    (lambda: nn.Conv2d((3, 5), 4, 3), "in_ch: expected an int >= 1"),
+    (lambda: nn.Linear(True, 4), "in_features: expected an int >= 1"),
+    (lambda: nn.Linear(4, 2.5), "out_features: expected an int >= 1"),
     (lambda: nn.Conv2d(3, 4, 0), "kernel_size"),
     (lambda: nn.Conv2d(3, 4, 3, stride=0), "stride"),
     (lambda: nn.Conv2d(3, 4, 3, padding=-1), "padding"),
@@ -613,13 +616,18 @@ def test_no_grad_is_per_thread_and_restores_the_previous_state():
     assert nn.grad_enabled()                                           # also after an exception
 
 
+def test_max_pool_stride_defaults_to_the_kernel_as_in_torch():
+    assert nn.MaxPool2d(3).stride == (3, 3) and nn.MaxPool2d(2).stride == (2, 2)
+    assert nn.MaxPool2d(3, 2).stride == (2, 2)
+
+
 def test_no_grad_keeps_no_argmax_and_no_mask():
     """What inference saves: no argmax array and no ReLU mask."""
     pool, relu = nn.MaxPool2d(2, 2), nn.ReLU()
     x = np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)
     with nn.no_grad():
         relu.forward(pool.forward(x))
-    assert pool._cache is None and relu._mask is None
+    assert pool._cache is None and relu._cache is None
 
 
 def test_maxpool_of_more_than_255_offsets_keeps_each_windows_first_max():

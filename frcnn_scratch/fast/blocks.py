@@ -84,15 +84,15 @@ class ReLU(nn.ReLU):
             relu_into(x[part], y[part])
 
         by_channels(block, x)
-        self._mask = mask
+        self._cache = mask
         return y
 
     def backward(self, dy):
         """dy (same shape as x) -> dx = dy * [x > 0]."""
-        shape = None if self._mask is None else self._mask.shape
-        dy = nn.as_grad(dy, shape, nn.float_dtype(dy), "ReLU", finite=False)
+        mask = self.cached()
+        dy = nn.as_grad(dy, mask.shape, nn.float_dtype(dy), "ReLU", finite=False)
         dx = dy if self.inplace else np.empty_like(dy)
-        by_channels(lambda part: np.multiply(dy[part], self._mask[part], out=dx[part]), dy)
+        by_channels(lambda part: np.multiply(dy[part], mask[part], out=dx[part]), dy)
         return dx
 
 
