@@ -309,16 +309,18 @@ def load_model_arrays(model, arrays, source="checkpoint", strict=True):
         raise ValueError(f"{source}: saved with a different config ({detail})")
     params = model.params()
     arrays.shapes.update({f"param/{name}": p.shape for name, p in params.items()})
-    for name, param in params.items():
+    values = {}
+    for name, param in params.items():                  # every one checked before any is copied
         key = f"param/{name}"
         if key not in arrays:
             raise ValueError(f"{source}: parameter {name!r} missing")
-        value = arrays[key]
+        values[name] = value = arrays[key]
         if value.dtype != param.dtype:
             raise ValueError(f"{source}: parameter {name!r} is {value.dtype}, not {param.dtype}")
         if not np.all(np.isfinite(value)):
             raise ValueError(f"{source}: parameter {name!r} holds NaN or Inf")
-        param[...] = value
+    for name, param in params.items():
+        param[...] = values[name]
 
 
 def load_weights(model, path):
@@ -416,11 +418,11 @@ def load_checkpoint(path, model, optimizer, rng, tcfg=None, data_id=None):
     iteration <= warmup, where the schedule ignores the total): a ValueError lists the fields that
     differ.  With `data_id`, the checkpoint's data identity must be the same.
     """
-    with read_npz(path) as arrays:
+    with read_npz(path) as arrays:                     # the run's checks before any copy
         source = arrays.source
-        load_model_arrays(model, arrays, source=source)
         iteration = checkpoint_iteration(arrays, source)
         check_run(arrays, source, tcfg, data_id, iteration)
+        load_model_arrays(model, arrays, source=source)
         arrays.shapes.update({f"opt/velocity.{k}": p.shape for k, p in model.params().items()})
         try:
             optimizer.load_state_dict({k[4:]: arrays[k] for k in arrays if k.startswith("opt/")})

@@ -39,8 +39,11 @@ def memory_estimate(cfg, image_hw, training=True, fast=True):
         c_in = c
     if fast:                                                 # one band per thread
         acts += BAND_BYTES * grads * threads.work_threads(h, w)
-    else:                                                    # every layer's, kh * kw = 9 x input
-        acts += sum(9 * c * h * w / 4 ** i * 4 * grads for i, c in enumerate((3,) + cfg.channels))
+    else:                                # every 3 x 3 layer's (kh * kw = 9 x its input), kept
+        inputs = (3,) + cfg.channels[:-1]                    # backbone layer i at stride 2^i
+        acts += sum(9 * c * h * w / 4 ** i * 4 * grads for i, c in enumerate(inputs))
+        cells = h * w / cfg.stride ** 2                      # the RPN's 3 x 3 and 1 x 1 convs
+        acts += (9 * cfg.channels[-1] + 2 * cfg.rpn_channels) * cells * 4 * grads
     cells = (h / cfg.stride) * (w / cfg.stride)
     anchors = cells * cfg.num_anchors
     acts += anchors * 4 * 4 * 6                              # anchors, deltas, decoded boxes ...

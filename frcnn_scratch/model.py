@@ -4,9 +4,9 @@
       -> normalise, NCHW                                   (1, 3, H, W)
       -> backbone: [conv3x3 + ReLU (+ maxpool)] x L        (1, C, H/s, W/s)    the shared conv layers
       -> RPN head -> objectness logits, t per anchor       (A,), (A, 4)        section 3.1
-      -> proposal layer (decode, clip, top-N, NMS)         (P, 4)              section 3.1
-      -> (train) proposal targets: sample R RoIs           (R, 4)              section 3.2
-      -> RoI Align / RoI pool -> fc -> fc                  (R, hidden)         Fast R-CNN
+      -> proposal layer (decode, clip, top-N, NMS)         (P, 4)              sections 3.1, 3.3
+      -> (train) proposal targets: sample R RoIs           (R, 4)              Fast R-CNN 2.3
+      -> RoI Align / RoI pool -> fc -> fc                  (R, hidden)         Fast R-CNN 2.1
       -> cls_score (C+1), bbox_pred 4 (C+1)                (R, C+1), (R, 4 (C+1))
       -> (train) four losses: RPN cls + reg, head cls + reg; backward by hand
       -> (test) per-class decode + NMS -> detections
@@ -16,8 +16,10 @@ with the proposal boxes treated as constants (no gradient through their coordina
 
 The hot ops (IoU, NMS, RoI pool / align and their backwards) go through frcnn_scratch.ops with
 the model's `backend`, so the same model runs on the NumPy reference or the Triton kernels.
-`fast=False` builds the network from nn.py's textbook layers and runs `loss_and_grads` below
-stage after stage; `fast=True` (the default) computes the same with frcnn_scratch.fast.
+The head pools with RoI Align (Mask R-CNN, aligned=True) by default; config.pooler="pool" gives
+the paper's RoI max pooling.  `fast=False` builds the network from nn.py's textbook layers and
+runs `loss_and_grads` below stage after stage; `fast=True` (the default) computes the same with
+frcnn_scratch.fast.
 """
 import numpy as np
 
@@ -53,10 +55,11 @@ class FasterRCNN:
         backend: "numpy", "triton", or None (the current default of frcnn_scratch.ops);
             passed unchanged to every ops.* call.
         class_names: the names of labels 1..C (saved with the weights); default "class 1", ...
-        fast: True: the layers and the training step of frcnn_scratch.fast (bands, threads,
-            stages overlapped); False: nn.py's textbook layers and the plain step below.  The
-            same parameters, names and initial weights either way, and the same results to
-            float32 rounding; a checkpoint of one loads into the other.
+        fast: True: the layers, the training step and the prediction of frcnn_scratch.fast
+            (bands, threads for large images, stages overlapped); False: nn.py's textbook layers
+            and the plain step below, which never call into fast/.  The same parameters, names
+            and initial weights either way, and the same results to float32 rounding; a
+            checkpoint of one loads into the other.
     """
 
     def __init__(self, config=None, backend=None, class_names=None, fast=True):
@@ -82,7 +85,7 @@ class FasterRCNN:
         self.head = FastRCNNHead(c, cfg.pooled_size, cfg.fc_hidden, cfg.num_classes,
                                  spatial_scale=1.0 / cfg.stride, pooler=cfg.pooler,
                                  sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned,
-                                 rng=rng, backend=backend, layers=layers)
+                                 rng=rng, backend=self.backend, layers=layers)
         # anchors at the origin cell, (k, 4); shifted over each feature map as needed (3.1.1)
         self.base_anchors = generate_anchors(base_size=cfg.stride, ratios=cfg.anchor_ratios,
                                              scales=cfg.anchor_scales)
@@ -106,7 +109,7 @@ class FasterRCNN:
         """All anchors of a (feat_height, feat_width) map, (H' W' k, 4), index (y W' + x) k + a;
         those of the last size asked for are kept (read-only)."""
         key = (int(feat_height), int(feat_width))
-        last = self._anchors                 # a step needs them twice; a run, on every step
+        last = self._anchors                 # a training run needs them on every step
         if last is None or last[0] != key:
             anchors = shift_anchors(self.base_anchors, *key, self.config.stride)
             anchors.setflags(write=False)    # shared: no caller may change them
@@ -128,7 +131,8 @@ class FasterRCNN:
         return logits[0], deltas[0], anchors, proposals
 
     def proposals(self, anchors, logits, deltas, image_shape, training):
-        """The proposal layer (3.1): decode, clip, drop small, top-N, NMS, top-N -> (P, 4)."""
+        """The proposal layer (3.1, 3.3): decode, clip, drop small (the released code's min size),
+        top-N, NMS, top-N -> (P, 4)."""
         cfg = self.config
         pre, post = ((cfg.rpn_pre_nms_train, cfg.rpn_post_nms_train) if training
                      else (cfg.rpn_pre_nms_test, cfg.rpn_post_nms_test))
@@ -137,8 +141,9 @@ class FasterRCNN:
                                   backend=self.backend)[0]
 
     def sample_rois(self, proposals, gt_boxes, gt_labels, rng):
-        """Proposal targets (3.2, Fast R-CNN 2.3): the ground truth joins the proposals, then R
-        RoIs are sampled -> (rois (R, 4), labels (R,), bbox targets and weights (R, 4 (C+1)))."""
+        """Proposal targets (Fast R-CNN 2.3): the ground truth joins the proposals (the released
+        code's proposal_target_layer), then R RoIs are sampled -> (rois (R, 4), labels (R,),
+        bbox targets and weights (R, 4 (C+1)))."""
         cfg = self.config
         return proposal_targets(proposals, gt_boxes, gt_labels, cfg.num_classes,
                                 cfg.roi_batch_size, cfg.roi_fg_fraction, cfg.roi_fg_iou,
@@ -167,9 +172,11 @@ class FasterRCNN:
             parts: the losses whose gradient flows back: ("rpn", "head") is approximate joint
                 training; ("rpn",) trains the RPN alone and ("head",) the detector alone, the
                 steps of 4-step alternating training (section 3.2).  All four losses are
-                reported either way; the other part's gradients are zero.
+                reported either way; the other part's gradients are zero (to freeze a part,
+                update only the others: SGD.step(names=...), as Trainer.step(trainable=...)).
         Returns:
-            dict of floats: loss (of the chosen parts), rpn_cls, rpn_reg, head_cls, head_reg.
+            dict of floats: loss (of the chosen parts), rpn_cls, rpn_reg (lambda included),
+            head_cls, head_reg.
             The gradients of `loss` are left in the layers (read them with grads()), and
             feature_gradients holds the norm of the gradient each part sent into the shared
             feature map (how much of the backbone's learning comes from each).
@@ -184,7 +191,7 @@ class FasterRCNN:
         # forward: the backbone and the RPN (3.1)
         x = self.preprocess(image)                                         # (1, 3, H, W)
         image_shape = x.shape[2:]
-        features = self.check_features(self.backbone.forward(x))           # (1, C, H', W')
+        features = self.check_features(self.features(x))                   # (1, C, H', W')
         logits, deltas = self.rpn.forward(features)                        # (1, A), (1, A, 4)
         anchors = self.anchors(*features.shape[2:])                        # (A, 4)
         # the RPN's targets (3.1.2) and loss (eq. 1)
@@ -220,7 +227,8 @@ class FasterRCNN:
     # -- inference --
 
     def predict(self, image):
-        """Detect objects in one image.
+        """Detect objects in one image, as it comes (`detect` rescales it first, by the config's
+        min_size / max_size).
 
         Args:
             image: (H, W, 3) float in [0, 1].
@@ -236,7 +244,7 @@ class FasterRCNN:
     def detections(self, x):
         """The test-time forward of a preprocessed image x (1, 3, H, W) -> detections (predict)."""
         cfg = self.config
-        features = self.check_features(self.backbone.forward(x))           # (1, C, H', W')
+        features = self.check_features(self.features(x))                   # (1, C, H', W')
         _, _, _, proposals = self.propose(features, x.shape[2:], training=False)  # (P, 4)
         cls_logits, bbox_deltas = self.head.forward(features, self.with_image_index(proposals))
         return postprocess_detections(proposals, cls_logits, bbox_deltas, x.shape[2:],

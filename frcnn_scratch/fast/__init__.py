@@ -8,11 +8,11 @@ and a test pins each piece to its textbook twin:
 | --- | --- | --- |
 | `Conv2d` in bands of rows (conv.py) | columns built and multiplied in cache, never 9x the input in memory | test_banded_conv_equals_the_textbook_conv |
 | flat and polyphase layouts (columns.py) | contiguous copies instead of im2col's gathers; the first layer's pool over contiguous planes | test_flat_columns_are_im2cols..., test_polyphase_planes... |
-| the bias in the product, the batched weight gradient (columns.py) | one product each way; small weight gradients at full BLAS speed | test_small_weight_gradients_in_runs_of_pixels_equal_the_plain_product |
+| the bias in the product, the batched weight gradient (columns.py) | one product each way; small weight gradients at full BLAS speed | test_ones_below_puts_a_row_of_ones..., test_conv2d_bias_is_added_once_on_every_path, test_small_weight_gradients_in_runs_of_pixels_equal_the_plain_product |
 | `ConvPoolReLU` (conv.py) | each band pooled and rectified in cache; the pool's gradient unpooled band by band | test_conv_pool_relu_equals_the_three_textbook_layers |
 | `ReLU`, `MaxPool2d` in blocks (blocks.py) | element-wise passes in cache, shared over threads | test_fast_relu_and_pool_equal_the_textbook... |
-| the thread team (threads.py) | independent pieces (bands, blocks) on all cores, OpenBLAS on one | test_a_training_step_is_bit_identical_on_1_2_and_3_threads |
-| the overlapped step (step.py) | anchor labelling beside the backbone, the detector beside the RPN's backward | test_fast_and_textbook_models_agree_at_480x640 |
+| the thread team (threads.py) | independent pieces (bands, blocks) on up to 6 cores (1 for small images), OpenBLAS on one | test_a_training_step_is_bit_identical_on_1_2_and_3_threads |
+| the overlapped step (step.py) | anchor labelling beside the backbone, the detector beside the RPN's backward | test_fast_and_textbook_models_agree_at_480x640, test_the_two_sides_of_a_step_draw_from_rng_in_the_same_order_on_any_threads, test_a_failing_step_leaves_no_stage_running_on_another_thread |
 
 Results do not depend on the number of threads (bit for bit: the pieces and the order of every
 sum depend on the sizes only).  Against the textbook they differ only in the order of some sums

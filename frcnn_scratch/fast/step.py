@@ -16,7 +16,8 @@ nothing the others compute, so with more than one thread they run side by side h
 The random draws keep the plain step's order (anchor sampling, then RoI sampling: the detector's
 side waits for the labelling before it samples), so on any number of threads the step draws what
 the plain step draws and computes the same sums: tests/test_fast.py holds the two equal.  On one
-thread `background` runs each job at once, in this order.
+thread `background` runs each job at once where it is started (the detector's side then comes
+before the RPN's loss; they share nothing but the features, so the results are the same).
 """
 import numpy as np
 
@@ -77,7 +78,7 @@ def _overlapped_step(model, image, gt_boxes, gt_labels, rng, proposals, use_rpn,
     except BaseException:
         threads.wait(labelling)            # it draws from rng: never left running after us
         raise
-    detector = threads.background(_detector_side, model, features, logits[0], deltas[0],
+    detector = threads.background(_detector_side, model, features, anchors, logits[0], deltas[0],
                                   image_shape, gt_boxes, gt_labels, rng, proposals, labelling,
                                   use_head)
     try:
@@ -96,13 +97,12 @@ def _overlapped_step(model, image, gt_boxes, gt_labels, rng, proposals, use_rpn,
     return model.losses(rpn, head, use_rpn, use_head)
 
 
-def _detector_side(model, features, logits, deltas, image_shape, gt_boxes, gt_labels, rng,
-                   proposals, labelling, use_head):
+def _detector_side(model, features, anchors, logits, deltas, image_shape, gt_boxes, gt_labels,
+                   rng, proposals, labelling, use_head):
     """Fast R-CNN's side of the step (3.2): proposals (unless given), RoI sampling (after the
     anchor labelling has drawn from rng), head, its loss and backward -> (loss dict, gradient of
     the features)."""
     if proposals is None:                                              # constants from here on
-        anchors = model.anchors(*features.shape[2:])
         proposals = model.proposals(anchors, logits, deltas, image_shape, training=True)
     labelling.result()                     # its rng draws come before the RoI sampling's
     rois, roi_labels, roi_targets, roi_weights = model.sample_rois(proposals, gt_boxes,
