@@ -1158,6 +1158,104 @@ def test_regions_from_two_threads_at_once_are_each_whole():
     assert failures == []
 
 
+@pytest.mark.skipif("OPENBLAS_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ,
+                    reason="the environment fixes BLAS's thread count: blas_threads leaves it")
+def test_blas_threads_sets_the_count_from_any_python_thread():
+    """A blas_threads block on a thread other than the one that set the count first must set it
+    too (threadpoolctl ignores every thread but the first), and the count from before the first
+    block comes back when the last one ends, whichever thread ends it."""
+    import threading
+    if threads.blas_thread_count() is None:
+        pytest.skip("numpy's BLAS is not one threadpoolctl controls")
+    before = threads.blas_thread_count()
+    other = 2 if before == 1 else 1
+    with threads.blas_threads(other):                 # the main thread sets it first
+        assert threads.blas_thread_count() == other
+    assert threads.blas_thread_count() == before
+    seen, entered, leave = [], threading.Event(), threading.Event()
+
+    def block():
+        with threads.blas_threads(other):
+            seen.append(threads.blas_thread_count())
+            entered.set()
+            leave.wait(30)
+        seen.append(threads.blas_thread_count())
+
+    worker = threading.Thread(target=block)
+    worker.start()
+    assert entered.wait(30)
+    with threads.blas_threads(other):                 # a second block, ending first
+        pass
+    assert threads.blas_thread_count() == other       # the worker's block still runs
+    leave.set()
+    worker.join(30)
+    assert seen == [other, before], (seen, before, other)
+    assert threads.blas_thread_count() == before
+
+
+def test_predictions_from_two_threads_equal_serial_ones_bit_for_bit():
+    """One model shared by two Python threads, each predicting images of several sizes (below
+    and above SMALL_IMAGE_PIXELS: one thread and the team) in another order, round after round,
+    with pauses so that each thread begins and ends predictions while the other works: every
+    prediction equals the one made alone, bit for bit.  BLAS's thread count changes a product's
+    sums, so a count that one thread's block does not set, or that one thread restores while the
+    other multiplies, shows here.  The first round makes the second case certain: thread 0
+    begins, thread 1 begins inside it, thread 0 ends while thread 1 is held before its RPN."""
+    import threading
+    import time
+    model = FasterRCNN(Config(score_threshold=0.0))     # products big enough for BLAS's threads
+    rng = np.random.default_rng(5)
+    sizes = [(96, 160), (300, 310), (40, 56), (150, 128)]        # 300 x 310: 93k pixels
+    images = [rng.random(hw + (3,), dtype=np.float32) for hw in sizes]
+    alone = [model.predict(image) for image in images]
+    assert all(len(a["boxes"]) for a in alone)                  # something to compare
+    rounds, differ, failed = 25, [], []
+    inside = [threading.Event(), threading.Event()]             # thread k's first prediction
+    first_done = threading.Event()                              # has begun; thread 0's has ended
+    rpn_forward = model.rpn.forward
+
+    def held_rpn_forward(features):
+        k = int(threading.current_thread().name[-1])
+        if not inside[k].is_set():
+            inside[k].set()
+            (inside[1] if k == 0 else first_done).wait(30)
+        return rpn_forward(features)
+
+    def predict_all(k):
+        pauses = np.random.default_rng(k).uniform(0, 0.015, size=rounds * len(images))
+        pauses[:2] = (0.0, 0.05) if k == 0 else (0.0, 0.0)      # thread 1 goes on alone a while
+        try:
+            for r in range(rounds):
+                for j in range(len(images)):
+                    i = (j + k + r) % len(images)               # the threads on other images
+                    if k == 1 and (r, j) == (0, 0):
+                        inside[0].wait(30)
+                    time.sleep(pauses[r * len(images) + j])
+                    got = model.predict(images[i])
+                    if k == 0 and (r, j) == (0, 0):
+                        first_done.set()
+                    for key in ("boxes", "scores", "labels"):
+                        if not np.array_equal(got[key], alone[i][key]):
+                            differ.append((k, r, sizes[i], key))
+                            break
+        except BaseException as e:                              # seen by the test, not lost
+            failed.append(e)
+        finally:
+            for event in inside + [first_done]:
+                event.set()
+
+    model.rpn.forward = held_rpn_forward
+    workers = [threading.Thread(target=predict_all, args=(k,), name=f"predictor-{k}")
+               for k in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not failed, failed
+    assert not differ, f"{len(differ)} of {2 * rounds * len(images)} predictions differ from " \
+                       f"the serial ones (thread, round, size, first field): {differ[:4]}"
+
+
 def test_an_interrupted_region_leaves_later_regions_whole():
     """Ctrl-C inside a parallel region (in the caller's own item, or while it waits for its
     helpers) raises KeyboardInterrupt at once, and the regions after it still get every result:

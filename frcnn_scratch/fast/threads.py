@@ -121,8 +121,16 @@ def openblas_kernels():
 
 
 def _set_blas_threads(n):
+    """Set the count from whichever Python thread calls (under _blas_lock).  threadpoolctl (3.7
+    on) lets only the first thread that set OpenBLAS's process-wide count set it again and
+    silently ignores the others: a prediction on a second thread then kept OpenBLAS's default
+    count, and its sums differed from the same prediction on the main thread.  blas_threads
+    already decides who sets what, so each call takes that control first."""
     for lib in _blas_libraries().lib_controllers:
         if lib.get_num_threads() != n:
+            release = getattr(type(lib), "clear_controlling_thread", None)
+            if release is not None:
+                release(force=True)
             lib.set_num_threads(n)
 
 
