@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import tempfile
+import threading
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -50,10 +51,16 @@ def atomic_savez(path, arrays):
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_folder(folder)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:     # a full disk names no file: name it
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
+
+
+_held = {}                      # real path -> [thread id, depth]: the paths this process holds
+_held_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -61,34 +68,55 @@ def hold(path):
     """Hold `path` for one writer while the block runs: a lock file .NAME.lock beside it (beside
     a symlink's target), created with O_EXCL and holding this process's id.  Another live
     process's lock is refused by name; a lock whose process is gone (a killed run) is stale and
-    taken over.  The lock is removed when the block ends."""
+    taken over.  The lock is removed when the block ends.  The thread that holds a path may hold
+    it again inside (the command line holds it before it reads data, then train() does);
+    another thread of the same process is refused like another run."""
     path = os.path.realpath(os.fspath(path))
+    me = threading.get_ident()
+    with _held_lock:
+        mine = _held.get(path)
+        if mine is not None and mine[0] != me:
+            raise ValueError(f"checkpoint {path!r} is being written by another thread of this "
+                             f"process; wait for it, or choose another --checkpoint")
+        if mine is not None:
+            mine[1] += 1
+    if mine is not None:
+        try:
+            yield path
+        finally:
+            with _held_lock:
+                mine[1] -= 1
+        return
     lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
     os.makedirs(os.path.dirname(lock), exist_ok=True)
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if owner is not None and owner != os.getpid() and _process_alive(owner):
-                raise ValueError(f"checkpoint {path!r} is being written by another run (process "
-                                 f"{owner}, lock {lock}); wait for it, or choose another "
-                                 f"--checkpoint") from None
+    with _held_lock:                    # two threads of this process: one takes the lock file
+        for _ in range(3):
             try:
-                os.remove(lock)                           # stale: its process is gone
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise ValueError(f"checkpoint {path!r}: cannot take its lock {lock}")
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _lock_owner(lock)
+                if owner is not None and owner != os.getpid() and _process_alive(owner):
+                    raise ValueError(f"checkpoint {path!r} is being written by another run "
+                                     f"(process {owner}, lock {lock}); wait for it, or choose "
+                                     f"another --checkpoint") from None
+                try:
+                    os.remove(lock)                       # stale: its process is gone
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            break
+        else:
+            raise ValueError(f"checkpoint {path!r}: cannot take its lock {lock}")
+        _held[path] = [me, 1]
     try:
         yield path
     finally:
-        if _lock_owner(lock) == os.getpid():
-            os.remove(lock)
+        with _held_lock:
+            del _held[path]
+            if _lock_owner(lock) == os.getpid():
+                os.remove(lock)
 
 
 def _lock_owner(lock):

@@ -235,3 +235,48 @@ def test_wrongly_typed_stored_values_are_one_clear_error(tmp_path, key, value, m
 def test_a_bad_set_value_is_blamed_on_set_not_on_the_file(saved):
     with pytest.raises(ValueError, match=r"^--set: config.score_threshold: expected"):
         FasterRCNN.load(saved, overrides={"score_threshold": 2.0})
+
+
+def test_the_holder_may_hold_again_and_another_thread_is_refused(tmp_path):
+    """The command line holds the path before it reads data, then train() holds it again on the
+    same thread: allowed, and the lock stays until the outer hold ends.  Another thread of the
+    same process is refused like another run."""
+    import threading
+    path = tmp_path / "m.npz"
+    lock = tmp_path / ".m.npz.lock"
+    with hold(path):
+        with hold(path):
+            assert lock.read_text() == str(os.getpid())
+        assert lock.exists()                                        # the outer hold keeps it
+        errors = []
+
+        def other():
+            try:
+                with hold(path):
+                    pass
+            except ValueError as e:
+                errors.append(str(e))
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join(30)
+        assert len(errors) == 1 and "being written by another thread of this process" in errors[0]
+        assert lock.exists()
+    assert not lock.exists()
+    with hold(path):                                                # free again, for anyone
+        pass
+
+
+def test_a_failed_write_that_names_no_file_is_given_the_checkpoint_path(tmp_path, monkeypatch):
+    """np.savez on a full disk raises an OSError with no file name: the error names the
+    checkpoint, and no temporary file is left."""
+    import errno
+
+    def savez(f, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(OSError) as caught:
+        atomic_savez(tmp_path / "m.npz", {"x": np.zeros(2)})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "m.npz")
+    assert os.listdir(tmp_path) == []
