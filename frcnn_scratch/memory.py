@@ -47,13 +47,25 @@ def memory_estimate(cfg, image_hw, training=True, fast=True):
     cells = (h / cfg.stride) * (w / cfg.stride)
     anchors = cells * cfg.num_anchors
     acts += anchors * 4 * 4 * 6                              # anchors, deltas, decoded boxes ...
-    rois = cfg.roi_batch_size if training else cfg.rpn_post_nms_test
+    rois = roi_count(cfg, anchors, training)
     pooled = cfg.pooled_size ** 2
     acts += rois * (c_in * pooled + 2 * cfg.fc_hidden) * 4 * grads
     side = max(h, w) / cfg.stride                            # adaptive sampling: up to the map
     grid = cfg.sampling_ratio if cfg.sampling_ratio > 0 else max(side / cfg.pooled_size, 1)
     acts += rois * cfg.pooled_size * grid * 4 * 8 * grads    # sampling points, both axes
     return int(weights + acts)
+
+
+def roi_count(cfg, anchors, training):
+    """The RoIs the head can see on a map with `anchors` anchors, at most: proposals are kept
+    from the anchors (pre-NMS top-N, then post-NMS top-N), so a count set above the anchors
+    (rpn_post_nms_test=1e9) costs what the anchors allow, not what the setting says.  Training
+    samples roi_batch_size RoIs from the proposals and the ground truth boxes (whose number is
+    not known here: counted as many as the proposals)."""
+    if training:
+        proposals = min(cfg.rpn_pre_nms_train, cfg.rpn_post_nms_train, anchors)
+        return min(cfg.roi_batch_size, 2 * proposals)
+    return min(cfg.rpn_pre_nms_test, cfg.rpn_post_nms_test, anchors)
 
 
 def available_memory():

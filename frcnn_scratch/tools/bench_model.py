@@ -37,6 +37,7 @@ from ..config import Config, TrainConfig, parse_overrides
 from ..data.shapes import make_shapes_sample
 from ..fast.threads import (blas_threads, for_image, openblas_kernels, set_threads, usable_cores,
                             work_threads)
+from ..memory import check_memory
 from ..model import FasterRCNN
 from ..train import Trainer
 from .bench import format_table, load_average
@@ -373,6 +374,12 @@ def main(args):
         notes.append("textbook: FasterRCNN(fast=False), nn.py's layers and the plain training "
                      "step, with the same weights (--no-textbook leaves it out)")
     model = _build_model(overrides)
+    for h, w in sizes:                  # every size before the first is timed: refused, with the
+        what = f"--sizes {h}x{w}"       # estimate, where a step cannot fit in memory
+        check_memory(model.config, (h, w), training=True, what=what)
+        if textbook:
+            check_memory(model.config, (h, w), training=True, fast=False,
+                         what=f"{what} (the textbook model; --no-textbook leaves it out)")
     previous_threads = torch.get_num_threads() if torch is not None else None
     if torch is not None and threads is not None:
         torch.set_num_threads(threads)
