@@ -13,18 +13,18 @@ from matplotlib.figure import Figure
 
 from .anchors import generate_anchors
 from .box_coding import decode, encode
-from .checkpoint import data_identity, read_npz
+from .checkpoint import check_regular_file, data_identity, hold, read_npz
 from .config import Config, TrainConfig, parse_overrides
 from .data.coco import read_coco_results, write_coco_results
 from .data.dataset import open_dataset, parse_spec
 from .data.images import read_image_reduced
-from .evaluate import detect_all, evaluate, score
+from .evaluate import detect_all, each_detection, evaluate, score
 from .fast import threads
 from .memory import check_memory
 from .model import FasterRCNN
 from .tools import bench, bench_model
 from .tools.process import keep_freed_memory
-from .train import train
+from .train import Trainer, train
 from .viz import MAX_PICTURE_SIDE, draw_boxes, save_detections, save_pr_curves, show_image
 
 
@@ -113,22 +113,63 @@ FOLDER_MIN_SIZE, FOLDER_MAX_SIZE = 128, 256
 
 
 def _train_scale(args, data_spec):
-    """(min_size, max_size) a model is trained at: --min-size / --max-size, else 0 / 0 (images as
-    they come) for the shapes and 128 / 256 for VOC and COCO folders."""
+    """(min_size, max_size) a model is trained at: --min-size / --max-size (or --set min_size /
+    max_size), else 0 / 0 (images as they come) for the shapes and 128 / 256 for VOC and COCO
+    folders."""
     folder = parse_spec(data_spec)[0] != "shapes"
-    lo = args.min_size if args.min_size is not None else (FOLDER_MIN_SIZE if folder else 0)
-    hi = args.max_size if args.max_size is not None else (FOLDER_MAX_SIZE if folder else 0)
-    return _scale_options(lo, hi)
+    given = _given_scale(args)
+    lo = given[0] if given[0] is not None else (FOLDER_MIN_SIZE if folder else 0)
+    hi = given[1] if given[1] is not None else (FOLDER_MAX_SIZE if folder else 0)
+    names = _scale_names(args)
+    scale = _scale_options(lo, hi, names)
+    overrides = parse_overrides(args.set)
+    overrides.update(min_size=scale[0], max_size=scale[1])
+    _check_scale_fits(Config(**overrides), names)        # before the data is read
+    return scale
 
 
-def _scale_options(lo, hi):
-    for option, value in (("--min-size", lo), ("--max-size", hi)):
+def _given_scale(args):
+    """(min_size, max_size) as given by --min-size / --max-size or --set min_size / max_size
+    (None where neither gives it); both ways with two values is refused, naming them."""
+    overrides = parse_overrides(args.set)
+    sizes = []
+    for field in ("min_size", "max_size"):
+        option, value = "--" + field.replace("_", "-"), getattr(args, field)
+        if field in overrides:
+            given = overrides[field]
+            if isinstance(given, bool) or not isinstance(given, (int, float)):
+                raise ValueError(f"--set {field}: expected a number of pixels >= 0, got {given!r}")
+            if value is not None and float(value) != float(given):
+                raise ValueError(f"{option}, --set {field}: two values ({value:g} and "
+                                 f"{given!r}); give one")
+            value = float(given)
+        sizes.append(value)
+    return tuple(sizes)
+
+
+def _scale_names(args):
+    """How the user gave the scale: --min-size / --max-size, or --set min_size / max_size."""
+    overrides = parse_overrides(args.set)
+    return tuple(f"--set {field}" if field in overrides and getattr(args, field) is None
+                 else "--" + field.replace("_", "-") for field in ("min_size", "max_size"))
+
+
+def _scale_options(lo, hi, names=("--min-size", "--max-size")):
+    for option, value in zip(names, (lo, hi)):
         if not 0.0 <= value < float("inf"):               # NaN fails too
             raise ValueError(f"{option}: expected a number of pixels >= 0, got {value}")
     if (lo > 0) != (hi > 0) or hi < lo:
-        raise ValueError(f"--min-size, --max-size: expected both 0 (images as they come) or "
-                         f"0 < --min-size <= --max-size, got {lo:g} and {hi:g}")
+        raise ValueError(f"{names[0]}, {names[1]}: expected both 0 (images as they come) or "
+                         f"0 < {names[0]} <= {names[1]}, got {lo:g} and {hi:g}")
     return float(lo), float(hi)
+
+
+def _check_scale_fits(config, names):
+    """A shorter side below the model's stride leaves no feature map: refused before any work,
+    naming the option (else every image would fail at its first step)."""
+    if 0 < config.min_size < config.stride:
+        raise ValueError(f"{names[0]}: expected at least the model's stride, {config.stride} "
+                         f"pixels (or 0: images as they come), got {config.min_size:g}")
 
 
 def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, seed=0,
@@ -145,8 +186,13 @@ def _open_data(spec, split, class_names=None, scale=(0, 0), num_images=1000, see
 
 def _check_model_options(args):
     """Every --set value checked before any data is read (a typo, or weights that cannot fit in
-    memory, fail at once)."""
-    check_memory(Config(**parse_overrides(args.set)), what="--set")
+    memory, fail at once); the scale (--set min_size / max_size or --min-size / --max-size) is
+    checked by _train_scale, with the names the user gave."""
+    _given_scale(args)
+    overrides = parse_overrides(args.set)
+    for field in ("min_size", "max_size"):
+        overrides.pop(field, None)
+    check_memory(Config(**overrides), what="--set")
 
 
 def _check_image_memory(config, training, what):
@@ -173,20 +219,31 @@ def _model_for(args, data, scale):
 def _test_overrides(args):
     """--set fields and --min-size / --max-size for a trained model (Config.TEST_TIME_FIELDS)."""
     overrides = parse_overrides(args.set)
+    lo, hi = _given_scale(args)             # one of them by --set alone: the model's other one
     if args.min_size is not None or args.max_size is not None:
-        if args.min_size is None or args.max_size is None:
-            raise ValueError("--min-size, --max-size: give both (or neither: the model's own)")
-        overrides["min_size"], overrides["max_size"] = _scale_options(args.min_size, args.max_size)
+        names = _scale_names(args)
+        if lo is None or hi is None:
+            raise ValueError(f"{names[0]}, {names[1]}: give both (or neither: the model's own)")
+        overrides["min_size"], overrides["max_size"] = _scale_options(lo, hi, names)
     return overrides
+
+
+def _load_model(args, overrides):
+    """The checkpoint's model with the test-time overrides; a scale it cannot use is refused."""
+    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=overrides,
+                            fast=not args.textbook)
+    _check_scale_fits(model.config, _scale_names(args))
+    _check_image_memory(model.config, False, "--set, --min-size / --max-size")
+    return model
 
 
 def _report(result, class_names):
     """The metrics table: VOC AP at IoU 0.5 (all-point and 11-point) and the COCO numbers."""
     coco = result["coco"]
     print(f"VOC mAP@0.5 = {result['mAP']:.4f} (all-point; 11-point VOC07: {result['mAP_07']:.4f})")
-    print("COCO: " + "  ".join(f"{k} {coco[k]:.3f}" for k in
+    print("COCO: " + "  ".join(f"{k} {_metric(coco[k], 3)}" for k in
                                ("AP", "AP50", "AP75", "APs", "APm", "APl")))
-    print("      " + "  ".join(f"{k} {coco[k]:.3f}" for k in
+    print("      " + "  ".join(f"{k} {_metric(coco[k], 3)}" for k in
                                ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")))
     width = max([len(n) for n in class_names] + [5])
     print(f"  {'class':>{width}s}  objects  AP50 VOC  AP50 VOC07  AP@[.5:.95]")
@@ -195,19 +252,40 @@ def _report(result, class_names):
             print(f"  {name:>{width}s}        0         -           -            -")
             continue
         print(f"  {name:>{width}s}  {result['npos'][label]:7d}  {result['ap'][label]:8.4f}  "
-              f"{result['ap_07'][label]:10.4f}  {coco['ap_per_class'].get(label, -1):11.4f}")
+              f"{result['ap_07'][label]:10.4f}  {_metric(coco['ap_per_class'].get(label, -1), 4):>11s}")
 
 
-def _check_checkpoint_path(path, args):
+def _metric(value, digits):
+    """A metric as the table shows it: COCO's -1 (no object of that size or class: undefined)
+    is "n/a", never a number that reads as a score."""
+    return "n/a" if value < 0 else f"{value:.{digits}f}"
+
+
+def _check_checkpoint_path(path, args, option="--checkpoint"):
     """Before any work: the checkpoint must be a writable file path, and an existing one is
-    continued (--resume) or replaced (--overwrite) only when asked."""
-    if not path or os.path.isdir(path):
-        raise ValueError(f"--checkpoint: {path!r} is a folder, not a file path" if path else
-                         "--checkpoint: an empty path")
-    if os.path.exists(path) and not args.resume and not args.overwrite:
-        raise ValueError(f"--checkpoint: {path} exists; --resume to continue its run, or "
-                         "--overwrite to replace it")
-    _check_writable(path, "--checkpoint")
+    continued (--resume) or replaced (--overwrite) only when asked.  A path that exists and is
+    not a regular file (a device, a FIFO, a folder; a symlink to one) is refused: it would block
+    or never end when read, and must never be replaced.  A symlink to a file is written through
+    (checkpoint.atomic_savez)."""
+    _check_file_path(path, option)
+    if os.path.exists(path):
+        try:
+            check_regular_file(path)
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}") from None
+        if not args.resume and not args.overwrite:
+            raise ValueError(f"{option}: {path} exists; --resume to continue its run, or "
+                             "--overwrite to replace it")
+
+
+def _check_file_path(path, option):
+    """An output file's path: not empty, not a folder (nor a name ending with '/', a folder to
+    be), in a folder where a file can be written (a symlink's: where its target goes)."""
+    if not path:
+        raise ValueError(f"{option}: an empty path")
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ValueError(f"{option}: {path!r} is a folder, not a file path")
+    _check_writable(os.path.realpath(path), option)
 
 
 def _check_writable(path, option, folder=False):
@@ -235,6 +313,11 @@ def cmd_train(args):
     tcfg = _train_config(args)                          # check every value before building data
     _check_model_options(args)
     _check_checkpoint_path(args.checkpoint, args)
+    with hold(args.checkpoint):                         # one run writes it: a second is refused
+        return _train(args, tcfg)                       # before it reads any data
+
+
+def _train(args, tcfg):
     scale = _train_scale(args, args.data)
     data = _open_data(args.data, args.split or "trainval", scale=scale,
                       num_images=args.train_images, seed=args.data_seed)
@@ -252,9 +335,9 @@ def _run_training(model, data, tcfg, checkpoint, args, data_id):
     if tcfg.iterations == 0:
         raise ValueError("--iters: 0 iterations leave nothing to train")
     if args.resume and _checkpoint_iteration(checkpoint) >= tcfg.iterations:
-        print(f"{checkpoint} is already at iteration {_checkpoint_iteration(checkpoint)} of "
-              f"{tcfg.iterations}: nothing left to train")
-        model.load_weights(checkpoint)
+        done = Trainer(model, data, tcfg, data_id=data_id).resume(checkpoint)  # the checks of
+        print(f"{checkpoint} is already at iteration {done} of {tcfg.iterations}: "  # any resume
+              "nothing left to train")
         return []
     try:
         return train(model, data, tcfg, checkpoint=checkpoint, resume=args.resume,
@@ -282,13 +365,11 @@ def _eval_data(args, model, split):
 
 def cmd_eval(args):
     """VOC AP and COCO metrics of a checkpoint (or of a --detections file) on --data."""
-    plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_pr.png"
-    if os.path.isdir(plot):
-        raise ValueError(f"--plot: {plot!r} is a folder, not a file path")
-    _check_writable(plot, "--plot")
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=_test_overrides(args),
-                            fast=not args.textbook)
-    _check_image_memory(model.config, False, "--set, --min-size / --max-size")
+    overrides = _test_overrides(args)
+    _check_checkpoint_file(args.checkpoint)
+    plot = args.plot if args.plot is not None else os.path.splitext(args.checkpoint)[0] + "_pr.png"
+    _check_file_path(plot, "--plot")
+    model = _load_model(args, overrides)
     data = _eval_data(args, model, args.split or "test")
     if args.detections:
         detections = read_coco_results(args.detections, data.image_ids, data.category_ids)
@@ -304,67 +385,101 @@ def cmd_eval(args):
     return 0
 
 
+def _check_checkpoint_file(path):
+    """A checkpoint to read: it exists and is a regular file (a FIFO would block, /dev/zero would
+    fill memory), checked before any image or data is read."""
+    if not path:
+        raise ValueError("--checkpoint: an empty path")
+    check_regular_file(path)
+
+
 def cmd_detect(args):
-    """Detect objects in IMAGE files or in --data; pictures into --out, COCO results into --json."""
+    """Detect objects in IMAGE files or in --data; pictures into --out, COCO results into --json.
+
+    Every file is checked before the first is decoded; then each image is decoded, detected,
+    drawn and written before the next is read, so memory does not grow with the number of files
+    (only the detections, a few kB an image, are kept for --json)."""
     if not 0.0 <= args.score <= 1.0:                    # NaN fails too
         raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
-    if not args.out and not args.json:
+    if args.out is None and args.json is None:
         raise ValueError("--out, --json: give at least one (pictures, or a COCO results file)")
     if bool(args.image_files) == bool(args.data):
         raise ValueError("IMAGE, --data: give image files or --data, not both (nor neither)")
     overrides = _test_overrides(args)
-    images = [(path, read_image_reduced(path, MAX_PICTURE_SIDE))  # the images first: a missing
-              for path in args.image_files]
-    if args.out:                                                    # one is named even without
-        _check_writable(args.out, "--out", folder=True)             # a model
-    if args.json:
-        if os.path.isdir(args.json):
-            raise ValueError(f"--json: {args.json!r} is a folder, not a file path")
-        _check_writable(args.json, "--json")
-    model = FasterRCNN.load(args.checkpoint, backend=args.backend, overrides=overrides,
-                            fast=not args.textbook)
-    _check_image_memory(model.config, False, "--set, --min-size / --max-size")
-    if images and model.config.min_size == 0 and "min_size" not in overrides:
-        # a model trained on images as they came: rescale files to the default folder sizes
-        model.config = model.config.replace(min_size=FOLDER_MIN_SIZE, max_size=FOLDER_MAX_SIZE)
+    for path in args.image_files:                       # a missing file is named before any
+        _check_image_file(path)                         # work, even without a model
+    _check_checkpoint_file(args.checkpoint)
+    if args.out is not None:
+        _check_writable(args.out, "--out", folder=True)
+    if args.json is not None:
+        _check_file_path(args.json, "--json")
+    model = _load_model(args, overrides)
+    pictures = _Pictures(args.out, model.class_names, args.score) if args.out is not None else None
+    kept = []                                           # per image: boxes, scores, labels
     if args.data:
         data = _eval_data(args, model, args.split or "test")
-        detections = detect_all(model, data)
-        names = [r["id"] for r in data.records]
-        ids, category_ids = data.image_ids, data.category_ids
-        pictures = ((name, lambda i=i: data.original_image(i)) for i, name in enumerate(names))
+        for i, det in enumerate(each_detection(model, data)):
+            if pictures is not None:
+                pictures.write(str(data.record(i)["id"]), data.original_image(i), det)
+            if args.json is not None:
+                kept.append(det)
+        ids, category_ids, names = data.image_ids, data.category_ids, None
     else:
-        detections = []
-        with threads.blas_threads(1):         # big photos come reduced (read_image_reduced):
-            for path, (image, _) in images:   # boxes on them
+        if model.config.min_size == 0 and "min_size" not in overrides:
+            # a model trained on images as they came: rescale files to the default folder sizes
+            model.config = model.config.replace(min_size=FOLDER_MIN_SIZE, max_size=FOLDER_MAX_SIZE)
+        names = [os.path.basename(path) for path in args.image_files]
+        for path, name in zip(args.image_files, names):
+            image, (fy, fx) = read_image_reduced(path, MAX_PICTURE_SIDE)   # a big photo comes
+            with threads.blas_threads(1):                                  # reduced: boxes on it
                 try:
-                    detections.append(model.detect(image))
+                    det = model.detect(image)
                 except ValueError as e:       # e.g. too small at this scale: name the file
                     raise ValueError(f"{path}: {e}") from None
-        names = [os.path.basename(path) for path, _ in images]
-        ids, category_ids = list(range(1, len(images) + 1)), list(range(1, model.config.num_classes + 1))
-        pictures = ((name, lambda image=image: image) for name, (_, (image, _)) in zip(names, images))
-    if args.json:                             # results in each file's own pixels
-        full = detections if args.data else [
-            dict(det, boxes=det["boxes"] * np.float32([fx, fy, fx, fy]))
-            for det, (_, (_, (fy, fx))) in zip(detections, images)]
-        results = write_coco_results(args.json, full, ids, category_ids,
-                                     file_names=None if args.data else names)
-        print(f"{len(results)} detections in {len(detections)} images -> {args.json}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        written = set()
-        for (name, image), det in zip(pictures, detections):
-            stem = os.path.splitext(name)[0]
-            out = os.path.join(args.out, stem + "_detections.png")
-            k = 1
-            while out in written:                         # two inputs of the same name
-                k += 1
-                out = os.path.join(args.out, f"{stem}_{k}_detections.png")
-            written.add(out)
-            save_detections(out, image(), det, model.class_names, score_threshold=args.score)
-            print(f"{name}: {int((det['scores'] >= args.score).sum())} detections -> {out}")
+            if pictures is not None:
+                pictures.write(name, image, det)
+            del image
+            if args.json is not None:         # results in the file's own pixels
+                kept.append(dict(det, boxes=det["boxes"] * np.float32([fx, fy, fx, fy])))
+        ids = list(range(1, len(names) + 1))
+        category_ids = list(range(1, model.config.num_classes + 1))
+    if args.json is not None:
+        results = write_coco_results(args.json, kept, ids, category_ids, file_names=names)
+        print(f"{len(results)} detections in {len(kept)} images -> {args.json}")
     return 0
+
+
+def _check_image_file(path):
+    """An IMAGE of detect: it exists and is a regular file (checked before any is decoded)."""
+    if not path:
+        raise ValueError("IMAGE: an empty path")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"image {path!r} is a folder, not an image file")
+    if not os.path.isfile(path):                  # a FIFO or device would block or never end
+        raise ValueError(f"image {path!r} is not a regular file")
+
+
+class _Pictures:
+    """detect's pictures: one PNG per image in `folder`, written as each image is done; two
+    inputs of the same name get NAME_detections.png and NAME_2_detections.png."""
+
+    def __init__(self, folder, class_names, score):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.class_names, self.score = folder, class_names, score
+        self.written = set()
+
+    def write(self, name, image, det):
+        stem = os.path.splitext(name)[0]
+        out = os.path.join(self.folder, stem + "_detections.png")
+        k = 1
+        while out in self.written:
+            k += 1
+            out = os.path.join(self.folder, f"{stem}_{k}_detections.png")
+        self.written.add(out)
+        save_detections(out, image, det, self.class_names, score_threshold=self.score)
+        print(f"{name}: {int((det['scores'] >= self.score).sum())} detections -> {out}")
 
 
 def save_demo_figure(path, samples, detections, class_names, score=0.5, cols=4):
@@ -389,7 +504,13 @@ def cmd_demo(args):
     tcfg = _train_config(args)                          # check every value before building data
     _check_model_options(args)
     _check_writable(args.out, "--out", folder=True)
-    _check_checkpoint_path(os.path.join(args.out, "model.npz"), args)
+    checkpoint = os.path.join(args.out, "model.npz")
+    _check_checkpoint_path(checkpoint, args, option="--out")
+    with hold(checkpoint):                              # one run writes it: a second is refused
+        return _demo(args, tcfg, checkpoint, start)     # before it reads any data
+
+
+def _demo(args, tcfg, checkpoint, start):
     scale = _train_scale(args, args.data)
     train_set = _open_data(args.data, args.split or "trainval", scale=scale,
                            num_images=args.train_images, seed=DEMO_TRAIN_SEED)
@@ -407,7 +528,6 @@ def cmd_demo(args):
     else:
         print(f"{args.data}: {len(train_set)} training images; {test_spec}: {len(test_set)} "
               f"held-out images; classes {', '.join(model.class_names)}")
-    checkpoint = os.path.join(args.out, "model.npz")
     _run_training(model, train_set, tcfg, checkpoint, args, _training_data_id(args, train_set, scale))
     trained = time.time()
     result, detections = evaluate(model, test_set, progress=not args.quiet)
@@ -562,10 +682,50 @@ def build_parser():
     return p
 
 
+# Options naming a file, folder, split or dataset: an empty value is refused, never read as "not
+# given" (`--json ''` wrote nothing, `--split ''` read the default split).
+TEXT_OPTIONS = {"checkpoint": ("--checkpoint", "path"), "out": ("--out", "path"),
+                "json": ("--json", "path"), "plot": ("--plot", "path"),
+                "detections": ("--detections", "path"), "data": ("--data", "spec"),
+                "test_data": ("--test-data", "spec"), "split": ("--split", "split name"),
+                "test_split": ("--test-split", "split name")}
+
+
+def _check_text_options(args):
+    for dest, (option, what) in TEXT_OPTIONS.items():
+        if getattr(args, dest, None) == "":
+            raise ValueError(f"{option}: an empty {what}; give one, or leave the option out")
+
+
 def main(argv=None):
+    """The command line; returns the exit status: 0, 2 for an error (one line on stderr), 130 on
+    Ctrl-C, 141 (128 + SIGPIPE, as other Unix tools end) when its output pipe is closed, e.g.
+    by `| head -1`."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()                  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        _drop_stdout()
+        return 128 + 13
+
+
+def _drop_stdout():
+    """After EPIPE: point stdout at /dev/null so that the interpreter's last flush at exit does
+    not fail again (and print "Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # a stdout with no file (a test's capture)
+        pass
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
+        _check_text_options(args)
         if getattr(args, "work_threads", None) is not None:
             try:
                 threads.set_threads(args.work_threads)
@@ -573,6 +733,8 @@ def main(argv=None):
                 why = str(e).partition(": ")[2].replace(" or None", "")
                 raise ValueError(f"--threads: {why}") from None
         return args.func(args)
+    except BrokenPipeError:
+        raise
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         print(f"frcnn {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -581,16 +743,27 @@ def main(argv=None):
               "--max-size), fewer images or a smaller model (--set)", file=sys.stderr)
         return 2
     except OSError as e:                  # a full disk, a read-only folder: the path and why
-        where = f" {e.filename}" if e.filename else ""
-        print(f"frcnn {args.command}: error:{where}: {e.strerror or e}"
-              + ("; the last checkpoint written is intact" if args.command in ("train", "demo")
-                 else ""), file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"frcnn {args.command}: error: {where}{e.strerror or e}{_checkpoint_note(args)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"frcnn {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
         threads.set_threads(None)             # in-process callers (tests) get the default back
+
+
+def _checkpoint_note(args):
+    """After an OSError in train or demo: where the last checkpoint is, if one is on disk."""
+    if args.command == "train":
+        path = args.checkpoint
+    elif args.command == "demo":
+        path = os.path.join(args.out, "model.npz")
+    else:
+        return ""
+    done = _checkpoint_iteration(path)
+    return f"; the last checkpoint written is intact: {path}, iteration {done}" if done else ""
 
 
 if __name__ == "__main__":

@@ -455,16 +455,21 @@ def image_ids(samples):
 
 def detect_all(model, samples, progress=False):
     """model.predict on every sample; boxes mapped back to the image's own pixels (/ its scale)."""
+    return list(each_detection(model, samples, progress))
+
+
+def each_detection(model, samples, progress=False):
+    """detect_all one image at a time: yields each image's detections as soon as they are made
+    (nothing of an image is kept after it: `frcnn detect` writes its picture, then goes on)."""
     items = range(len(samples))
     if progress:
         items = tqdm(items, desc="detect", unit="img", dynamic_ncols=True)
-    detections = []
     for i in items:
         sample = samples[i]
         det = model.predict(sample["image"])              # threads: the model's choice per image
         det["boxes"] = (det["boxes"] / np.float32(sample.get("scale", 1.0))).astype(np.float32)
-        detections.append(det)
-    return detections
+        del sample
+        yield det
 
 
 def score(detections, samples, num_classes, iou_threshold=0.5):
