@@ -6,14 +6,17 @@ import numpy as np
 from ._checks import as_float_array, positive_number
 
 
-def source_coords(n_out, n_in):
+def source_coords(n_out, n_in, extent=None):
     """Where each of n_out output pixel centres falls on an axis of n_in input pixels.
 
+    extent: how many input pixels the picture spans, when its last pixel is only partly
+    inside it (an image reduced by f x f blocks spans H / f pixels of its ceil(H / f)); None: n_in.
     Returns:
         (lo (n_out,) int64, hi (n_out,) int64, frac (n_out,) float32): the two input pixels to blend
         and the weight of `hi`; output = (1 - frac) * input[lo] + frac * input[hi].
     """
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * ((n_in if extent is None else extent)
+                                                        / n_out) - 0.5
     src = np.clip(src, 0.0, n_in - 1)                       # clamp at the borders
     lo = np.floor(src).astype(np.int64)                     # (n_out,)
     hi = np.minimum(lo + 1, n_in - 1)                       # (n_out,)
@@ -35,7 +38,7 @@ def bilinear_matrix(n_out, n_in):
     return a
 
 
-def resize_image(image, out_height, out_width):
+def resize_image(image, out_height, out_width, extent=None):
     """Bilinear resampling of an image to (out_height, out_width), written in NumPy.
 
     Pixel centres sit at half-integers (pixel i covers [i, i + 1)), so output pixel i samples the
@@ -45,6 +48,8 @@ def resize_image(image, out_height, out_width):
     Args:
         image: (H, W, C) or (H, W) float array.
         out_height, out_width: positive ints.
+        extent: (h, w), the input pixels the picture spans when its last row and column are
+            partial (see source_coords); None: the whole input.
     Returns:
         (out_height, out_width, C) (or (out_height, out_width)) float32.
     """
@@ -56,8 +61,9 @@ def resize_image(image, out_height, out_width):
         raise ValueError(f"out_height, out_width: expected positive ints, got {(out_height, out_width)}")
     in_h, in_w = image.shape[:2]
 
-    y0, y1, wy = source_coords(out_h, in_h)
-    x0, x1, wx = source_coords(out_w, in_w)
+    extent_h, extent_w = (None, None) if extent is None else extent
+    y0, y1, wy = source_coords(out_h, in_h, extent_h)
+    x0, x1, wx = source_coords(out_w, in_w, extent_w)
     extra = (1,) * (image.ndim - 2)                         # broadcast over channels
     wy = wy.reshape((-1, 1) + extra)                        # (out_h, 1, 1)
     wx = wx.reshape((1, -1) + extra)                        # (1, out_w, 1)
