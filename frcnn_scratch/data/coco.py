@@ -18,106 +18,138 @@ import numpy as np
 
 from .._checks import as_boxes
 from ..boxes import xyxy_to_xywh
-from ._samples import check_id, check_inside, check_sample
-from .images import check_size, read_image, sample_image_format, write_image
-
-
-def _read_json(path, what):
-    """The JSON content of a file; a missing file or malformed JSON is one error naming it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+from ._samples import (_kind, a_list, an_id, an_object, check_declared_size, check_id, check_inside,
+                       check_sample, class_name, inside_folder, is_number, image_side, number,
+                       read_json, unique_names)
+from .images import check_size, image_header, read_image, sample_image_format, write_image
 
 
 def _require(entry, keys, where):
+    an_object(entry, where)
     missing = [k for k in keys if k not in entry]
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")
 
 
+def _bbox(value, where):
+    """[x, y, w, h]: four finite numbers (not strings, not booleans), w and h >= 0."""
+    if not isinstance(value, list) or len(value) != 4 or not all(is_number(v) for v in value):
+        raise ValueError(f"{where}: expected [x, y, w, h], four numbers, got "
+                         f"{json.dumps(value)[:60]}")
+    x, y, w, h = (float(v) for v in value)
+    if not all(np.isfinite([x, y, w, h])):
+        raise ValueError(f"{where}: bbox is not finite: {value}")
+    if w < 0 or h < 0:
+        raise ValueError(f"{where}: bbox has a negative width or height: {value}")
+    return x, y, w, h
+
+
+def _iscrowd(value, where):
+    """COCO's iscrowd: 0 or 1 (JSON's false / true too); a string such as "0" is refused rather
+    than read as true."""
+    if isinstance(value, bool) or (is_number(value) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{where}: expected 0 or 1, got {_kind(value)}")
+
+
+def _image_size(img, where, path):
+    """The (H, W) an images entry declares, checked against its file's header (the size the
+    picture is shown at, EXIF orientation applied): the file's size when none is declared."""
+    header = image_header(path)
+    declared = None
+    if "height" in img or "width" in img:
+        declared = (image_side(img.get("height", 0), f"{where}.height"),
+                    image_side(img.get("width", 0), f"{where}.width"))
+    return check_declared_size(declared, header, where, path)
+
+
 def read_coco_annotations(annotation_json, image_dir):
-    """Read a COCO JSON file and find its image files, without decoding any image.
+    """Read a COCO JSON file and find its image files, reading only each file's header.
 
     Args:
         annotation_json: path of the JSON file.
-        image_dir: folder holding the files named by images[*].file_name.
+        image_dir: folder holding the files named by images[*].file_name (names must stay in it).
     Returns:
         (records, class_names, category_ids): one record per entry of "images", in that order:
-        dict(image_id (COCO's id), id (file name without extension), path, size ((H, W) from the
-        entry, or None), boxes (G, 4) float32 xyxy, labels (G,) int64 in 1..C, difficult (G,) bool
-        = iscrowd, area (G,) float64 = the annotations' area, or the box area where absent);
-        class_names the C names in label order; category_ids the C COCO category ids, label
+        dict(image_id (COCO's id), id (file name without extension), file_name, path, size
+        ((H, W) as shown, from the file's header, which the entry's height and width must match),
+        boxes (G, 4) float32 xyxy, labels (G,) int64 in 1..C, difficult (G,) bool = iscrowd,
+        area (G,) float64 = the annotations' area, or the box area where absent); class_names
+        the C names in label order; category_ids the C COCO category ids, label
         k = category_ids[k - 1].
     Raises:
-        FileNotFoundError naming the JSON file or the missing image; ValueError naming the file
-        and the entry for malformed JSON, a missing key, an unknown image or category, a negative
-        box size or a box outside its image, duplicate ids, no images.
+        FileNotFoundError naming the JSON file or the missing image; ValueError naming the file,
+        the entry and the field for malformed JSON, a missing key, a value of the wrong type (a
+        string for a number, a list for an id, a fraction or Infinity for a size), an unknown
+        image or category, a negative box size or a box outside its image, duplicate ids or
+        class names, a declared size that is not the file's, no images.
     """
-    data = _read_json(annotation_json, "annotation file")
+    data = read_json(annotation_json, "annotation file")
     if not isinstance(data, dict):
         raise ValueError(f"{annotation_json}: expected a JSON object with images and categories")
     _require(data, ("images", "categories"), annotation_json)
-    if not data["images"]:
+    images = a_list(data["images"], f"{annotation_json}: images")
+    categories = a_list(data["categories"], f"{annotation_json}: categories")
+    annotations = a_list(data.get("annotations", []), f"{annotation_json}: annotations")
+    if not images:
         raise ValueError(f"{annotation_json}: 'images' is empty: no image to read")
 
-    for n, c in enumerate(data["categories"]):
-        _require(c, ("id", "name"), f"{annotation_json}: categories[{n}]")
-    categories = sorted(data["categories"], key=lambda c: c["id"])
+    where_of = {}
+    for n, c in enumerate(categories):
+        where = f"{annotation_json}: categories[{n}]"
+        _require(c, ("id", "name"), where)
+        an_id(c["id"], f"{where}.id")
+        class_name(c["name"], f"{where}.name")
+        if c["id"] in where_of:
+            raise ValueError(f"{where}: duplicate category id {c['id']!r} "
+                             f"({where_of[c['id']].split(': ')[-1]} has it too)")
+        where_of[c["id"]] = where
+    unique_names([c["name"] for c in categories],
+                 [f"{annotation_json}: categories[{n}].name" for n in range(len(categories))])
+    try:
+        categories = sorted(categories, key=lambda c: c["id"])
+    except TypeError:
+        raise ValueError(f"{annotation_json}: categories: ids mix ints and strings") from None
     label_of = {c["id"]: n + 1 for n, c in enumerate(categories)}     # category id -> 1..C
-    if len(label_of) != len(categories):
-        raise ValueError(f"{annotation_json}: categories: duplicate category ids")
-    class_names = tuple(str(c["name"]) for c in categories)
+    class_names = tuple(c["name"] for c in categories)
 
     per_image, entries = {}, {}
-    for n, img in enumerate(data["images"]):
+    for n, img in enumerate(images):
         where = f"{annotation_json}: images[{n}]"
         _require(img, ("id", "file_name"), where)
-        if img["id"] in per_image:
-            raise ValueError(f"{where}: duplicate image id {img['id']}")
-        path = os.path.join(image_dir, img["file_name"])
+        image_id = an_id(img["id"], f"{where}.id")
+        if image_id in per_image:
+            raise ValueError(f"{where}: duplicate image id {image_id!r}")
+        path = inside_folder(image_dir, img["file_name"], f"{where}.file_name")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{where} (id {img['id']}): image file not found: {path}")
-        size = (int(img["height"]), int(img["width"])) if "height" in img and "width" in img else None
-        per_image[img["id"]] = ([], [], [], [])                       # boxes, labels, crowd, area
-        entries[img["id"]] = (path, size)
-    for n, ann in enumerate(data.get("annotations", [])):
+            raise FileNotFoundError(f"{where} (id {image_id!r}): image file not found: {path}")
+        size = _image_size(img, where, path)
+        per_image[image_id] = ([], [], [], [])                        # boxes, labels, crowd, area
+        entries[image_id] = (path, size)
+    for n, ann in enumerate(annotations):
         where = f"{annotation_json}: annotations[{n}]"
         _require(ann, ("image_id", "category_id", "bbox"), where)
-        if ann["image_id"] not in per_image:
-            raise ValueError(f"{where}: image_id {ann['image_id']} is not in images")
-        if ann["category_id"] not in label_of:
-            raise ValueError(f"{where}: category_id {ann['category_id']} is not in categories")
-        bbox = ann["bbox"]
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: bbox must hold four numbers, got {bbox!r}") from None
-        if not all(np.isfinite([x, y, w, h])):
-            raise ValueError(f"{where}: bbox is not finite: {bbox}")
-        if w < 0 or h < 0:
-            raise ValueError(f"{where}: bbox has a negative width or height: {bbox}")
-        size = entries[ann["image_id"]][1]
-        if size is not None and 0 not in size:
-            check_inside((x, y, x + w, y + h), size, f"{where} bbox")
-        boxes, labels, crowd, area = per_image[ann["image_id"]]
+        image_id = an_id(ann["image_id"], f"{where}.image_id")
+        category_id = an_id(ann["category_id"], f"{where}.category_id")
+        if image_id not in per_image:
+            raise ValueError(f"{where}: image_id {image_id!r} is not in images")
+        if category_id not in label_of:
+            raise ValueError(f"{where}: category_id {category_id!r} is not in categories")
+        x, y, w, h = _bbox(ann["bbox"], f"{where}.bbox")
+        check_inside((x, y, x + w, y + h), entries[image_id][1], f"{where} bbox")
+        boxes, labels, crowd, area = per_image[image_id]
         boxes.append([x, y, x + w, y + h])                            # [x, y, w, h] -> xyxy
-        labels.append(label_of[ann["category_id"]])
-        crowd.append(bool(ann.get("iscrowd", 0)))
-        area.append(float(ann["area"]) if "area" in ann else w * h)
+        labels.append(label_of[category_id])
+        crowd.append(_iscrowd(ann.get("iscrowd", 0), f"{where}.iscrowd"))
+        area.append(number(ann["area"], f"{where}.area", minimum=0) if "area" in ann else w * h)
 
     records = []
-    for img in data["images"]:
+    for img in images:
         boxes, labels, crowd, area = per_image[img["id"]]
         path, size = entries[img["id"]]
         records.append(dict(
             image_id=img["id"], id=os.path.splitext(os.path.basename(img["file_name"]))[0],
-            path=path, size=size,
+            file_name=img["file_name"], path=path, size=size,
             boxes=as_boxes(np.array(boxes, dtype=np.float32).reshape(-1, 4), f"image {img['id']} boxes"),
             labels=np.array(labels, dtype=np.int64), difficult=np.array(crowd, dtype=bool),
             area=np.array(area, dtype=np.float64)))
@@ -223,17 +255,25 @@ def write_coco_results(path, detections, image_ids, category_ids, file_names=Non
     return results
 
 
-def read_coco_results(path, image_ids, category_ids):
+def read_coco_results(path, image_ids, category_ids, file_names=None):
     """Read a COCO results file back as one detection dict per image (in image_ids' order).
 
+    Args:
+        path: the JSON file (a list of dict(image_id, category_id, bbox, score[, file_name])).
+        image_ids: the dataset's image ids; category_ids: its category ids, label k + 1 each.
+        file_names: the dataset's file name of each image (None for an image held in memory),
+            or None not to check.  A result that gives a file_name must name its image's file
+            (compared without folders): a results file that `frcnn detect a.png b.png` wrote
+            for its own images 1, 2 is not scored against the dataset's images 1, 2.
     Returns:
         list of dict(boxes_xywh (D, 4) float64 as written, boxes (D, 4) float32 xyxy, scores (D,)
         float64, labels (D,) int64 = 1 + the index of the category in category_ids).
     Raises:
-        FileNotFoundError; ValueError naming the file and the entry (not a list, a missing key, an
-        image or category the dataset does not have, a malformed box).
+        FileNotFoundError; ValueError naming the file, the entry and the field (not a list, a
+        missing key, an id that is a bool, a float or a list, a bbox or score that is not made of
+        numbers, an image or category the dataset does not have, another image's file name).
     """
-    results = _read_json(path, "detections file")
+    results = read_json(path, "detections file")
     if not isinstance(results, list):
         raise ValueError(f"{path}: expected a list of results (image_id, category_id, bbox, score)")
     index_of = {image_id: i for i, image_id in enumerate(image_ids)}
@@ -241,25 +281,22 @@ def read_coco_results(path, image_ids, category_ids):
     per_image = [([], [], []) for _ in image_ids]
     for n, r in enumerate(results):
         where = f"{path}: [{n}]"
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: expected an object, got {r!r:.60}")
         _require(r, ("image_id", "category_id", "bbox", "score"), where)
-        if r["image_id"] not in index_of:
-            raise ValueError(f"{where}: image_id {r['image_id']!r} is not an image of the dataset")
-        if r["category_id"] not in label_of:
-            raise ValueError(f"{where}: category_id {r['category_id']!r} is not a class of the model")
-        bbox = r["bbox"]
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-            score = float(r["score"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: bbox must be four numbers and score a number") from None
-        if not np.all(np.isfinite([x, y, w, h, score])) or w < 0 or h < 0:
-            raise ValueError(f"{where}: bbox must be finite with w, h >= 0, got {bbox}")
-        boxes, scores, labels = per_image[index_of[r["image_id"]]]
+        image_id = an_id(r["image_id"], f"{where}.image_id")
+        category_id = an_id(r["category_id"], f"{where}.category_id")
+        if image_id not in index_of:
+            raise ValueError(f"{where}: image_id {image_id!r} is not an image of the dataset")
+        if category_id not in label_of:
+            raise ValueError(f"{where}: category_id {category_id!r} is not a class of the model")
+        x, y, w, h = _bbox(r["bbox"], f"{where}.bbox")
+        score = number(r["score"], f"{where}.score")
+        i = index_of[image_id]
+        if file_names is not None and "file_name" in r:
+            _check_file_name(r["file_name"], file_names[i], image_id, f"{where}.file_name")
+        boxes, scores, labels = per_image[i]
         boxes.append([x, y, w, h])
         scores.append(score)
-        labels.append(label_of[r["category_id"]])
+        labels.append(label_of[category_id])
     out = []
     for boxes, scores, labels in per_image:
         xywh = np.array(boxes, np.float64).reshape(-1, 4)
@@ -267,3 +304,15 @@ def read_coco_results(path, image_ids, category_ids):
         out.append(dict(boxes_xywh=xywh, boxes=xyxy, scores=np.array(scores, np.float64),
                         labels=np.array(labels, np.int64)))
     return out
+
+
+def _check_file_name(given, own, image_id, where):
+    """A result's file_name must be its image's (folders aside)."""
+    if not isinstance(given, str):
+        raise ValueError(f"{where}: expected a file name, got {_kind(given)}")
+    if own is None:
+        raise ValueError(f"{where}: {given!r}, but image {image_id!r} of the dataset is no file; "
+                         "this results file was written for other images")
+    if os.path.basename(given.replace("\\", "/")) != os.path.basename(str(own).replace("\\", "/")):
+        raise ValueError(f"{where}: {given!r} is not image {image_id!r}'s file ({own!r}); this "
+                         "results file was written for other images")

@@ -20,8 +20,9 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from .._checks import as_boxes
-from ._samples import check_id, check_inside, check_sample
-from .images import check_size, read_image, sample_image_format, write_image
+from ._samples import (check_declared_size, check_id, check_inside, check_sample, image_side,
+                       inside_folder, read_text_lines)
+from .images import check_size, image_header, read_image, sample_image_format, write_image
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -41,20 +42,31 @@ def _text(node, tag, path, default=None):
     return child.text.strip()
 
 
-def _read_number(node, tag, path, default=None):
+def _read_number(node, tag, path, default=None, where=None):
     """The number in <tag> of `node`; a ValueError naming the file and the tag otherwise."""
     text = _text(node, tag, path, default)
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{path}: <{tag}> is not a number: {text!r}") from None
+        raise ValueError(f"{path}: {where or ''}<{tag}> is not a number: {text[:40]!r}") from None
+
+
+def _read_size(root, path):
+    """(height, width) from <size>, whole numbers of pixels (a fraction, inf or NaN is refused,
+    not truncated); None without <size>."""
+    size = root.find("size")
+    if size is None:
+        return None
+    return tuple(image_side(_read_number(size, tag, path, where="<size>"), f"{path}: <size><{tag}>")
+                 for tag in ("height", "width"))
 
 
 def _parse_annotation(path):
     """One XML file -> (filename or None, (height, width) or None, objects [(name, box, difficult)]).
 
     box is the object's continuous (x1, y1, x2, y2), checked: finite, x2 >= x1, y2 >= y1, and
-    inside the image when the XML gives its size (a pixel of slack for tools that round).
+    inside the image when the XML gives its size (a pixel of slack for tools that round;
+    read_voc_split checks the others against their image file's size).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
@@ -62,29 +74,56 @@ def _parse_annotation(path):
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         raise ValueError(f"{path}: not valid XML ({e})") from None
-    size = root.find("size")
-    hw = None
-    if size is not None:
-        hw = (int(_read_number(size, "height", path)), int(_read_number(size, "width", path)))
+    hw = _read_size(root, path)
     objects = []
     for k, obj in enumerate(root.iter("object")):
         name = _text(obj, "name", path)
+        if not name:
+            raise ValueError(f"{path}: object {k}: <name> is empty; every object needs its class")
+        where = f"{path}: object {k} ({name!r})"
         bndbox = obj.find("bndbox")
         if bndbox is None:
-            raise ValueError(f"{path}: object {k} ({name!r}) has no <bndbox>")
-        xmin, ymin, xmax, ymax = (_read_number(bndbox, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
+            raise ValueError(f"{where} has no <bndbox>")
+        xmin, ymin, xmax, ymax = (_read_number(bndbox, t, path, where=f"object {k} ")
+                                  for t in ("xmin", "ymin", "xmax", "ymax"))
         box = as_boxes([[xmin - 1, ymin - 1, xmax, ymax]],                # 1-based inclusive ->
-                       f"{path}: object {k} ({name!r}) bndbox")[0]       # continuous
+                       f"{where} bndbox")[0]                             # continuous
         if hw is not None and 0 not in hw:
-            check_inside(box, hw, f"{path}: object {k} ({name!r}) bndbox")
-        difficult = int(_read_number(obj, "difficult", path, default="0")) == 1
-        objects.append((name, box, difficult))
+            check_inside(box, hw, f"{where} bndbox")
+        difficult = _read_number(obj, "difficult", path, default="0", where=f"object {k} ")
+        if difficult not in (0, 1):
+            raise ValueError(f"{where}: <difficult> must be 0 or 1, got {difficult:g}")
+        objects.append((name, box, difficult == 1))
     filename = root.findtext("filename")
-    return (filename.strip() if filename else None), hw, objects
+    return (filename.strip() if filename and filename.strip() else None), hw, objects
+
+
+def _split_ids(list_file):
+    """The image ids a split's list file gives, one a line (the first word; blank lines skipped);
+    an id must name files inside the dataset's folders."""
+    ids = []
+    for n, line in enumerate(read_text_lines(list_file, "a split's list of image ids")):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        try:
+            check_id(image_id)
+        except ValueError:
+            raise ValueError(f"{list_file}: line {n + 1}: {image_id!r} cannot be an image id "
+                             "(ids name files inside the dataset's folders)") from None
+        ids.append(image_id)
+    return ids
+
+
+def _check_classes(objects, class_names, xml):
+    for k, (name, _, _) in enumerate(objects):
+        if name not in class_names:
+            raise ValueError(f"{xml}: object {k}: unknown class {name!r}; the classes are "
+                             f"{list(class_names)}")
 
 
 def read_voc_split(root, split="trainval", class_names=None):
-    """Read a VOC split's annotations and find its image files, without decoding any image.
+    """Read a VOC split's annotations and find its image files, reading only each image's header.
 
     Args:
         root: folder holding ImageSets/, Annotations/ and JPEGImages/ (e.g. VOCdevkit/VOC2007).
@@ -93,41 +132,46 @@ def read_voc_split(root, split="trainval", class_names=None):
             is an error naming the file and the class.  None: the names found in the split's
             annotations, sorted.
     Returns:
-        (records, class_names): one dict per image, in the list file's order: id, path (the image
-        file), size ((H, W) from the XML, or None), boxes (G, 4) float32 continuous, labels (G,)
-        int64, difficult (G,) bool.
+        (records, class_names): one dict per image, in the list file's order: id, file_name,
+        path (the image file), size ((H, W) as shown, from the file's header, which the XML's
+        <size> must match), boxes (G, 4) float32 continuous, labels (G,) int64, difficult (G,) bool.
     Raises:
         FileNotFoundError naming the missing file (list, annotation or image); ValueError naming
-        the file and the field (malformed XML, unknown class, bad or outside box, empty split).
+        the file and the field (malformed XML, unknown class or an empty <name>, bad or outside
+        box, a size that is not a whole number or not the image's, a <filename> or id that
+        leaves the dataset's folders, a list file that is not UTF-8, an empty split).
     """
     list_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"split list not found: {list_file}")
-    with open(list_file) as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    ids = _split_ids(list_file)
     if not ids:
         raise ValueError(f"{list_file}: the split lists no image")
     parsed = []
+    images = os.path.join(root, "JPEGImages")
     for image_id in ids:
         xml = os.path.join(root, "Annotations", f"{image_id}.xml")
         filename, hw, objects = _parse_annotation(xml)
-        candidates = ([filename] if filename else []) + [f"{image_id}.jpg", f"{image_id}.png"]
-        paths = [os.path.join(root, "JPEGImages", c) for c in candidates]
+        if class_names is not None:
+            _check_classes(objects, class_names, xml)
+        paths = ([inside_folder(images, filename, f"{xml}: <filename>")] if filename else []) + \
+            [os.path.join(images, c) for c in (f"{image_id}.jpg", f"{image_id}.png")]
         found = [p for p in paths if os.path.isfile(p)]
         if not found:
             raise FileNotFoundError(f"{xml}: image for {image_id!r} not found; tried {', '.join(paths)}")
-        parsed.append((image_id, xml, found[0], hw, objects))
+        size = check_declared_size(hw, image_header(found[0]), f"{xml}: <size>", found[0])
+        if hw is None or 0 in hw:                    # boxes not yet checked against a size
+            for k, (name, box, _) in enumerate(objects):
+                check_inside(box, size, f"{xml}: object {k} ({name!r}) bndbox")
+        parsed.append((image_id, xml, found[0], size, objects))
     if class_names is None:
         class_names = sorted({name for *_, objects in parsed for name, _, _ in objects})
     class_names = tuple(class_names)
     records = []
     for image_id, xml, path, hw, objects in parsed:
-        for k, (name, _, _) in enumerate(objects):
-            if name not in class_names:
-                raise ValueError(f"{xml}: object {k}: unknown class {name!r}; the classes are "
-                                 f"{list(class_names)}")
+        _check_classes(objects, class_names, xml)
         records.append(dict(
-            id=image_id, path=path, size=hw,
+            id=image_id, file_name=os.path.basename(path), path=path, size=hw,
             boxes=np.array([b for _, b, _ in objects], np.float32).reshape(-1, 4),
             labels=np.array([class_names.index(n) + 1 for n, _, _ in objects], np.int64),
             difficult=np.array([d for _, _, d in objects], bool)))
