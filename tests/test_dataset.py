@@ -15,17 +15,19 @@ def samples(n=3, seed=0):
     return out
 
 
-def test_each_image_is_decoded_once(tmp_path, monkeypatch):
+def test_images_used_twice_are_kept_and_images_used_once_are_not(tmp_path, monkeypatch):
     write_voc(tmp_path, samples(), SHAPE_CLASSES, split="train")
     data = open_dataset(f"voc:{tmp_path}", split="train", min_size=48, max_size=96)
     calls = []
-    real = images.read_image
-    monkeypatch.setattr("frcnn_scratch.data.dataset.read_image",
-                        lambda path: calls.append(path) or real(path))
-    for _ in range(3):
+    real = images.read_image_reduced_by
+    monkeypatch.setattr("frcnn_scratch.data.dataset.read_image_reduced_by",
+                        lambda path, f: calls.append(path) or real(path, f))
+    first = [data[i]["image"] for i in range(len(data))]       # an evaluation: each image once
+    assert len(calls) == 3 and not data._cache, "images used once must not be kept"
+    for _ in range(2):                                           # training comes back to them
         for i in range(len(data)):
-            data[i]
-    assert len(calls) == 3, f"{len(calls)} decodes for 3 images read 3 times each"
+            np.testing.assert_array_equal(data[i]["image"], first[i])
+    assert len(calls) == 6, f"{len(calls)} decodes for 3 images read 3 times each"
 
 
 def test_resize_rule_scale_and_ground_truth_in_original_pixels(tmp_path):

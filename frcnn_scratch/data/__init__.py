@@ -2,12 +2,13 @@
 xyxy, labels=(G,) int64 in 1..num_classes (0 is background), difficult=(G,) bool, id=str).
 
     shapes.py      make_shapes_dataset(num_images, seed): synthetic filled shapes, no download
-    images.py      read_image(path), write_image(path, image): image files (PNG, JPEG, ...)
+    images.py      read_image(path), write_image(path, image): image files (PNG, JPEG, ...), shown
+                   as viewers show them (EXIF orientation), reduced before they become float
     voc.py         load_voc(root, split): PASCAL VOC layout (XML annotations); write_voc
     coco.py        load_coco(annotation_json, image_dir): COCO JSON; write_coco
     transforms.py  resize(sample, min_size, max_size), hflip(sample)
     dataset.py     open_dataset("shapes" | "voc:ROOT" | "coco:ANN.json:IMAGES"): read lazily,
-                   resized and cached; what `frcnn --data` opens
+                   resized, kept once used twice; what `frcnn --data` opens
 """
 from .coco import load_coco, write_coco
 from .dataset import Dataset, open_dataset
