@@ -11,8 +11,29 @@ ARRAY_CHECKS = ("as_float_array", "as_float_values", "as_boxes", "as_rois", "as_
                 "as_labels")
 
 
+MAX_COORDINATE = 1e18   # |box and RoI coordinates| at most this: (2e18)**2 * 2 < float32's max,
+                        # so areas and unions stay finite on both backends
+MAX_SAMPLING_RATIO = 256    # RoI Align samples per bin side at most (65,536 per bin)
+
+
+def _refuse_non_real(x, name):
+    """Complex numbers and strings are not real numbers: NumPy would drop an imaginary part
+    (with a warning) or parse "1.5"; refuse them, naming the argument."""
+    kind = x.dtype.kind if isinstance(x, np.ndarray) else np.asarray(x).dtype.kind
+    if kind == "O":
+        flat = np.asarray(x, dtype=object).reshape(-1)
+        kind = next(("c" if isinstance(v, complex) else "U" for v in flat
+                     if isinstance(v, (complex, str, bytes))), "O")
+    if kind in "cUSV":
+        what = "complex numbers" if kind == "c" else "text"
+        raise ValueError(f"{name}: expected real numbers, got {what}")
+
+
 def as_float_array(x, name, ndim=None, last_dim=None, allow_empty=True):
-    """Return `x` as a float32 array; raise a ValueError naming `name` on a bad shape or NaN/Inf."""
+    """Return `x` as a float32 array; raise a ValueError naming `name` on a bad shape, NaN/Inf,
+    or values that are not real numbers (complex, text)."""
+    if not (isinstance(x, np.ndarray) and x.dtype.kind in "fiub"):
+        _refuse_non_real(x, name)
     try:
         arr = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError) as e:
@@ -49,9 +70,20 @@ def _shape_text(ndim, last_dim):
     return "(" + ", ".join(dims + [str(last_dim) if last_dim is not None else "_"]) + ")"
 
 
+def _check_coordinates(values, name, what, why, limit=MAX_COORDINATE):
+    """Every value within +-limit (MAX_COORDINATE unless told), else an error saying `why`."""
+    if values.size:
+        worst = float(max(-values.min(), values.max()))
+        if worst > limit:
+            raise ValueError(f"{name}: {what} must lie within +-{limit:.3g} ({why}), "
+                             f"got {worst:.3g}")
+
+
 def as_boxes(x, name, check_order=True):
-    """(N, 4) float32 boxes (x1, y1, x2, y2), finite, and with x2 >= x1, y2 >= y1 unless told not to check."""
+    """(N, 4) float32 boxes (x1, y1, x2, y2), finite, within +-MAX_COORDINATE, and with
+    x2 >= x1, y2 >= y1 unless told not to check."""
     b = as_float_array(x, name, ndim=2, last_dim=4)
+    _check_coordinates(b, name, "coordinates", "beyond, areas overflow float32")
     if check_order and b.size:
         bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
         if bad.any():
@@ -60,13 +92,17 @@ def as_boxes(x, name, check_order=True):
     return b
 
 
-def as_rois(x, name="rois", num_images=None):
-    """(K, 5) float32 RoIs (batch index, x1, y1, x2, y2); the batch index must name an image.
+def as_rois(x, name="rois", num_images=None, spatial_scale=1.0):
+    """(K, 5) float32 RoIs (batch index, x1, y1, x2, y2); the batch index must name an image,
+    and the corners lie within +-MAX_COORDINATE / max(spatial_scale, 1), so that in feature
+    cells both backends compute the same integers (beyond, they would overflow).
 
     x2 < x1 is allowed here, as in torchvision: RoI pool forces such a RoI to one cell and RoI
     Align (aligned=False) to size 1, so proposals never need a special case.
     """
     r = as_float_array(x, name, ndim=2, last_dim=5)
+    _check_coordinates(r[:, 1:], name, "corners", "beyond, feature cells overflow the backends' "
+                       "integers", MAX_COORDINATE / max(float(spatial_scale), 1.0))
     if r.size:
         idx = r[:, 0]
         if np.any(idx != np.round(idx)) or np.any(idx < 0):
@@ -153,14 +189,25 @@ def unit_interval(x, name):
 
 
 def sampling_ratio(x, name="sampling_ratio"):
-    """RoI Align's samples per bin side: a positive int, or <= 0 for adaptive (ceil(roi / bins))."""
+    """RoI Align's samples per bin side: an int in 1..MAX_SAMPLING_RATIO, or <= 0 for adaptive
+    (ceil(roi / bins)).  Beyond the bound a launch would run practically forever."""
     try:
         ok = not isinstance(x, bool) and int(x) == x
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise ValueError(f"{name}: expected an int, got {x!r}")
+    if x > MAX_SAMPLING_RATIO:
+        raise ValueError(f"{name}: expected at most {MAX_SAMPLING_RATIO} samples per bin side "
+                         f"(or <= 0: adaptive), got {int(x)}")
     return int(x)
+
+
+def flag(x, name):
+    """True or False (numpy's too); a string such as "no" is refused, not read as True."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected True or False, got {x!r}")
+    return bool(x)
 
 
 def whole_number(x, name):

@@ -22,6 +22,7 @@ unchanged, is not copied again.  Returned arrays are read-only so that "unchange
 writable copy (np.array(a)) is copied to the device like any input.  moved_bytes() counts the
 bytes copied each way, for `frcnn bench`.
 """
+import functools
 import weakref
 
 import numpy as np
@@ -66,11 +67,36 @@ def _to_numpy(tensor, remember=False):
     return array
 
 
+def _out_of_memory(error):
+    """Is this torch error an allocation failure (torch.OutOfMemoryError on a GPU, the CPU
+    allocator's RuntimeError without one)?"""
+    text = str(error)
+    return (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower())
+
+
+def _memory_errors(op):
+    """Let an allocation failure be a MemoryError, as NumPy's is on the numpy backend (not one of
+    torch's RuntimeErrors), so callers handle both backends alike."""
+    @functools.wraps(op)
+    def wrapped(*args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
+            raise MemoryError(f"{op.__name__} on the triton backend ({kernels.device()}): "
+                              f"{str(e).strip().splitlines()[-1][:200]}") from None
+    return wrapped
+
+
+@_memory_errors
 def box_iou(boxes1, boxes2):
     """(N, 4), (M, 4) float32 xyxy -> (N, M) float32 IoU (kernels/iou.py)."""
     return _to_numpy(_iou.box_iou(_to_device(boxes1), _to_device(boxes2)))
 
 
+@_memory_errors
 def nms(boxes, scores, iou_threshold, max_keep=None):
     """(N, 4) boxes, (N,) scores -> (K,) int64 kept indices, best first (kernels/nms.py); the
     kernel suppresses in one pass over all boxes, so max_keep only shortens the result."""
@@ -78,6 +104,7 @@ def nms(boxes, scores, iou_threshold, max_keep=None):
     return _to_numpy(keep).astype(np.int64, copy=False)[:max_keep]
 
 
+@_memory_errors
 def roi_pool_forward(features, rois, output_size, spatial_scale):
     """-> (out (K, C, ph, pw) float32, argmax (K, C, ph, pw) int64) (kernels/roi_pool.py)."""
     ph, pw = output_size
@@ -86,6 +113,7 @@ def roi_pool_forward(features, rois, output_size, spatial_scale):
     return _to_numpy(out), _to_numpy(argmax, remember=True)
 
 
+@_memory_errors
 def roi_pool_backward(grad_out, argmax, input_shape):
     """(K, C, ph, pw) grad_out and the forward's argmax -> (N, C, H, W) float32 gradient."""
     grad = _roi_pool.roi_pool_backward(_to_device(grad_out), _to_device(argmax, torch.int64),
@@ -93,6 +121,7 @@ def roi_pool_backward(grad_out, argmax, input_shape):
     return _to_numpy(grad)
 
 
+@_memory_errors
 def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio=-1,
                       aligned=False):
     """-> (K, C, ph, pw) float32 (kernels/roi_align.py)."""
@@ -102,6 +131,7 @@ def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio
     return _to_numpy(out)
 
 
+@_memory_errors
 def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale,
                        sampling_ratio=-1, aligned=False):
     """(K, C, ph, pw) grad_out -> (N, C, H, W) float32 gradient of the features."""

@@ -144,11 +144,42 @@ def check_forward_inputs(features, rois, output_size, spatial_scale, sampling_ra
         sampling_ratio int, aligned bool.
     """
     features = _checks.as_features(features)                              # (N, C, H, W)
-    rois = _checks.as_rois(rois, num_images=features.shape[0])             # (K, 5)
-    output_size = _checks.pair(output_size)
     spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    rois = _checks.as_rois(rois, num_images=features.shape[0],
+                           spatial_scale=spatial_scale)                    # (K, 5)
+    output_size = _checks.pair(output_size)
     sampling_ratio = _checks.sampling_ratio(sampling_ratio)
-    return features, rois, output_size, spatial_scale, sampling_ratio, bool(aligned)
+    aligned = _checks.flag(aligned, "aligned")
+    samples = check_samples(rois, spatial_scale, output_size, sampling_ratio, aligned)
+    if features.size and samples:
+        # A bin's sum of samples (each at most the largest |feature|) must stay finite in float32,
+        # as the plain loops and the kernel add them before dividing by their count.
+        largest = float(max(-features.min(), features.max()))
+        if largest * samples > FLOAT32_SUM_LIMIT:
+            raise ValueError(f"features: values up to {largest:.3g} summed over {samples} samples "
+                             f"a bin overflow float32; keep |features| x samples per bin below "
+                             f"{FLOAT32_SUM_LIMIT:.1e}")
+    return features, rois, output_size, spatial_scale, sampling_ratio, aligned
+
+
+FLOAT32_SUM_LIMIT = float(np.finfo(np.float32).max) / 2    # room for rounding in the sums
+
+
+def check_samples(rois, spatial_scale, output_size, sampling_ratio, aligned):
+    """The most samples any bin takes (grid_h * grid_w), with each side at most
+    _checks.MAX_SAMPLING_RATIO, the adaptive grid of a huge RoI included; an error naming the
+    first RoI beyond it."""
+    if not len(rois):
+        return 0
+    _, (_, _, grid_h), (_, _, grid_w) = roi_geometry(rois, spatial_scale, output_size,
+                                                     sampling_ratio, aligned)
+    side = np.maximum(grid_h, grid_w)                                     # (K,)
+    if side.max() > _checks.MAX_SAMPLING_RATIO:
+        k = int(np.argmax(side > _checks.MAX_SAMPLING_RATIO))
+        raise ValueError(f"rois: RoI {k} takes {int(side[k])} samples per bin side (adaptive "
+                         f"sampling: ceil(RoI size / output size)); at most "
+                         f"{_checks.MAX_SAMPLING_RATIO}: give a sampling_ratio, or smaller RoIs")
+    return int((np.maximum(grid_h, 0) * np.maximum(grid_w, 0)).max())
 
 
 def check_backward_inputs(grad_out, rois, input_shape, output_size, spatial_scale,
@@ -160,16 +191,18 @@ def check_backward_inputs(grad_out, rois, input_shape, output_size, spatial_scal
         (ph, pw), spatial_scale float, sampling_ratio int, aligned bool.
     """
     input_shape = _checks.as_shape4(input_shape)
-    rois = _checks.as_rois(rois, num_images=input_shape[0])               # (K, 5)
+    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    rois = _checks.as_rois(rois, num_images=input_shape[0],
+                           spatial_scale=spatial_scale)                   # (K, 5)
     output_size = _checks.pair(output_size)
     grad_out = _checks.as_float_array(grad_out, "grad_out", ndim=4)
     expected = (len(rois), input_shape[1]) + output_size
     if grad_out.shape != expected:
         raise ValueError(f"grad_out: expected shape {expected}, got {tuple(grad_out.shape)}")
-    spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
     sampling_ratio = _checks.sampling_ratio(sampling_ratio)
-    return (grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio,
-            bool(aligned))
+    aligned = _checks.flag(aligned, "aligned")
+    check_samples(rois, spatial_scale, output_size, sampling_ratio, aligned)
+    return (grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned)
 
 
 def roi_geometry(rois, spatial_scale, output_size, sampling_ratio, aligned):

@@ -88,9 +88,10 @@ def check_forward_inputs(features, rois, output_size, spatial_scale):
         features (N, C, H, W) float32, rois (K, 5) float32, (ph, pw), spatial_scale float.
     """
     features = _checks.as_features(features)                           # (N, C, H, W)
-    rois = _checks.as_rois(rois, num_images=features.shape[0])          # (K, 5)
-    output_size = _checks.pair(output_size)
     spatial_scale = _checks.positive_number(spatial_scale, "spatial_scale")
+    rois = _checks.as_rois(rois, num_images=features.shape[0],
+                           spatial_scale=spatial_scale)                 # (K, 5)
+    output_size = _checks.pair(output_size)
     return features, rois, output_size, spatial_scale
 
 

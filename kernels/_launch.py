@@ -37,3 +37,14 @@ def channels_last(features):
     """(N, C, H, W) -> a contiguous (N, H, W, C) tensor: a cell's C values side by side.  A copy,
     unless the features are already stored channels last (torch.channels_last): then a view."""
     return features.permute(0, 2, 3, 1).contiguous()
+
+
+MAX_SAMPLING_RATIO = 256  # frcnn_scratch._checks.MAX_SAMPLING_RATIO: beyond, a launch runs ~forever
+
+
+def sampling_ratio(value):
+    """RoI Align's samples per bin side: an int at most MAX_SAMPLING_RATIO (<= 0: adaptive)."""
+    if int(value) != value or value > MAX_SAMPLING_RATIO:
+        raise ValueError(f"sampling_ratio: expected an int at most {MAX_SAMPLING_RATIO} "
+                         f"(<= 0: adaptive), got {value!r}")
+    return int(value)

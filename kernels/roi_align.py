@@ -176,11 +176,11 @@ def roi_align_backward_kernel(grad_out_ptr, rois_ptr, grad_ptr, C, H, W, PH, PW,
                           (ly * lx)[:, None] * g, mask=send, sem="relaxed")
 
 
-def _check_rois(rois, like, pooled_h, pooled_w):
-    """rois (K, 5) float32 on like's device, and the checked (pooled_h, pooled_w)."""
+def _check_rois(rois, like, pooled_h, pooled_w, sampling_ratio):
+    """rois (K, 5) float32 on like's device, the checked (pooled_h, pooled_w) and sampling_ratio."""
     rois = _launch.tensor(rois, "rois", torch.float32, 2, last_dim=5)
     _launch.same_device(rois, "rois", like)
-    return rois, _launch.output_size(pooled_h, pooled_w)
+    return rois, _launch.output_size(pooled_h, pooled_w), _launch.sampling_ratio(sampling_ratio)
 
 
 def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio=-1,
@@ -193,7 +193,8 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
         rois: (K, 5) float32 tensor (batch index, x1, y1, x2, y2) in image pixels, same device.
         pooled_h, pooled_w: bins per RoI.
         spatial_scale: feature cells per image pixel.
-        sampling_ratio: samples per bin side; <= 0 is adaptive, ceil(roi_size / pooled).
+        sampling_ratio: samples per bin side, at most _launch.MAX_SAMPLING_RATIO; <= 0 is
+            adaptive, ceil(roi_size / pooled) (frcnn_scratch.ops bounds that too).
         aligned: shift by -0.5 cell and do not force a 1 x 1 RoI.
         block_c: channels per program (a power of two).
     Returns:
@@ -201,7 +202,8 @@ def roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scale, samplin
     """
     features = _launch.tensor(features, "features", torch.float32, 4,
                               contiguous=False)  # any layout: see _launch.channels_last
-    rois, (pooled_h, pooled_w) = _check_rois(rois, features, pooled_h, pooled_w)
+    rois, (pooled_h, pooled_w), sampling_ratio = _check_rois(rois, features, pooled_h, pooled_w,
+                                                             sampling_ratio)
     n, c, h, w = features.shape
     k = rois.shape[0]
     if k == 0 or c == 0 or h == 0 or w == 0:  # no RoI, or no cell to read: zeros
@@ -228,7 +230,8 @@ def roi_align_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spatial_
         (N, C, H, W) float32 tensor (sums by atomic add: their order is not fixed on a GPU).
     """
     grad_out = _launch.tensor(grad_out, "grad_out", torch.float32, 4)
-    rois, (pooled_h, pooled_w) = _check_rois(rois, grad_out, pooled_h, pooled_w)
+    rois, (pooled_h, pooled_w), sampling_ratio = _check_rois(rois, grad_out, pooled_h, pooled_w,
+                                                             sampling_ratio)
     n, c, h, w = (int(v) for v in input_shape)
     k = rois.shape[0]
     if tuple(grad_out.shape) != (k, c, pooled_h, pooled_w):
