@@ -135,7 +135,8 @@ def test_a_big_8_bit_picture_in_a_voc_split_is_reduced_too(tmp_path):
               split="t")
     Image.fromarray(big).save(tmp_path / "JPEGImages" / "a.png")
     xml = tmp_path / "Annotations" / "a.xml"
-    xml.write_text(xml.read_text().replace("<width>8", "<width>2000").replace("<height>8", "<height>1500"))
+    xml.write_text(xml.read_text().replace("<width>8", "<width>2000")
+                   .replace("<height>8", "<height>1500"))
     data = open_dataset(f"voc:{tmp_path}", split="t", min_size=60, max_size=80)
     peak = peak_bytes(lambda: data[0])
     assert peak < big.size * 4 / 3, f"peak {peak / 1e6:.1f} MB, a float copy is {big.size * 4e-6:.0f}"
@@ -153,7 +154,8 @@ def test_grey_stays_one_channel_until_the_resize(tmp_path):
     data = open_dataset(f"coco:{tmp_path / 'a.json'}:{tmp_path / 'im'}", min_size=400, max_size=400)
     rgb_float = 1200 * 1200 * 3 * 4
     peak = peak_bytes(lambda: data[0])
-    assert peak < rgb_float * 0.7, f"peak {peak / 1e6:.1f} MB, a colour float copy is {rgb_float / 1e6:.0f}"
+    assert peak < rgb_float * 0.7, \
+        f"peak {peak / 1e6:.1f} MB, a colour float copy is {rgb_float / 1e6:.0f}"
     np.testing.assert_array_equal(data[0]["image"], np.full((400, 400, 3), np.float32(77) / 255))
 
 
@@ -281,7 +283,8 @@ def test_voc_file_names_and_ids_may_not_leave_the_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"s0.xml: <filename>: file name '../../s0.png' leaves"):
         open_dataset(spec, split="train")
     (tmp_path / "v" / "ImageSets" / "Main" / "train.txt").write_text("s1\n../v/Annotations/s1\n")
-    with pytest.raises(ValueError, match=r"train.txt: line 2: '../v/Annotations/s1' cannot be an image id"):
+    with pytest.raises(ValueError,
+                       match=r"train.txt: line 2: '../v/Annotations/s1' cannot be an image id"):
         read_voc_split(tmp_path / "v", "train")
 
 
@@ -290,12 +293,16 @@ def test_voc_file_names_and_ids_may_not_leave_the_dataset(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(images=5), r"a.json: images: expected a list, got 5"),
     (lambda d: d.update(categories=None), r"a.json: categories: expected a list, got null"),
-    (lambda d: d["images"][0].update(height=float("inf")), r"images\[0\].height: expected a whole number"),
-    (lambda d: d["images"][0].update(height=[96]), r"images\[0\].height: expected a whole number .* got a list"),
-    (lambda d: d["annotations"][0].update(image_id=[1]), r"annotations\[0\].image_id: expected an int .* got a list"),
+    (lambda d: d["images"][0].update(height=float("inf")),
+     r"images\[0\].height: expected a whole number"),
+    (lambda d: d["images"][0].update(height=[96]),
+     r"images\[0\].height: expected a whole number .* got a list"),
+    (lambda d: d["annotations"][0].update(image_id=[1]),
+     r"annotations\[0\].image_id: expected an int .* got a list"),
     (lambda d: d["images"][0].update(id={"a": 1}), r"images\[0\].id: expected an int .* got an object"),
     (lambda d: d["categories"][0].update(id=1.5), r"categories\[0\].id: expected an int"),
-    (lambda d: d["images"][0].update(file_name=7), r"images\[0\].file_name: expected a file name, got 7"),
+    (lambda d: d["images"][0].update(file_name=7),
+     r"images\[0\].file_name: expected a file name, got 7"),
     (lambda d: d.update(annotations=[5]), r"annotations\[0\]: expected an object, got 5"),
 ])
 def test_coco_values_of_the_wrong_type_are_named(tmp_path, edit, message):
@@ -343,7 +350,8 @@ def test_deeply_nested_json_is_named(tmp_path):
 
 def test_nan_sizes_name_the_file_and_field(tmp_path):
     spec = coco_files(tmp_path, edit=lambda d: d["images"][1].update(width=float("nan")))
-    with pytest.raises(ValueError, match=r"a.json: images\[1\].width: expected a whole number .* got nan"):
+    with pytest.raises(ValueError,
+                       match=r"a.json: images\[1\].width: expected a whole number .* got nan"):
         open_dataset(spec)
 
 
@@ -378,7 +386,8 @@ def test_results_written_for_other_files_are_not_scored_against_the_dataset(tmp_
     write_coco_results(tmp_path / "r.json", [det, det], [1, 2], [1], file_names=["a.png", "b.png"])
     with pytest.raises(ValueError, match=r"\[0\].file_name: 'a.png' is not image 1's file \('s0.png'\)"):
         read_coco_results(tmp_path / "r.json", [1, 2], [1], file_names=["s0.png", "s1.png"])
-    with pytest.raises(ValueError, match=r"\[0\].file_name: 'a.png', but image 1 of the dataset is no file"):
+    with pytest.raises(ValueError,
+                       match=r"\[0\].file_name: 'a.png', but image 1 of the dataset is no file"):
         read_coco_results(tmp_path / "r.json", [1, 2], [1], file_names=[None, None])
     got = read_coco_results(tmp_path / "r.json", [1, 2], [1], file_names=["x/a.png", "y/b.png"])
     assert [len(d["scores"]) for d in got] == [1, 1]
@@ -409,7 +418,7 @@ def test_the_shapes_are_relabelled_by_name_for_a_model_in_another_order():
         open_dataset("shapes", class_names=("circle", "square", "triangle"))
 
 
-# ---- item 1 (data): a pass over the data keeps nothing, however many images ----------------------------
+# ---- item 1 (data): a pass over the data keeps nothing, however many images ---------------------
 
 def test_pictures_for_drawing_come_reduced(tmp_path):
     spec = coco_files(tmp_path)
@@ -440,7 +449,7 @@ def test_one_pass_over_a_dataset_keeps_no_image(tmp_path, kind):
     assert kept < one_image, f"{kept / 1e3:.0f} KB kept after one pass over {len(data)} images"
 
 
-# ---- item 15: ops inputs where the backends disagreed: the same answer or the same refusal -------------
+# ---- item 15: ops inputs where the backends disagreed: the same answer or the same refusal -----
 
 BACKENDS = ["numpy", "triton"]
 
