@@ -301,6 +301,7 @@ def test_voc_file_names_and_ids_may_not_leave_the_dataset(tmp_path):
      r"annotations\[0\].image_id: expected an int .* got a list"),
     (lambda d: d["images"][0].update(id={"a": 1}), r"images\[0\].id: expected an int .* got an object"),
     (lambda d: d["categories"][0].update(id=1.5), r"categories\[0\].id: expected an int"),
+    (lambda d: d["images"][1].update(id="2"), r"images\[1\].id: '2', but images\[0\]'s id is 1"),
     (lambda d: d["images"][0].update(file_name=7),
      r"images\[0\].file_name: expected a file name, got 7"),
     (lambda d: d.update(annotations=[5]), r"annotations\[0\]: expected an object, got 5"),

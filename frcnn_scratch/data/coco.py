@@ -124,6 +124,9 @@ def read_coco_annotations(annotation_json, image_dir):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{where} (id {image_id!r}): image file not found: {path}")
         size = _image_size(img, where, path)
+        if per_image and type(image_id) is not type(next(iter(per_image))):
+            raise ValueError(f"{where}.id: {image_id!r}, but images[0]'s id is "
+                             f"{next(iter(per_image))!r}: ids must all be ints or all strings")
         per_image[image_id] = ([], [], [], [])                        # boxes, labels, crowd, area
         entries[image_id] = (path, size)
     for n, ann in enumerate(annotations):
