@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from ._checks import bool_field, int_field, number_field, numbers_field
+from ._checks import MAX_SAMPLING_RATIO, bool_field, int_field, number_field, numbers_field
 
 
 @dataclass
@@ -78,6 +78,9 @@ class Config:
                   "fc_hidden", "roi_batch_size", "max_detections"):
             setattr(self, f, int_field(getattr(self, f), name(f), minimum=1))
         self.sampling_ratio = int_field(self.sampling_ratio, name("sampling_ratio"))  # <= 0: adaptive
+        if self.sampling_ratio > MAX_SAMPLING_RATIO:
+            raise ValueError(f"config.sampling_ratio: expected at most {MAX_SAMPLING_RATIO} samples "
+                             f"per bin side (<= 0: adaptive), got {self.sampling_ratio}")
         self.seed = int_field(self.seed, name("seed"), minimum=0)
         for f in ("rpn_pos_iou", "rpn_neg_iou", "rpn_positive_fraction", "rpn_nms_threshold",
                   "roi_fg_fraction", "roi_fg_iou", "roi_bg_iou_hi", "roi_bg_iou_lo",

@@ -193,6 +193,7 @@ def test_roi_pool_head_runs():
     ("rpn_lambda", np.inf), ("rpn_min_size", np.nan), ("rpn_min_size", -1.0), ("rpn_min_size", None),
     ("seed", "abc"), ("seed", -1), ("seed", 1.5), ("seed", True), ("rpn_pos_iou", True),
     ("rpn_neg_iou", 0.8), ("roi_bg_iou_lo", 0.6), ("score_threshold", np.nan),
+    ("sampling_ratio", 10 ** 6),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"config.{field}: expected"):
