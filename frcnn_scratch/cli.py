@@ -372,7 +372,8 @@ def cmd_eval(args):
     model = _load_model(args, overrides)
     data = _eval_data(args, model, args.split or "test")
     if args.detections:
-        detections = read_coco_results(args.detections, data.image_ids, data.category_ids)
+        detections = read_coco_results(args.detections, data.image_ids, data.category_ids,
+                                       file_names=data.file_names)   # `detect FILE...`'s names
         source = f"detections {args.detections}"
     else:
         detections = detect_all(model, data, progress=not args.quiet)
@@ -419,8 +420,11 @@ def cmd_detect(args):
     if args.data:
         data = _eval_data(args, model, args.split or "test")
         for i, det in enumerate(each_detection(model, data)):
-            if pictures is not None:
-                pictures.write(str(data.record(i)["id"]), data.original_image(i), det)
+            if pictures is not None:                    # drawn on a reduced copy of a big file
+                image, (fy, fx) = data.picture(i, MAX_PICTURE_SIDE)
+                pictures.write(str(data.record(i)["id"]), image,
+                               dict(det, boxes=det["boxes"] / np.float32([fx, fy, fx, fy])))
+                del image
             if args.json is not None:
                 kept.append(det)
         ids, category_ids, names = data.image_ids, data.category_ids, None

@@ -5,6 +5,7 @@ pycocotools reads the same file and agrees."""
 import contextlib
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -128,3 +129,35 @@ def test_class_names_come_from_the_data_and_label_the_pictures(tmp_path, capsys)
     assert "classes ring, block, wedge, plus" in text
     from frcnn_scratch.model import FasterRCNN
     assert FasterRCNN.load(ckpt).class_names == names
+
+
+def test_a_results_file_of_other_files_is_refused_and_of_the_dataset_files_scored(tmp_path, capsys):
+    """eval --detections gives the reader the dataset's file names: a file that `frcnn detect
+    a.png b.png` wrote (ids 1, 2 with those names) is refused, not scored against the dataset's
+    images 1 and 2; the same command on the dataset's own files, in its order, is scored."""
+    samples = own_samples(6, 3, "d")
+    write_voc(tmp_path / "voc", samples, SHAPE_CLASSES, split="test")
+    spec = f"voc:{tmp_path / 'voc'}"
+    ckpt = str(tmp_path / "m.npz")
+    run(capsys, ["train", "--data", spec, "--split", "test", "--checkpoint", ckpt, "--iters", "1"]
+        + TINY)
+    images = tmp_path / "voc" / "JPEGImages"
+    own = [str(images / f"d{k:03d}.{'jpg' if k % 2 else 'png'}") for k in range(3)]
+    others = tmp_path / "others"
+    others.mkdir()
+    for k, path in enumerate(own):                      # the same pictures under other names
+        (others / f"photo{k}{os.path.splitext(path)[1]}").write_bytes(open(path, "rb").read())
+    low = ["--set", "score_threshold=0.0"]
+    for files, name in ((sorted(str(p) for p in others.iterdir()), "other.json"),
+                        (own, "own.json")):
+        run(capsys, ["detect"] + files + ["--checkpoint", ckpt, "--json", str(tmp_path / name)]
+            + low)
+        assert all("file_name" in r for r in json.loads((tmp_path / name).read_text()))
+    capsys.readouterr()
+    assert main(["eval", "--data", spec, "--checkpoint", ckpt, "--quiet", "--detections",
+                 str(tmp_path / "other.json"), "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "other.json" in err and "photo0" in err and "\n" not in err, err
+    out = run(capsys, ["eval", "--data", spec, "--checkpoint", ckpt, "--quiet", "--detections",
+                       str(tmp_path / "own.json"), "--plot", str(tmp_path / "p.png")])
+    assert "VOC mAP@0.5" in out and "detections " in out
