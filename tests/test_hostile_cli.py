@@ -332,6 +332,34 @@ def test_a_scale_below_the_stride_is_refused_before_any_work(checkpoint, tmp_pat
     assert no_work == []
 
 
+@pytest.mark.parametrize("key, value, command, message", [
+    ("data_identity", "[1, 2]", "train", "its data_identity is JSON but not an object or null"),
+    ("train_config", "[1]", "train", "its train_config is JSON but not an object"),
+    ("iteration", "'5'", "train", "its iteration is not a whole number >= 0"),
+    ("rng_state", '{"bit_generator": "PCG64", "state": 5}', "train",
+     "its random state cannot be restored"),
+    ("config", "null", "eval", "its config is JSON but not an object"),
+    ("config", '{"channels": "abc"}', "eval", "config.channels: expected a sequence"),
+    ("class_names", "[1, 2, 3, 4]", "eval", "its class_names are not a list of non-empty names"),
+])
+def test_wrongly_typed_checkpoint_values_are_one_line_naming_file_and_field(checkpoint, capsys,
+                                                                            key, value, command,
+                                                                            message):
+    arrays = arrays_of(checkpoint)
+    if key == "iteration":
+        arrays[key] = np.array("5")
+    elif key == "config" and value != "null":
+        arrays[key] = np.array(json.dumps({**json.loads(str(arrays[key])), **json.loads(value)}))
+    else:
+        arrays[key] = np.array(value)
+    np.savez(checkpoint, **arrays)
+    args = TRAIN + ["--iters", "4", "--resume"] if command == "train" else \
+        ["eval", "--images", "1", "--quiet"]
+    assert main(args + ["--checkpoint", str(checkpoint)]) == 2
+    err = one_line(capsys)
+    assert str(checkpoint) in err and message in err, err
+
+
 # ---- item 19: messages ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["eval", "detect"])
