@@ -2,7 +2,7 @@
 
 Every chapter in notebooks/ is executed by nbclient in a fresh "python3" kernel (the ipykernel of
 this interpreter; checked below), headless (MPLBACKEND=Agg, the notebooks switch to
-`%matplotlib inline`), with FRCNN_FAST=1 so that the chapters that train (1, 2, 6, 8) do a few iterations only.
+`%matplotlib inline`), with FRCNN_FAST=1 so that the chapters that train (1, 2, 6, 8, 9) do a few iterations only.
 A cell that raises fails the test with the cell's source and the error.
 """
 import json
@@ -18,7 +18,8 @@ import pytest
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 CHAPTERS = [
     "01_big_picture", "02_anchors", "03_box_coding", "04_iou_and_labeling", "05_loss",
-    "06_proposals_and_nms", "07_roi_pool_and_align", "08_head_and_training", "09_triton_kernels",
+    "06_proposals_and_nms", "07_roi_pool_and_align", "08_layers_and_backprop",
+    "09_head_and_training", "10_triton_kernels",
 ]
 PRESENT = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
@@ -29,6 +30,7 @@ def headless(monkeypatch, tmp_path):
     """The environment a kernel inherits: no display, fast path, default backend; cwd a temp dir."""
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("FRCNN_FAST", "1")
+    monkeypatch.delenv("FRCNN_LENGTH", raising=False)     # FRCNN_FAST=1 wins anyway; no surprises
     monkeypatch.delenv("FRCNN_BACKEND", raising=False)
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     # One BLAS thread: the notebooks' matrices are small, and on CI's 2 shared cores OpenBLAS's
@@ -90,3 +92,17 @@ def test_notebook_runs_top_to_bottom(name, headless):
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
     assert images >= 1, f"{name}: ran, but no cell showed a figure (image/png output)"
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_a_chapter_that_trains_offers_three_lengths(name):
+    """A chapter whose length the test suite shortens (FRCNN_FAST=1) also runs at the classroom
+    length and at full length, chosen by FRCNN_LENGTH, in its first code cell."""
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    if not any("FRCNN_FAST" in c for c in code):
+        pytest.skip(f"{name} runs the same at every length")
+    first = next(c for c in code if "FRCNN_FAST" in c)
+    assert first is code[0] and 'os.environ.get("FRCNN_LENGTH", "full")' in first, \
+        f"{name}: the first code cell should set LENGTH from FRCNN_FAST and FRCNN_LENGTH"
+    assert any('"classroom"' in c or "classroom=" in c for c in code), f"{name}: no classroom length"
