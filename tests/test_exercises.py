@@ -652,6 +652,10 @@ def _solutions():
 SOLUTIONS = _solutions()
 
 
+def test_every_check_has_a_write_it_yourself_cell():
+    assert {check for _, check, _, _ in SOLUTIONS} == set(CHECKS)
+
+
 @pytest.mark.parametrize("notebook, check, fn, code", SOLUTIONS,
                          ids=[f"{s[0]}-{s[1]}" for s in SOLUTIONS])
 def test_the_notebooks_folded_solutions_pass(notebook, check, fn, code):
