@@ -92,6 +92,13 @@ def test_notebook_runs_top_to_bottom(name, headless):
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
     assert images >= 1, f"{name}: ran, but no cell showed a figure (image/png output)"
+    # the write-it-yourself cells, unedited, hand back the library's own result: each check must
+    # say "not done yet", never count its cases as passed
+    for i, cell in enumerate(nb.cells):
+        calls = cell.source.count("print(check_") if cell.cell_type == "code" else 0
+        printed = "".join(o.get("text", "") for o in cell.get("outputs", []))
+        assert printed.count("not done yet") == calls and "cases passed" not in printed, \
+            f"{name} cell {i}: an unedited write-it-yourself cell printed {printed!r}"
 
 
 @pytest.mark.parametrize("name", PRESENT)
