@@ -281,8 +281,8 @@ def _positive_boxes(rng, n, low=-20, high=80, size=(1, 60)):
 
 def check_encode(fn, trials=20, seed=0, atol=1e-4):
     """fn(boxes (N, 4), anchors (N, 4)) -> (N, 4) t = (tx, ty, tw, th) of eq. (2)."""
-    learner = _Learner("encode", fn, _library(("box_coding.encode", encode),
-                                              ("box_coding._encode", getattr(_box_coding, "_encode", None))))
+    learner = _Learner("encode", fn, _library(
+        ("box_coding.encode", encode), ("box_coding._encode", getattr(_box_coding, "_encode", None))))
     rng = np.random.default_rng(seed)
     cases = [("a box equal to its anchor", [[0, 0, 10, 20]], [[0, 0, 10, 20]]),
              ("shifted and twice as wide (centres, not corners)", [[5, 0, 25, 10]], [[0, 0, 10, 10]]),
@@ -302,17 +302,19 @@ def check_encode(fn, trials=20, seed=0, atol=1e-4):
 def check_decode(fn, trials=20, seed=0, atol=1e-3, rtol=1e-5):
     """fn(t (N, 4), anchors (N, 4)) -> (N, 4) boxes, the inverse of eq. (2), with tw and th
     clamped from above (only) at log(1000 / 16) before the exponential, as decode does."""
-    learner = _Learner("decode", fn, _library(("box_coding.decode", decode),
-                                              ("box_coding._decode", getattr(_box_coding, "_decode", None))))
+    learner = _Learner("decode", fn, _library(
+        ("box_coding.decode", decode), ("box_coding._decode", getattr(_box_coding, "_decode", None))))
     rng = np.random.default_rng(seed)
     cases = [("zero deltas give the anchor", np.zeros((1, 4)), [[0, 0, 10, 20]]),
              ("a huge tw is clamped", [[0, 0, 50.0, 0]], [[0, 0, 10, 10]]),
              ("a huge th is clamped", [[0, 0, 0, 30.0]], [[0, 0, 10, 10]]),
-             ("tw = 4.1 is just below the clamp log(1000 / 16) = 4.135", [[0, 0, 4.1, 0]], [[0, 0, 10, 10]]),
+             ("tw = 4.1 is just below the clamp log(1000 / 16) = 4.135", [[0, 0, 4.1, 0]],
+              [[0, 0, 10, 10]]),
              ("a very negative tw and th are not clamped (the clamp is from above only)",
               [[0, 0, -6.0, -9.0]], [[0, 0, 40, 40]]),
              ("a large tx or ty is not clamped", [[6.0, -5.0, 0, 0]], [[0, 0, 10, 20]]),
-             ("a non-square anchor: tx scales its width, ty its height", [[0.5, 0.25, 0.3, -0.2]], [[4, 2, 10, 30]])]
+             ("a non-square anchor: tx scales its width, ty its height", [[0.5, 0.25, 0.3, -0.2]],
+              [[4, 2, 10, 30]])]
     cases += [(f"random #{t}", rng.normal(0, 0.5 if t % 2 else 3.0, (5, 4)), _positive_boxes(rng, 5))
               for t in range(trials)]
     for case, t, a in cases:
@@ -423,7 +425,7 @@ def check_roi_align(fn, trials=24, seed=0, atol=2e-5, rtol=1e-5):
         ("roi_align._roi_align_forward", getattr(_roi_align, "_roi_align_forward", None)),
         ("roi_align.roi_align_reference", _roi_align.roi_align_reference)))
     rng = np.random.default_rng(seed)
-    smooth = np.add.outer(np.arange(6.0) ** 2, 3 * np.arange(7.0)).astype(np.float32)[None]   # (1, 6, 7)
+    smooth = np.add.outer(np.arange(6.0) ** 2, 3 * np.arange(7.0)).astype(np.float32)[None]  # (1, 6, 7)
     cases = [("one sample at a cell centre reads that cell (aligned: -0.5)", smooth,
               [[2, 3, 3, 4]], (1, 1), 1.0, 1, True),
              ("aligned=False: no half-cell shift", smooth, [[2, 3, 3, 4]], (1, 1), 1.0, 1, False),
@@ -436,7 +438,8 @@ def check_roi_align(fn, trials=24, seed=0, atol=2e-5, rtol=1e-5):
              ("adaptive sampling: ceil(bin size) = 3 samples a side for bins 2.5 cells wide", smooth,
               [[0, 0, 5, 5]], (2, 2), 1.0, -1, False),
              ("x is the column, y the row", smooth, [[0.5, 1.5, 6.5, 3.5]], (1, 3), 1.0, 2, False),
-             ("spatial_scale maps image pixels to cells", smooth, [[4, 2, 20, 18]], (2, 2), 0.25, 2, True),
+             ("spatial_scale maps image pixels to cells", smooth, [[4, 2, 20, 18]], (2, 2), 0.25, 2,
+              True),
              ("a RoI hanging off the top-left: samples at y < -1 read 0, in [-1, 0) row 0", smooth,
               [[-4, -3.2, 2, 1]], (3, 3), 1.0, 2, False),
              ("a sample at or past the last row / column reads it", smooth,
@@ -475,8 +478,8 @@ def check_rpn_loss(fn, trials=16, seed=0, rtol=1e-6, atol=1e-9):
     with p_i = sigmoid(logit_i), L_cls the log loss over the sampled anchors (labels 1 and 0;
     -1 counts nowhere), L_reg = smooth L1 with sigma summed over the 4 entries of t, counted for
     positives only; and the gradients of L.  Inputs are float64."""
-    learner = _Learner("rpn_loss", fn, _library(("losses.rpn_loss", rpn_loss),
-                                                ("losses._rpn_loss", getattr(_losses, "_rpn_loss", None))))
+    learner = _Learner("rpn_loss", fn, _library(
+        ("losses.rpn_loss", rpn_loss), ("losses._rpn_loss", getattr(_losses, "_rpn_loss", None))))
     rng = np.random.default_rng(seed)
     z4 = np.zeros((1, 4))
     cases = [
@@ -499,7 +502,8 @@ def check_rpn_loss(fn, trials=16, seed=0, rtol=1e-6, atol=1e-9):
         ("confident logits (+-800): the log loss stays finite (log(1 + e^-|x|), never log 0)",
          [800.0, -800.0, 800.0, -800.0], np.zeros((4, 4)), [1, 1, 0, 0], np.zeros((4, 4)),
          4, 4, 1.0, 3.0),
-        ("no sampled anchor: L = 0", [1.0, 2.0], np.ones((2, 4)), [-1, -1], np.zeros((2, 4)), 1, 1, 1.0, 3.0),
+        ("no sampled anchor: L = 0", [1.0, 2.0], np.ones((2, 4)), [-1, -1], np.zeros((2, 4)), 1, 1,
+         1.0, 3.0),
     ]
     for t in range(trials):
         a = int(rng.integers(5, 40))
@@ -670,8 +674,8 @@ def check_proposal_targets(fn, trials=12, seed=0):
             return learner.not_done()
         _check_targets(case, inputs, got)
     # the draws: the rng given, at random
-    props = np.concatenate([_near(rng, two_gt, 30, 0.1), _boxes_in(rng, 40, size=100,
-                                                                   degenerate=False)]).astype(np.float32)
+    props = np.concatenate([_near(rng, two_gt, 30, 0.1),
+                            _boxes_in(rng, 40, size=100, degenerate=False)]).astype(np.float32)
     inputs = dict(proposals=props, gt_boxes=two_gt, gt_labels=np.array([1, 2]), num_classes=2,
                   batch_size=16, fg_fraction=0.25, fg_iou=0.5, bg_iou_hi=0.5, bg_iou_lo=0.0)
     case = "the same seed gives the same RoIs (draw with the rng you are given)"
