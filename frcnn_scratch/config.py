@@ -190,8 +190,14 @@ def parse_overrides(pairs, option="--set"):
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        if isinstance(value, float) and value.is_integer() and INT_FIELDS.get(key):
+            value = int(value)                    # JSON reads 1e9 as a float: an int field's
         out[key] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+# Config fields that hold an int (parse_overrides reads a whole float such as 1e9 as one)
+INT_FIELDS = {f.name: f.type in (int, "int") for f in dataclasses.fields(Config)}
 
 
 @dataclass

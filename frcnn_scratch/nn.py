@@ -582,10 +582,20 @@ class SGD:
             if np.shape(state[key]) != p.shape:
                 raise ValueError(f"state[{key!r}]: expected shape {p.shape}, "
                                  f"got {np.shape(state[key])}")
-        self.set_lr(state["lr"])
-        self.momentum = float(state["momentum"])
-        self.weight_decay = float(state["weight_decay"])
-        self.decay_bias = bool(state.get("decay_bias", self.decay_bias))
-        self.steps = int(state["steps"])
+        number = lambda k: _state_number(state, k)                      # noqa: E731
+        self.set_lr(number("lr"))
+        self.momentum = number("momentum")
+        self.weight_decay = number("weight_decay")
+        self.decay_bias = bool(number("decay_bias")) if "decay_bias" in state else self.decay_bias
+        self.steps = int(number("steps"))
         for k, p in self.params.items():
             self.velocity[k] = np.array(state[f"velocity.{k}"], dtype=p.dtype)
+
+
+def _state_number(state, key):
+    """state[key] as a float, or a ValueError naming the key (a checkpoint may hold anything)."""
+    try:
+        return float(np.asarray(state[key]).item())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"state[{key!r}]: expected a number, got {state[key]!r:.40} ({e})") \
+            from None

@@ -414,3 +414,23 @@ def test_hard_mode_has_small_occluding_shapes_and_unlabelled_clutter():
     easy = make_shapes_dataset(3, seed=2)         # the default mode is unchanged by the options
     for a, b in zip(easy, make_shapes_dataset(3, seed=2, occlude=False, clutter=0)):
         assert_same_sample(a, b)
+
+
+def test_a_results_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous results file and no temporary one."""
+    import json as json_module
+    from frcnn_scratch.data import coco
+    path = tmp_path / "d.json"
+    det = [dict(boxes=np.array([[1, 2, 5, 6]], np.float32), scores=np.array([0.9], np.float32),
+                labels=np.array([1]))]
+    coco.write_coco_results(path, det, [7], [3])
+    before = path.read_text()
+
+    def broken(obj, f):
+        f.write("[{\"image_id\": 7")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(coco.json, "dump", broken)
+    with pytest.raises(OSError):
+        coco.write_coco_results(path, det + det, [7, 8], [3])
+    assert path.read_text() == before and json_module.loads(before)[0]["image_id"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]

@@ -465,3 +465,15 @@ def test_anchors_of_the_last_map_size_are_kept_read_only():
     np.testing.assert_array_equal(b, shift_anchors(model.base_anchors, 5, 6, model.config.stride))
     with pytest.raises(ValueError, match="read-only"):
         a[0, 0] = 1
+
+
+def test_set_reads_a_whole_float_as_an_int_field():
+    """JSON reads 1e9 as a float: --set rpn_post_nms_test=1e9 is the int it spells; a fraction
+    in an int field is still refused by Config."""
+    from frcnn_scratch.config import parse_overrides
+    values = parse_overrides(["rpn_post_nms_test=1e9", "rpn_lambda=1e1", "fc_hidden=2.5"])
+    assert values["rpn_post_nms_test"] == 10 ** 9 and type(values["rpn_post_nms_test"]) is int
+    assert values["rpn_lambda"] == 10.0 and type(values["rpn_lambda"]) is float
+    assert Config(rpn_post_nms_test=values["rpn_post_nms_test"]).rpn_post_nms_test == 10 ** 9
+    with pytest.raises(ValueError, match="config.fc_hidden"):
+        Config(fc_hidden=values["fc_hidden"])

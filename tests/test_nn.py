@@ -647,3 +647,11 @@ def test_maxpool_of_more_than_255_offsets_keeps_each_windows_first_max():
     want = np.zeros_like(x)
     want[0, 0, 16, 8], want[0, 0, 0, 20] = 1.0, 2.0
     np.testing.assert_array_equal(dx, want)
+
+
+def test_sgd_state_values_that_are_not_numbers_are_named():
+    opt = nn.SGD({"w": np.zeros(2, np.float32)}, lr=0.1)
+    state = opt.state_dict()
+    state["lr"] = np.array("abc")
+    with pytest.raises(ValueError, match=r"state\['lr'\]: expected a number"):
+        opt.load_state_dict(state)

@@ -13,6 +13,7 @@ ignores. Images without annotations are kept, with empty boxes.
 """
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -253,8 +254,15 @@ def write_coco_results(path, detections, image_ids, category_ids, file_names=Non
             results.append(entry)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    try:                                          # a kill mid-write leaves no half file
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return results
 
 
