@@ -10,7 +10,7 @@ Two steps:
     generate_anchors   the k base anchors around one cell, (k, 4)
     shift_anchors      copy them to every cell of an H x W map, (H * W * k, 4)
 and anchors_inside marks the ones that lie within the image (cross-boundary anchors are
-ignored in training, section 3.1.3).
+ignored in training, section 3.3).
 
 The paper's released code measured boxes in whole pixels (width = x2 - x1 + 1) and rounded the
 widths; `legacy=True` reproduces its nine anchors exactly:
@@ -153,7 +153,7 @@ def shift_anchors(base_anchors, feat_height, feat_width, stride):
 
 
 def anchors_inside(anchors, image_shape, allowed_border=0):
-    """Which anchors lie inside the image (the others "cross image boundaries", section 3.1.3).
+    """Which anchors lie inside the image (the others "cross image boundaries", section 3.3).
 
     An anchor is inside when x1 >= -b, y1 >= -b, x2 <= W + b, y2 <= H + b, with b the allowed
     border.  Boxes here are continuous, so x2 = W touches the right edge and is inside; the

@@ -6,7 +6,7 @@ For training the RPN every anchor gets a binary class label.  An anchor is POSIT
 NEGATIVE if its IoU is below 0.3 with every ground-truth box (and it is not positive);
 and IGNORED otherwise: it does not count in the loss.  Rule (i) exists because a small or oddly
 shaped object may have no anchor above 0.7; (ii) usually suffices.  Anchors that cross the
-image border are ignored too (section 3.1.3).
+image border are ignored too (section 3.3).
 
 Each mini-batch then samples 256 of the labelled anchors, up to half positive, the rest
 negative (section 3.1.3, "Training RPNs").  Positive anchors regress toward their matched
