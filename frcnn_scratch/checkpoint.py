@@ -66,7 +66,7 @@ _held_lock = threading.Lock()
 @contextlib.contextmanager
 def hold(path):
     """Hold `path` for one writer while the block runs: a lock file .NAME.lock beside it (beside
-    a symlink's target), created with O_EXCL and holding this process's id.  Another live
+    a symlink's target), created whole (a hard link) holding this process's id.  Another live
     process's lock is refused by name; a lock whose process is gone (a killed run) is stale and
     taken over.  The lock is removed when the block ends.  The thread that holds a path may hold
     it again inside (the command line holds it before it reads data, then train() does);
@@ -92,7 +92,7 @@ def hold(path):
     with _held_lock:                    # two threads of this process: one takes the lock file
         for _ in range(3):
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _create_with_pid(lock)
             except FileExistsError:
                 owner = _lock_owner(lock)
                 if owner is not None and owner != os.getpid() and _process_alive(owner):
@@ -104,8 +104,6 @@ def hold(path):
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
             break
         else:
             raise ValueError(f"checkpoint {path!r}: cannot take its lock {lock}")
@@ -117,6 +115,20 @@ def hold(path):
             del _held[path]
             if _lock_owner(lock) == os.getpid():
                 os.remove(lock)
+
+
+def _create_with_pid(lock):
+    """Create `lock` holding this process's id, whole or not at all (FileExistsError if it
+    exists): the id is written to a temporary file first and hard-linked into place, so another
+    process never reads an empty lock and takes it for a stale one."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(lock)}.", dir=os.path.dirname(lock))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        os.chmod(tmp, 0o644)
+        os.link(tmp, lock)                        # atomic, and fails if the lock exists
+    finally:
+        os.remove(tmp)
 
 
 def _lock_owner(lock):

@@ -17,7 +17,7 @@ from .checkpoint import check_regular_file, data_identity, hold, read_npz
 from .config import Config, TrainConfig, parse_overrides
 from .data.coco import read_coco_results, write_coco_results
 from .data.dataset import open_dataset, parse_spec
-from .data.images import read_image_reduced
+from .data.images import read_image_reduced, regular_file
 from .evaluate import detect_all, each_detection, evaluate, score
 from .fast import threads
 from .memory import check_memory
@@ -457,12 +457,7 @@ def _check_image_file(path):
     """An IMAGE of detect: it exists and is a regular file (checked before any is decoded)."""
     if not path:
         raise ValueError("IMAGE: an empty path")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"image {path!r} is a folder, not an image file")
-    if not os.path.isfile(path):                  # a FIFO or device would block or never end
-        raise ValueError(f"image {path!r} is not a regular file")
+    regular_file(path)
 
 
 class _Pictures:

@@ -42,7 +42,7 @@ _STRIP_PIXELS = 1 << 19        # pixels a block reduction converts to an array a
 
 # ---- the file and its header -------------------------------------------------------------------
 
-def _regular_file(path):
+def regular_file(path):
     """The path as a string, if it names a regular file; a clear error otherwise."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -82,7 +82,7 @@ def image_header(path):
 
     Raises FileNotFoundError, or ValueError naming the file (not an image, a decompression bomb).
     """
-    path = _regular_file(path)
+    path = regular_file(path)
     try:
         with Image.open(path) as im:
             width, height = im.size
@@ -300,7 +300,7 @@ def read_image(path):
     integers, float outside [0, 1]) is refused with a line saying so, never silently clipped.
     A truncated file is refused by name.
     """
-    path = _regular_file(path)
+    path = regular_file(path)
     pixels = _decode(path, lambda im: _as_array(im, path))
     return _three_channels(_to_unit(pixels))
 
@@ -331,7 +331,7 @@ def read_image_reduced_by(path, factor):
     pixels (a JPEG first decodes itself at 1/2, 1/4 or 1/8), so h = ceil(H / used) and
     w = ceil(W / used), with used <= factor (used = 1: the file as it is).
     """
-    path = _regular_file(path)
+    path = regular_file(path)
     factor = max(1, int(factor))
     used = []
 
@@ -360,7 +360,7 @@ def read_image_reduced(path, max_side):
     blocks (read_image_reduced_by) before they become float.  Sizes and factors are those of the
     picture as shown (EXIF orientation).  Files at most max_side are read by read_image.
     """
-    path = _regular_file(path)
+    path = regular_file(path)
     height, width = image_header(path)["size"]
     if max(height, width) <= max_side:
         return read_image(path), (1.0, 1.0)
